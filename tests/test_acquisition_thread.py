@@ -1,0 +1,244 @@
+"""The acquisition thread with real UniMMCore cameras, real ZeroMQ sockets and a real recorder."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import zmq
+from pymmcore_plus.experimental.unicore import UniMMCore
+
+from acquisition.cameras import SimulatedCamera, make_core
+from acquisition.recorder import OmeTiffRecorder
+from acquisition.simulation import SimulationConfig
+from acquisition.thread import AcquisitionThread
+from realtime.protocol import EndOfStream, FrameHeader, decode
+
+
+class Puller:
+    """A PULL socket on the frame address (the engine worker's side)."""
+
+    def __init__(self, addr: str, rcvhwm: int = 1000) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+        self.frames: list[tuple[FrameHeader, np.ndarray]] = []
+        self.eos: EndOfStream | None = None
+
+    def receive_until_eos(self, timeout_s: float = 10.0, delay_s: float = 0.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.eos is None and time.monotonic() < deadline:
+            if not self.sock.poll(50):
+                continue
+            header, img = decode(self.sock.recv_multipart())
+            if isinstance(header, EndOfStream):
+                self.eos = header
+            else:
+                self.frames.append((header, np.array(img)))
+                if delay_s:
+                    time.sleep(delay_s)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+class Frames:
+    """Collects frameReady copies (what the GUI's raw view would show)."""
+
+    def __init__(self, thread: AcquisitionThread) -> None:
+        self.seqs: list[int] = []
+        self.images: list[np.ndarray] = []
+        self.stopped: list[int] = []
+        self.errors: list[str] = []
+        thread.frameReady.connect(self._frame)
+        thread.stopped.connect(self.stopped.append)
+        thread.error.connect(self.errors.append)
+
+    def _frame(self, seq: int, img: np.ndarray) -> None:
+        self.seqs.append(seq)
+        self.images.append(img.copy())
+
+
+def test_every_frame_is_published_in_order_with_its_header(free_tcp_addr):
+    core = make_core("sim", size=32, fps=200.0)
+    thread = AcquisitionThread(core, address=free_tcp_addr)
+    seen = Frames(thread)
+    puller = Puller(free_tcp_addr)
+    try:
+        thread.start()
+        time.sleep(0.5)
+        n = thread.stop()
+        puller.receive_until_eos()
+    finally:
+        puller.close()
+    assert n == thread.frames_acquired >= 50
+    rate = n / 0.5
+    print(f"acquisition thread: {n} frames in ~0.5 s ({rate:.0f} fps, camera set to 200)")
+    assert [h.seq for h, _ in puller.frames] == list(range(n))
+    assert puller.eos is not None and puller.eos.frames_sent == n
+    assert thread.frames_published == n and thread.publish_drops == 0 and thread.gaps == 0
+    h0 = puller.frames[0][0]
+    assert h0.camera == "SimCamera" and h0.shape == (32, 32) and h0.dtype == "uint16"
+    assert h0.pixel_size_um == pytest.approx(0.1) and h0.exposure_ms == pytest.approx(5.0)
+    assert h0.elapsed_ms is not None and h0.t_acq_ns > 0
+    t = [h.t_acq_ns for h, _ in puller.frames]
+    assert t == sorted(t)
+    # what went over the wire is exactly what the GUI saw
+    assert seen.seqs == list(range(n))
+    np.testing.assert_array_equal(np.stack([im for _, im in puller.frames]), np.stack(seen.images))
+    assert seen.stopped == [n] and seen.errors == []
+    assert thread.end_reason == "stopped"
+
+
+def test_recording_keeps_every_frame_when_the_engine_never_reads(ipc_addr, tmp_path):
+    """A connected PULL that never reads: the socket queue fills, frames pile up in the
+    backlog and the oldest are given up for publishing, but the recording loses none."""
+    core = make_core("sim", size=64, fps=400.0)
+    recorder = OmeTiffRecorder(tmp_path / "rec.ome.tif", metadata={"pixel_size_um": 0.1})
+    thread = AcquisitionThread(core, address=ipc_addr, recorder=recorder,
+                               sndhwm=5, publish_backlog=10, linger_ms=200)
+    seen = Frames(thread)
+    puller = Puller(ipc_addr, rcvhwm=5)  # connected, never reads during the run
+    try:
+        thread.start()
+        time.sleep(0.6)
+        thread.stop()
+    finally:
+        puller.close()
+    n = thread.frames_acquired
+    print(f"never-reading engine: acquired {n}, published {thread.frames_published}, "
+          f"not published {thread.publish_drops}, recorded {thread.frames_recorded}")
+    assert n >= 80
+    assert thread.publish_drops > 0  # the bound was reached: the test did exercise it
+    assert thread.frames_recorded == n == recorder.frames_recorded
+    data = tifffile.imread(tmp_path / "rec.ome.tif")
+    assert data.shape == (n, 64, 64)
+    np.testing.assert_array_equal(data, np.stack(seen.images))
+    assert seen.errors == []
+
+
+def test_recording_and_publishing_keep_up_with_a_slow_reader(free_tcp_addr, tmp_path):
+    """An engine that reads slowly (5 ms per frame, camera at 400 fps) gets every frame in
+    order eventually (backlog, no drops) and the recording has all of them."""
+    core = make_core("sim", size=32, fps=400.0)
+    recorder = OmeTiffRecorder(tmp_path / "rec.ome.tif")
+    thread = AcquisitionThread(core, address=free_tcp_addr, recorder=recorder, linger_ms=10_000)
+    puller = Puller(free_tcp_addr)
+    reader = threading.Thread(target=puller.receive_until_eos, kwargs={"timeout_s": 20.0,
+                                                                        "delay_s": 0.005})
+    try:
+        thread.start()
+        reader.start()
+        time.sleep(0.5)
+        thread.stop()
+        reader.join(25.0)
+    finally:
+        puller.close()
+    n = thread.frames_acquired
+    print(f"slow engine: acquired {n}, received {len(puller.frames)}, "
+          f"recorded {thread.frames_recorded}")
+    assert thread.frames_recorded == n >= 50
+    assert [h.seq for h, _ in puller.frames] == list(range(n))
+    assert puller.eos is not None and puller.eos.frames_sent == n
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "rec.ome.tif"),
+                                  np.stack([im for _, im in puller.frames]))
+
+
+def test_max_frames_ends_the_acquisition_by_itself(free_tcp_addr):
+    core = make_core("sim", size=16, fps=500.0)
+    thread = AcquisitionThread(core, address=free_tcp_addr, max_frames=25, linger_ms=100)
+    seen = Frames(thread)
+    thread.start()
+    assert thread.join(10.0)
+    assert thread.frames_acquired == 25 and seen.stopped == [25] and seen.errors == []
+    assert thread.end_reason == "max_frames"
+    assert not core.isSequenceRunning()
+
+
+def test_a_replay_played_once_ends_normally(free_tcp_addr, tmp_path):
+    movie = np.arange(7 * 12 * 10, dtype=np.uint16).reshape(7, 12, 10)
+    tifffile.imwrite(tmp_path / "m.tif", movie, imagej=True, metadata={"axes": "TYX"})
+    core = make_core(tmp_path / "m.tif", fps=300.0, loop=False)
+    thread = AcquisitionThread(core, address=free_tcp_addr, linger_ms=2000)
+    seen = Frames(thread)
+    puller = Puller(free_tcp_addr)
+    try:
+        thread.start()
+        puller.receive_until_eos()
+    finally:
+        puller.close()
+    assert thread.join(5.0)
+    assert thread.end_reason == "end of source" and seen.errors == []
+    assert puller.eos is not None and puller.eos.reason == "end of source"
+    np.testing.assert_array_equal(np.stack([im for _, im in puller.frames]), movie)
+
+
+class FailingCamera(SimulatedCamera):
+    """Breaks after `fail_after` frames, as a camera that loses its connection would."""
+
+    def __init__(self, fail_after: int) -> None:
+        super().__init__(SimulationConfig(size=16, fps=300.0))
+        self.fail_after = fail_after
+        self.served = 0
+
+    def next_image(self, buffer: np.ndarray) -> Mapping[str, Any]:
+        if self.served >= self.fail_after:
+            raise OSError("USB camera disconnected")
+        self.served += 1
+        return super().next_image(buffer)
+
+
+def test_a_failing_camera_reports_an_error_and_leaves_a_valid_recording(free_tcp_addr, tmp_path):
+    core = UniMMCore()
+    core.loadPyDevice("Flaky", FailingCamera(fail_after=6))
+    core.initializeDevice("Flaky")
+    core.setCameraDevice("Flaky")
+    recorder = OmeTiffRecorder(tmp_path / "rec.ome.tif")
+    thread = AcquisitionThread(core, address=free_tcp_addr, recorder=recorder, linger_ms=100)
+    seen = Frames(thread)
+    thread.start()
+    assert thread.join(10.0)
+    assert len(seen.errors) == 1
+    assert "Flaky" in seen.errors[0] and "USB camera disconnected" in seen.errors[0]
+    assert thread.end_reason == "error" and seen.stopped == [6]
+    assert recorder.closed and recorder.frames_recorded == 6
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "rec.ome.tif"), np.stack(seen.images))
+
+
+def test_start_fails_clearly_when_the_address_is_taken(free_tcp_addr):
+    core = make_core("sim", size=16)
+    first = AcquisitionThread(core, address=free_tcp_addr, linger_ms=0)
+    first.start()
+    try:
+        other = AcquisitionThread(make_core("sim", size=16), address=free_tcp_addr)
+        with pytest.raises(RuntimeError, match="cannot bind the frame socket"):
+            other.start()
+    finally:
+        first.stop()
+    assert first.frames_acquired >= 0 and not first.is_alive()
+
+
+def test_start_needs_a_camera(free_tcp_addr):
+    with pytest.raises(RuntimeError, match="no camera"):
+        AcquisitionThread(UniMMCore(), address=free_tcp_addr).start()
+
+
+def test_a_broken_frame_listener_does_not_stop_acquisition(free_tcp_addr):
+    core = make_core("sim", size=16, fps=500.0)
+    thread = AcquisitionThread(core, address=free_tcp_addr, max_frames=20, linger_ms=0)
+
+    def broken(seq: int, img: np.ndarray) -> None:
+        raise ValueError("bug in a viewer")
+
+    thread.frameReady.connect(broken)
+    thread.start()
+    assert thread.join(10.0)
+    assert thread.frames_acquired == 20 and thread.error_message is None
