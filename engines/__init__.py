@@ -1,0 +1,104 @@
+"""Reconstruction engines behind one API: ``load_engine(name, ...)`` -> :class:`Engine`.
+
+Why a lazy registry (name -> "module:factory"): importing ``engines`` must stay cheap and must
+not fail because one engine's module (or its weights, or an optional dependency) is missing;
+``load_engine("convgru")`` imports ``engines.convgru`` only when asked.
+
+A factory is called as ``factory(device=..., precision=..., weights=..., window=..., **kwargs)``
+(``window=None`` means the engine's default) and returns an object satisfying :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from .base import Engine, EngineBase
+
+__all__ = [
+    "Engine",
+    "EngineBase",
+    "EngineUnavailableError",
+    "available_engines",
+    "load_engine",
+    "register_engine",
+]
+
+# name -> "module:factory"; modules are imported only by load_engine
+_REGISTRY: dict[str, str] = {
+    "sofi": "engines.sofi:SofiEngine",
+    "convgru": "engines.convgru:load",
+    "convlstm": "engines.convlstm:load",
+}
+_BACKENDS_MODULE = "engines.backends"
+
+
+class EngineUnavailableError(ImportError):
+    """A registered engine whose module (or factory) cannot be imported on this install."""
+
+
+def register_engine(name: str, target: str) -> None:
+    """Register (or replace) ``name`` -> ``"package.module:factory"``; nothing is imported now."""
+    module, sep, attr = target.partition(":")
+    if not (name and module and sep and attr):
+        raise ValueError(f"engine target must look like 'package.module:factory', got {target!r}")
+    _REGISTRY[name] = target
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available_engines() -> list[str]:
+    """Registered engines whose module is present in this install (modules are not imported)."""
+    return [name for name, target in _REGISTRY.items() if _module_exists(target.partition(":")[0])]
+
+
+def _factory(name: str) -> Any:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown engine {name!r}; registered: {sorted(_REGISTRY)}")
+    module_name, _, attr = _REGISTRY[name].partition(":")
+    if not _module_exists(module_name):
+        raise EngineUnavailableError(
+            f"engine {name!r} is registered but its module {module_name!r} is not installed; "
+            f"available here: {available_engines()}"
+        )
+    module = importlib.import_module(module_name)  # a real import error inside the module propagates
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        raise EngineUnavailableError(f"engine {name!r}: {module_name!r} has no factory {attr!r}") from exc
+
+
+def load_engine(
+    name: str,
+    *,
+    backend: str = "eager",
+    device: str = "cpu",
+    precision: str = "fp32",
+    weights: str | Path | None = None,
+    window: int | None = None,
+    **kwargs: Any,
+) -> Engine:
+    """Build engine ``name`` on ``device``; ``window=None`` keeps the engine's default.
+
+    ``backend`` other than "eager" is handled by ``engines.backends.apply_backend(engine,
+    backend, precision)`` when that module exists (its return value, if not None, replaces the
+    engine); without it only "eager" is accepted.
+    """
+    has_backends = _module_exists(_BACKENDS_MODULE)
+    if not has_backends and backend != "eager":
+        raise ValueError(f"unknown backend {backend!r}: only 'eager' is available in this install")
+    factory = _factory(name)
+    engine = factory(device=device, precision=precision, weights=weights, window=window, **kwargs)
+    if has_backends:
+        backends = importlib.import_module(_BACKENDS_MODULE)
+        wrapped = backends.apply_backend(engine, backend, precision)
+        if wrapped is not None:
+            engine = wrapped
+    return engine
