@@ -1,0 +1,158 @@
+"""Typed configuration shared by the CLI, the GUI and the pipeline (stdlib only).
+
+The defaults run the embedded demo: a simulated 256x256 camera at 100 frames/s streamed to
+second-order SOFI on loopback sockets. The CLI maps its flags onto these dataclasses and
+nothing else; the GUI edits the same objects.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Addresses",
+    "DEFAULT_FRAMES_ADDR",
+    "DEFAULT_RESULTS_ADDR",
+    "PipelineConfig",
+    "free_tcp_address",
+]
+
+DEFAULT_FRAMES_ADDR = "tcp://127.0.0.1:5555"  # camera frames: PUSH (bind) -> PULL (connect)
+DEFAULT_RESULTS_ADDR = "tcp://127.0.0.1:5556"  # results: PUB (bind) -> SUB (connect)
+
+
+def free_tcp_address(host: str = "127.0.0.1") -> str:
+    """A ``tcp://host:port`` with a port that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+@dataclass
+class Addresses:
+    """ZeroMQ endpoints. Loopback by default: nothing listens on the network unless asked.
+
+    A port of 0 (``tcp://127.0.0.1:0``) means "pick a free port" (see :meth:`resolved`).
+    """
+
+    frames: str = DEFAULT_FRAMES_ADDR
+    results: str = DEFAULT_RESULTS_ADDR
+
+    def resolved(self) -> Addresses:
+        """Copy with every ``tcp://host:0`` replaced by a currently free port."""
+
+        def fix(addr: str) -> str:
+            if addr.startswith("tcp://") and addr.rsplit(":", 1)[-1] == "0":
+                host = addr[len("tcp://") :].rsplit(":", 1)[0]
+                return free_tcp_address(host)
+            return addr
+
+        return Addresses(frames=fix(self.frames), results=fix(self.results))
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one live run needs: source, engine, outputs.
+
+    ``source`` is what ``acquisition.cameras.make_core`` understands: "sim" for the simulated
+    camera, a TIFF path to replay a recorded movie, or a Micro-Manager ``.cfg`` path.
+    """
+
+    # source
+    source: str = "sim"
+    size: int = 256  # simulated camera: H = W = size pixels
+    fps: float | None = 100.0  # simulated / replay frame rate; None = the movie's own rate
+    loop: bool = False  # replay: loop the movie instead of stopping at its end
+    crop: int | None = None  # centre crop to crop x crop pixels (camera ROI)
+    roi: tuple[int, int, int, int] | None = None  # explicit camera ROI (x, y, width, height)
+    exposure_ms: float | None = None  # None = the camera's default
+    seconds: float | None = 10.0  # run length; None = until stopped (or the replay ends)
+    # engine
+    engine: str = "sofi"
+    window: int | None = None  # frames per output; None = the engine's default
+    stride: int = 1  # one output every `stride` frames
+    backend: str = "eager"
+    device: str = "cpu"
+    precision: str = "fp32"
+    weights: str | None = None
+    worker_mode: str = "process"  # "process" (default, own GIL) | "thread" (tests)
+    threads: int | None = None  # engine compute threads; None = half the cores (1..4)
+    # outputs
+    record: Path | None = None  # OME-TIFF of every acquired frame
+    json: Path | None = None  # metrics summary
+    overwrite: bool = False  # replace an existing recording file
+    headless: bool = False
+    addresses: Addresses = field(default_factory=Addresses)
+    # timeouts
+    engine_ready_timeout_s: float = 120.0  # loading torch + weights in a fresh process
+
+    def __post_init__(self) -> None:
+        if self.record is not None and not isinstance(self.record, Path):
+            self.record = Path(self.record)
+        if self.json is not None and not isinstance(self.json, Path):
+            self.json = Path(self.json)
+        if self.roi is not None and not isinstance(self.roi, tuple):
+            self.roi = tuple(self.roi)  # type: ignore[assignment]
+
+    def validate(self) -> PipelineConfig:
+        """Raise ValueError with a readable message for absurd values; return self."""
+        problems = []
+        if not isinstance(self.size, int) or self.size < 4:
+            problems.append(f"size must be an integer >= 4 pixels, got {self.size!r}")
+        if self.fps is not None and (not (self.fps > 0) or self.fps > 100_000):
+            problems.append(f"fps must be > 0 (and sane), got {self.fps!r}")
+        if self.seconds is not None and not (self.seconds >= 0):
+            problems.append(f"seconds must be >= 0, got {self.seconds!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 2):
+            problems.append(f"window must be an integer >= 2 frames, got {self.window!r}")
+        if not isinstance(self.stride, int) or self.stride < 1:
+            problems.append(f"stride must be an integer >= 1, got {self.stride!r}")
+        if self.crop is not None and (not isinstance(self.crop, int) or self.crop < 4):
+            problems.append(f"crop must be an integer >= 4 pixels, got {self.crop!r}")
+        if self.roi is not None and (
+            len(self.roi) != 4 or any(not isinstance(v, int) for v in self.roi)
+            or self.roi[0] < 0 or self.roi[1] < 0 or self.roi[2] < 1 or self.roi[3] < 1
+        ):
+            problems.append(f"roi must be (x, y, width, height) with x, y >= 0 and a positive size, got {self.roi!r}")
+        if self.roi is not None and self.crop is not None:
+            problems.append("give either crop or roi, not both")
+        if self.exposure_ms is not None and not (self.exposure_ms > 0):
+            problems.append(f"exposure_ms must be > 0, got {self.exposure_ms!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            problems.append(f"threads must be an integer >= 1, got {self.threads!r}")
+        if self.worker_mode not in ("process", "thread"):
+            problems.append(f"worker_mode must be 'process' or 'thread', got {self.worker_mode!r}")
+        if not self.engine:
+            problems.append("engine name is empty")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def source_kind(self) -> str:
+        """"sim", "replay" (a TIFF movie) or "mm" (a Micro-Manager .cfg)."""
+        if self.source == "sim":
+            return "sim"
+        return "mm" if self.source.lower().endswith(".cfg") else "replay"
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``engines.load_engine(name, **options)``."""
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "precision": self.precision,
+            "weights": self.weights,
+            "window": self.window,
+        }
+
+    def replace(self, **changes: Any) -> PipelineConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("record", "json"):
+            d[k] = None if d[k] is None else str(d[k])
+        return d

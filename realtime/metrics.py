@@ -1,0 +1,151 @@
+"""What a live run measured: one dataclass, written as the ``--json`` summary.
+
+Latency is measured from the acquisition timestamp of the newest frame of a window
+(``t_acq_ns``, stamped when the frame left the camera buffer) to the moment its result was
+published by the engine worker. Both clocks are ``time.time_ns()`` on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LatencyTracker", "PipelineMetrics", "RateMeter"]
+
+
+@dataclass
+class PipelineMetrics:
+    """Summary of a run (all counts are totals since start)."""
+
+    frames_acquired: int = 0  # frames popped from the camera
+    frames_published: int = 0  # frames the acquisition sent on the frames socket
+    frames_received: int = 0  # frames the engine worker received
+    outputs: int = 0  # results published by the engine worker
+    outputs_received: int = 0  # results that reached the collector (GUI/CLI)
+    frames_dropped_by_engine: int = 0  # outputs skipped so the engine could keep up
+    fps_acquired: float = 0.0
+    fps_output: float = 0.0
+    latency_ms: dict[str, float] = field(
+        default_factory=lambda: {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "max": float("nan")}
+    )
+    frames_recorded: int | None = None  # None when not recording
+    malformed_messages: dict[str, int] = field(default_factory=dict)  # by ProtocolError.reason
+    engine_errors: int = 0
+    engine: str = ""
+    duration_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def output_fraction(self) -> float:
+        """Outputs per acquired frame (1.0 = an output for every frame at stride 1)."""
+        return self.outputs / self.frames_acquired if self.frames_acquired else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["malformed_messages_total"] = sum(self.malformed_messages.values())
+        d["output_fraction"] = self.output_fraction
+        return d
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # NaN is not JSON: percentiles without samples are written as null
+        d = _nan_to_none(self.to_dict())
+        path.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n")
+        return path
+
+    def summary(self) -> str:
+        """A one-screen human summary for headless runs."""
+        lat = self.latency_ms
+        rec = "off" if self.frames_recorded is None else f"{self.frames_recorded}"
+        bad = sum(self.malformed_messages.values())
+        lines = [
+            f"engine            {self.engine}",
+            f"duration          {self.duration_s:.2f} s",
+            f"frames acquired   {self.frames_acquired}  ({self.fps_acquired:.1f} fps)",
+            f"frames published  {self.frames_published}   received by engine {self.frames_received}",
+            f"outputs           {self.outputs}  ({self.fps_output:.1f} fps, "
+            f"{100 * self.output_fraction:.1f}% of frames)",
+            f"skipped to keep up {self.frames_dropped_by_engine}",
+            "latency ms        " + "  ".join(f"{k} {_fmt(v)}" for k, v in lat.items()),
+            f"frames recorded   {rec}",
+            f"malformed msgs    {bad}" + (f"  {self.malformed_messages}" if bad else ""),
+            f"engine errors     {self.engine_errors}",
+        ]
+        lines += [f"error             {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if v != v else f"{v:.1f}"
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+class LatencyTracker:
+    """Latency samples: a short rolling window for live plots plus the full history for percentiles.
+
+    Thread-safe: the collector thread adds, the GUI thread reads.
+    """
+
+    def __init__(self, recent: int = 500) -> None:
+        self._lock = threading.Lock()
+        self._all: list[float] = []
+        self._recent: deque[tuple[int, float]] = deque(maxlen=recent)  # (seq_last, ms)
+
+    def add(self, latency_ms: float, seq: int = -1) -> None:
+        with self._lock:
+            self._all.append(float(latency_ms))
+            self._recent.append((int(seq), float(latency_ms)))
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def recent(self) -> np.ndarray:
+        """(n, 2) array of (seq_last, latency_ms) for the newest samples."""
+        with self._lock:
+            return np.array(self._recent, dtype=float).reshape(-1, 2)
+
+    def percentiles(self) -> dict[str, float]:
+        with self._lock:
+            data = np.array(self._all, dtype=float)
+        if data.size == 0:
+            nan = float("nan")
+            return {"p50": nan, "p90": nan, "p99": nan, "max": nan}
+        p50, p90, p99 = np.percentile(data, [50, 90, 99])
+        return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(data.max())}
+
+
+class RateMeter:
+    """Events per second from the first to the last event timestamp."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+
+    def tick(self, t: float, n: int = 1) -> None:
+        if self.t_first is None:
+            self.t_first = t
+        self.t_last = t
+        self.count += n
+
+    @property
+    def rate(self) -> float:
+        if self.count < 2 or self.t_first is None or self.t_last is None or self.t_last <= self.t_first:
+            return 0.0
+        return (self.count - 1) / (self.t_last - self.t_first)

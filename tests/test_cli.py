@@ -1,0 +1,128 @@
+"""``livesr`` CLI: flag mapping, clear errors for absurd values, pass-through, a headless run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import tifffile
+
+from realtime import cli
+from realtime.cli import build_parser, config_from_args, main
+
+FREE = ["--frames-addr", "tcp://127.0.0.1:0", "--results-addr", "tcp://127.0.0.1:0"]
+
+
+def parse(*argv):
+    return config_from_args(build_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["demo", "--fps", "-5"], "fps must be > 0"),
+        (["demo", "--fps", "nan"], "fps must be finite"),
+        (["demo", "--size", "0"], "size must be >= 4"),
+        (["demo", "--size", "ten"], "size must be an integer"),
+        (["demo", "--seconds", "-1"], "seconds must be >= 0"),
+        (["demo", "--window", "1"], "window must be >= 2"),
+        (["demo", "--stride", "0"], "stride must be >= 1"),
+        (["demo", "--threads", "0"], "threads must be >= 1"),
+        (["replay", "x.tif", "--crop", "2"], "crop must be >= 4"),
+        (["replay", "x.tif", "--crop", "1,2,3"], "crop X,Y,W,H"),
+        (["replay", "x.tif", "--loop", "--once"], "not allowed with"),
+        (["live"], "--config"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_absurd_values_are_clear_argparse_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_missing_movie_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", str(tmp_path / "nope.tif"), "--headless"])
+    assert exc.value.code == 2 and "no such movie file" in capsys.readouterr().err
+
+
+def test_demo_flags_map_onto_config(tmp_path):
+    cfg = parse("demo", "--headless", "--seconds", "20", "--size", "128", "--fps", "50", "--engine", "convgru",
+                "--record", str(tmp_path / "r.ome.tif"), "--json", str(tmp_path / "m.json"), "--window", "10",
+                "--stride", "2", "--backend", "compiled", "--device", "cuda", "--crop", "64")
+    assert (cfg.source, cfg.size, cfg.fps, cfg.seconds, cfg.engine) == ("sim", 128, 50.0, 20.0, "convgru")
+    assert (cfg.window, cfg.stride, cfg.backend, cfg.device, cfg.crop) == (10, 2, "compiled", "cuda", 64)
+    assert cfg.record == tmp_path / "r.ome.tif" and cfg.json == tmp_path / "m.json" and cfg.headless
+    assert cfg.engine_options()["window"] == 10
+
+
+def test_defaults():
+    demo = parse("demo", "--headless")
+    assert demo.seconds == cli.DEMO_HEADLESS_SECONDS and demo.fps == 100.0 and demo.engine == "sofi"
+    assert demo.addresses.frames.startswith("tcp://127.0.0.1:")
+    gui = parse("demo")
+    assert gui.seconds is None  # a GUI runs until closed
+    replay = parse("replay", "movie.tif", "--headless", "--crop", "1,2,30,40")
+    assert replay.seconds is None and replay.loop is False and replay.fps is None  # whole movie, own rate
+    assert replay.roi == (1, 2, 30, 40) and replay.source == "movie.tif"
+    looped = parse("replay", "movie.tif", "--headless", "--loop")
+    assert looped.loop and looped.seconds == cli.DEMO_HEADLESS_SECONDS
+    live = parse("live", "--config", "scope.cfg", "--headless")
+    assert live.source == "scope.cfg" and live.source_kind == "mm"
+
+
+def test_passthrough_hands_over_the_remaining_argv(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("engines.training")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 3
+    monkeypatch.setitem(sys.modules, "engines.training", fake)
+    assert main(["train", "--steps", "5", "--help"]) == 3
+    assert seen["argv"] == ["--steps", "5", "--help"]
+
+
+def test_passthrough_missing_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(cli.PASSTHROUGH, "bench", ("livesr_no_such_module.latency", "main", "x"))
+    assert main(["bench"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_passthrough_missing_function_is_a_clear_error(monkeypatch, capsys):
+    fake = types.ModuleType("fake_keys_mod")
+    monkeypatch.setitem(sys.modules, "fake_keys_mod", fake)
+    monkeypatch.setitem(cli.PASSTHROUGH, "keys", ("fake_keys_mod", "keys_main", "x"))
+    assert main(["keys"]) == 2
+    assert "no keys_main()" in capsys.readouterr().err
+
+
+def test_gui_is_used_when_available(monkeypatch):
+    got = {}
+    fake = types.ModuleType("gui.app")
+    fake.run_gui = lambda config, seconds=None: got.update(config=config, seconds=seconds) or 0
+    monkeypatch.setitem(sys.modules, "gui.app", fake)
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    assert main(["demo", "--size", "64", "--seconds", "3"]) == 0
+    assert got["config"].size == 64 and not got["config"].headless and got["seconds"] == 3.0
+
+
+def test_no_display_falls_back_to_headless(monkeypatch):
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert "no display" in cli._gui_problem()
+
+
+def test_headless_demo_run_writes_summary_json_and_recording(tmp_path, capsys):
+    rec, js = tmp_path / "out.ome.tif", tmp_path / "m.json"
+    rc = main(["demo", "--headless", "--seconds", "1", "--size", "32", "--worker", "thread", "--threads", "1",
+               "--window", "4", "--record", str(rec), "--json", str(js), *FREE])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "frames acquired" in out and "latency ms" in out
+    d = json.loads(js.read_text())
+    assert d["engine"] == "sofi" and d["frames_acquired"] > 30 and d["errors"] == []
+    assert d["frames_recorded"] == d["frames_acquired"] == tifffile.imread(rec).shape[0]
+    assert d["outputs"] + d["frames_dropped_by_engine"] == d["frames_acquired"] - 4 + 1

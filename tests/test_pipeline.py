@@ -1,0 +1,212 @@
+"""Headless end-to-end runs of the Pipeline: real UniMMCore cameras, real sockets, a real
+recording read back from disk. Small images and short runs; the SOFI-in-a-process run on the
+real movie is marked slow (it imports torch in a fresh process)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import MeanEngine
+from realtime.config import Addresses, PipelineConfig
+from realtime.pipeline import Pipeline, PipelineError
+
+MOVIE = "real-emccd-nucleus-100f.tif"
+
+
+def _cfg(**kw) -> PipelineConfig:
+    base = dict(
+        size=32, fps=100.0, worker_mode="thread", threads=1,
+        addresses=Addresses("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
+    )
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+class Recorder:
+    """Collects every pipeline signal (from whichever thread emits it)."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.lock = threading.Lock()
+        self.frames: dict[int, np.ndarray] = {}
+        self.results: list = []
+        self.metrics: list = []
+        self.errors: list[str] = []
+        self.started = 0
+        self.finished: list = []
+        pipe.frameReady.connect(self.on_frame)
+        pipe.resultReady.connect(lambda h, img: self.results.append((h, np.array(img))))
+        pipe.metricsUpdated.connect(self.metrics.append)
+        pipe.error.connect(self.errors.append)
+        pipe.started.connect(self.on_started)
+        pipe.finished.connect(self.finished.append)
+
+    def on_frame(self, seq, img):
+        self.frames[seq] = np.array(img)
+
+    def on_started(self):
+        self.started += 1
+
+
+def _check_results_match_frames(rec: Recorder, window: int) -> None:
+    assert rec.results
+    for h, img in rec.results:
+        assert h.seq_last - h.seq_first + 1 == window
+        stack = np.stack([rec.frames[s].astype(np.float32) for s in range(h.seq_first, h.seq_last + 1)])
+        expected = np.kron(stack.mean(axis=0), np.ones((2, 2), np.float32))
+        np.testing.assert_allclose(img, expected, rtol=1e-5)
+
+
+def test_simulated_camera_end_to_end_with_recording(tmp_path):
+    W = 5
+    cfg = _cfg(record=tmp_path / "run.ome.tif", json=tmp_path / "m.json")
+    pipe = Pipeline(cfg, engine=MeanEngine(window=W))
+    rec = Recorder(pipe)
+    m = pipe.run_for(1.5)
+
+    assert rec.errors == [] and m.errors == []
+    assert rec.started == 1 and len(rec.finished) == 1 and rec.metrics
+    n = m.frames_acquired
+    assert n >= 50, f"only {n} frames in 1.5 s at 100 fps"
+    assert m.frames_published == m.frames_received == n == len(rec.frames)
+    assert sorted(rec.frames) == list(range(n))
+    assert m.outputs + m.frames_dropped_by_engine == n - W + 1
+    assert m.outputs_received == m.outputs == len(rec.results)
+    assert m.malformed_messages == {} and m.engine_errors == 0
+    assert m.fps_acquired > 50 and m.fps_output > 0
+    assert 0 < m.latency_ms["p50"] <= m.latency_ms["p99"] <= m.latency_ms["max"] < 5000
+    _check_results_match_frames(rec, W)
+
+    # the recording holds every acquired frame, bit for bit
+    assert m.frames_recorded == n
+    data = tifffile.imread(cfg.record)
+    assert data.shape == (n, 32, 32)
+    assert all(np.array_equal(data[s], rec.frames[s]) for s in range(n))
+
+    # the JSON summary has the documented fields
+    d = json.loads(cfg.json.read_text())
+    for key in ("frames_acquired", "frames_published", "outputs", "frames_dropped_by_engine", "fps_acquired",
+                "fps_output", "latency_ms", "frames_recorded", "malformed_messages"):
+        assert key in d
+    assert d["frames_acquired"] == n and set(d["latency_ms"]) == {"p50", "p90", "p99", "max"}
+
+
+def test_replay_once_ends_by_itself(shared_data):
+    W = 4
+    pipe = Pipeline(_cfg(source=str(shared_data / MOVIE), fps=400.0, loop=False), engine=MeanEngine(window=W))
+    rec = Recorder(pipe)
+    pipe.start()
+    assert pipe.wait(60), "a replay played once must end the run by itself"
+    m = pipe.metrics()
+    assert rec.finished and m.errors == []
+    assert m.frames_acquired == m.frames_received == 100
+    assert m.outputs + m.frames_dropped_by_engine == 100 - W + 1
+    assert rec.results[-1][0].seq_last == 99
+    _check_results_match_frames(rec, W)
+    movie = tifffile.imread(shared_data / MOVIE)
+    assert all(np.array_equal(rec.frames[s], movie[s]) for s in range(100))
+
+
+def test_stop_without_waiting_returns_at_once():
+    pipe = Pipeline(_cfg(), engine=MeanEngine(window=3))
+    rec = Recorder(pipe)
+    pipe.start()
+    assert pipe.wait_started(30)
+    pipe.stop(wait=False)
+    assert pipe.wait(30) and len(rec.finished) == 1
+    assert pipe.metrics().frames_acquired == pipe.metrics().frames_received
+
+
+def test_stop_before_engine_ready(tmp_path):
+    import time
+
+    def slow_factory():
+        time.sleep(1.0)
+        return MeanEngine(window=3)
+
+    pipe = Pipeline(_cfg(record=tmp_path / "x.ome.tif"), engine=slow_factory)
+    rec = Recorder(pipe)
+    pipe.start()
+    m = pipe.stop(wait=True, timeout=30)
+    assert len(rec.finished) == 1 and rec.started == 0
+    assert m.frames_acquired == 0 and m.frames_recorded == 0
+
+
+def test_bad_source_is_a_clear_error(tmp_path):
+    pipe = Pipeline(_cfg(source=str(tmp_path / "missing.tif")), engine=MeanEngine())
+    with pytest.raises(PipelineError, match="missing.tif"):
+        pipe.start()
+    assert pipe.is_finished and not pipe.is_running
+
+
+def test_existing_recording_is_not_overwritten(tmp_path):
+    target = tmp_path / "keep.ome.tif"
+    target.write_bytes(b"precious")
+    with pytest.raises(PipelineError, match="exists"):
+        Pipeline(_cfg(record=target), engine=MeanEngine()).start()
+    assert target.read_bytes() == b"precious"
+
+
+def test_invalid_config_is_rejected():
+    with pytest.raises(PipelineError, match="fps"):
+        Pipeline(_cfg(fps=-5.0), engine=MeanEngine()).start()
+
+
+def test_engine_load_failure_ends_run_with_error():
+    def broken():
+        raise RuntimeError("weights file is corrupt")
+
+    pipe = Pipeline(_cfg(), engine=broken)
+    rec = Recorder(pipe)
+    pipe.start()
+    assert pipe.wait(30)
+    m = pipe.metrics()
+    assert any("weights file is corrupt" in e for e in rec.errors)
+    assert m.errors and m.frames_acquired == 0 and rec.started == 0 and len(rec.finished) == 1
+
+
+def test_crop_and_exposure_reach_the_camera():
+    pipe = Pipeline(_cfg(size=48, crop=16, exposure_ms=5.0), engine=MeanEngine(window=3))
+    rec = Recorder(pipe)
+    pipe.run_for(0.5)
+    assert rec.frames and all(f.shape == (16, 16) for f in rec.frames.values())
+    assert rec.results[-1][1].shape == (32, 32)
+    assert pipe.core.getExposure() == pytest.approx(5.0)
+
+
+@pytest.mark.slow
+def test_replay_real_movie_through_sofi_in_a_process(shared_data, tmp_path):
+    """The done-when check: all 100 frames of the real movie stream through SOFI."""
+    cfg = _cfg(source=str(shared_data / MOVIE), fps=None, worker_mode="process", engine="sofi",
+               json=tmp_path / "m.json")
+    pipe = Pipeline(cfg)
+    rec = Recorder(pipe)
+    m = pipe.run_for(None)
+    assert m.errors == [] and m.engine_errors == 0
+    assert m.frames_acquired == m.frames_received == 100
+    assert m.outputs + m.frames_dropped_by_engine == 100 - 20 + 1
+    h, img = rec.results[-1]
+    assert h.seq_last == 99 and h.engine == "sofi" and img.shape == (204, 216)
+    assert np.isfinite(img).all() and img.max() > 0
+
+
+def test_busy_result_port_is_a_clear_error(make_tcp_addr):
+    import zmq
+
+    addr = make_tcp_addr()
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.PUB)
+    squatter.bind(addr)
+    try:
+        pipe = Pipeline(_cfg(addresses=Addresses("tcp://127.0.0.1:0", addr)), engine=MeanEngine())
+        rec = Recorder(pipe)
+        pipe.start()
+        assert pipe.wait(30)
+        assert any("another livesr running" in e for e in rec.errors), rec.errors
+    finally:
+        squatter.close(linger=0)
+        ctx.term()

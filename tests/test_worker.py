@@ -1,0 +1,367 @@
+"""EngineWorker over real ZeroMQ sockets on 127.0.0.1 with trivial engines.
+
+Every output is checked against the mean of exactly the frames its header names, so an
+output computed across a gap, from the wrong frames or from a malformed message would fail.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from conftest import (
+    MeanEngine,
+    ResultCollector,
+    StackOnlyMeanEngine,
+    expected_mean_output,
+    make_mean_engine,
+    seq_frame,
+)
+from realtime.protocol import FrameHeader, ResultHeader, encode_frame, encode_result
+from realtime.worker import EngineWorker
+
+
+@pytest.fixture
+def start_worker(frame_pusher, make_tcp_addr):
+    """Start a worker (thread by default) wired to the fake frame pusher; yield (worker, results)."""
+    started = []
+
+    def _start(engine, *, mode="thread", **kw):
+        w = EngineWorker(engine, frame_pusher.addr, make_tcp_addr(), stats_interval_s=0.05, **kw)
+        w.run_in_process() if mode == "process" else w.run_in_thread()
+        assert w.wait_ready(60), "worker did not become ready"
+        rc = ResultCollector(w.out_addr)
+        rc.wait_ready()
+        started.append((w, rc))
+        return w, rc
+
+    yield _start
+    for w, rc in started:
+        w.stop()
+        assert w.join(10), "worker did not stop"
+        rc.close()
+
+
+def assert_outputs_correct(results, window, shape=(8, 8)):
+    for h, img in results:
+        assert h.seq_last - h.seq_first + 1 == window
+        np.testing.assert_allclose(img, expected_mean_output(h.seq_first, h.seq_last, shape), rtol=1e-6)
+        assert img.shape == (2 * shape[0], 2 * shape[1]) and img.dtype == np.float32
+
+
+def finish(pusher, rc):
+    pusher.eos()
+    return rc.wait_final()
+
+
+def test_streams_outputs_for_every_due_frame(frame_pusher, start_worker):
+    w, rc = start_worker(MeanEngine(window=4))
+    for s in range(12):
+        frame_pusher.frame(s, seq_frame(s))
+        time.sleep(0.005)  # a camera, not a burst
+    final = finish(frame_pusher, rc)
+    due = 12 - 4 + 1
+    assert final.outputs + final.frames_dropped == due
+    assert final.frames_received == 12 and final.frames_sent == 12 and final.malformed == {}
+    assert len(rc.results) == final.outputs >= 1
+    assert rc.results[-1][0].seq_last == 11  # the newest window is always computed
+    assert_outputs_correct(rc.results, 4)
+    h = rc.results[-1][0]
+    t = h.timings_ns
+    assert h.t_acq_ns <= t["received"] <= t["start"] <= t["done"] <= t["published"]
+    assert w.join(5), "exit_on_eos: worker ends after the final stats"
+
+
+def test_stack_only_engine_uses_rolling_window(frame_pusher, start_worker):
+    _, rc = start_worker(StackOnlyMeanEngine(window=3))
+    for s in range(10):
+        frame_pusher.frame(s, seq_frame(s))
+        time.sleep(0.005)
+    final = finish(frame_pusher, rc)
+    assert final.outputs + final.frames_dropped == 8 and final.outputs >= 1
+    assert_outputs_correct(rc.results, 3)
+
+
+def test_stride(frame_pusher, start_worker):
+    _, rc = start_worker(MeanEngine(window=4), stride=3)
+    for s in range(14):
+        frame_pusher.frame(s, seq_frame(s))
+        time.sleep(0.005)
+    final = finish(frame_pusher, rc)
+    # due at run counts 4, 7, 10, 13 -> seq 3, 6, 9, 12
+    assert final.outputs + final.frames_dropped == 4
+    assert {h.seq_last for h, _ in rc.results} <= {3, 6, 9, 12}
+    assert_outputs_correct(rc.results, 4)
+
+
+def test_gap_never_mixes_frames(frame_pusher, start_worker):
+    _, rc = start_worker(MeanEngine(window=4))
+    seqs = list(range(0, 6)) + list(range(9, 15))  # gap 5 -> 9
+    for s in seqs:
+        frame_pusher.frame(s, seq_frame(s))
+        time.sleep(0.005)
+    finish(frame_pusher, rc)
+    assert_outputs_correct(rc.results, 4)
+    assert all(h.seq_first >= 9 or h.seq_last <= 5 for h, _ in rc.results)
+    assert rc.results[-1][0].seq_last == 14
+
+
+def test_shape_change_restarts_window(frame_pusher, start_worker):
+    _, rc = start_worker(MeanEngine(window=3))
+    for s in range(5):
+        frame_pusher.frame(s, seq_frame(s, (8, 8)))
+        time.sleep(0.005)
+    for s in range(5, 10):
+        frame_pusher.frame(s, seq_frame(s, (6, 10)))
+        time.sleep(0.005)
+    final = finish(frame_pusher, rc)
+    assert final.engine_errors == 0
+    small = [(h, i) for h, i in rc.results if h.seq_last >= 5]
+    big = [(h, i) for h, i in rc.results if h.seq_last < 5]
+    assert small and all(h.seq_first >= 5 for h, _ in small)
+    assert_outputs_correct(small, 3, (6, 10))
+    assert_outputs_correct(big, 3, (8, 8))
+
+
+def test_malformed_messages_are_counted_and_survived(frame_pusher, start_worker):
+    _, rc = start_worker(MeanEngine(window=3))
+    good = encode_frame(FrameHeader(seq=0, t_acq_ns=1, shape=(8, 8)), seq_frame(0))
+    bad = {
+        "json": [b"\xff\xfenot json", b"123"],
+        "version": [good[0].replace(b'"version":1', b'"version":9'), bytes(good[1])],
+        "kind": [good[0].replace(b'"kind":"frame"', b'"kind":"pizza"'), bytes(good[1])],
+        "parts": [good[0]],
+        "length": [good[0], bytes(good[1])[:-1]],
+        "shape": [good[0].replace(b'"shape":[8,8]', b'"shape":[0,8]'), bytes(good[1])],
+        "dtype": [good[0].replace(b'"dtype":"uint16"', b'"dtype":"complex64"'), bytes(good[1])],
+        "field": [good[0].replace(b'"seq":0', b'"seq":"zero"'), bytes(good[1])],
+    }
+    result_msg = encode_result(
+        ResultHeader(seq_first=0, seq_last=0, t_acq_ns=0, shape=(2, 2), engine="x"), np.zeros((2, 2), np.float32)
+    )
+    s = 0
+    for parts in bad.values():
+        frame_pusher.frame(s, seq_frame(s))
+        frame_pusher.raw([bytes(p) for p in parts])
+        s += 1
+    frame_pusher.raw([bytes(p) for p in result_msg])  # a valid message of the wrong kind
+    for _ in range(3):
+        frame_pusher.frame(s, seq_frame(s))
+        s += 1
+        time.sleep(0.005)
+    final = finish(frame_pusher, rc)
+    assert final.malformed == {**{k: 1 for k in bad}, "unexpected_kind": 1}
+    assert final.frames_received == s == final.frames_sent - 0
+    assert final.outputs >= 1 and rc.results[-1][0].seq_last == s - 1
+    assert_outputs_correct(rc.results, 3)  # no malformed message became (part of) an image
+    # the running stats message reports them too, before the end
+    assert any(st.malformed for st in rc.stats)
+
+
+def test_slow_engine_drains_and_computes_only_newest(frame_pusher, start_worker):
+    engine = MeanEngine(window=4, delay_s=0.02)
+    _, rc = start_worker(engine)
+    n = 80
+    for s in range(n):  # a burst far faster than 50 outputs/s
+        frame_pusher.frame(s, seq_frame(s))
+    final = finish(frame_pusher, rc)
+    due = n - 4 + 1
+    assert final.frames_received == n
+    assert final.outputs + final.frames_dropped == due
+    assert final.frames_dropped > due // 2, "it should have skipped most outputs to keep up"
+    assert rc.results[-1][0].seq_last == n - 1  # caught up to the newest window
+    assert rc.results[-1][0].frames_dropped <= final.frames_dropped
+    assert_outputs_correct(rc.results, 4)
+
+
+def test_engine_error_is_counted_and_worker_recovers(frame_pusher, start_worker):
+    fail_seq = 5
+    _, rc = start_worker(MeanEngine(window=3, fail_value=int(seq_frame(fail_seq)[0, 0])))
+    for s in range(12):
+        frame_pusher.frame(s, seq_frame(s))
+        time.sleep(0.005)
+    final = finish(frame_pusher, rc)
+    assert final.engine_errors == 1 and "injected engine failure" in final.last_error
+    assert_outputs_correct(rc.results, 3)
+    assert all(not (h.seq_first <= fail_seq <= h.seq_last) for h, _ in rc.results)
+    assert rc.results[-1][0].seq_last == 11
+
+
+def test_engine_load_failure_is_reported(make_tcp_addr):
+    def broken_factory():
+        raise RuntimeError("no such weights")
+
+    w = EngineWorker(broken_factory, make_tcp_addr(), make_tcp_addr(), stats_interval_s=0.05)
+    rc = ResultCollector(w.out_addr)
+    try:
+        w.run_in_thread()
+        final = rc.wait_final(10)
+        assert final.engine_errors == 1 and "no such weights" in final.last_error
+        assert w.join(5)
+        assert not w.wait_ready(0.1)
+    finally:
+        rc.close()
+
+
+def test_stop_without_eos(start_worker):
+    w, rc = start_worker(MeanEngine(window=3))
+    w.stop()
+    assert w.join(5)
+    assert rc.wait_final(5).final
+
+
+def test_persistent_worker_serves_several_streams(frame_pusher, start_worker):
+    _, rc = start_worker(MeanEngine(window=3), exit_on_eos=False)
+    for run in range(2):
+        for s in range(6):
+            frame_pusher.frame(s, seq_frame(s))  # both streams start at seq 0
+            time.sleep(0.005)
+        frame_pusher.eos()
+        rc.wait_final()
+        rc.stats.clear()
+    assert_outputs_correct(rc.results, 3)
+    assert sum(h.seq_last == 5 for h, _ in rc.results) == 2
+
+
+def test_rejects_bad_stride():
+    with pytest.raises(ValueError):
+        EngineWorker(MeanEngine(), "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", stride=0)
+
+
+def test_run_in_process(frame_pusher, start_worker):
+    w, rc = start_worker(make_mean_engine, mode="process")
+    for s in range(8):
+        frame_pusher.frame(s, seq_frame(s))
+        time.sleep(0.005)
+    final = finish(frame_pusher, rc)
+    assert final.frames_received == 8 and final.outputs >= 1
+    assert_outputs_correct(rc.results, 4)
+    assert w.join(10) and w.exitcode == 0
+
+
+def test_busy_result_address_is_reported(make_tcp_addr):
+    import zmq
+
+    addr = make_tcp_addr()
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.PUB)
+    squatter.bind(addr)
+    try:
+        w = EngineWorker(MeanEngine(), make_tcp_addr(), addr)
+        w.run_in_thread()
+        assert w.join(5) and not w.wait_ready(0.1)
+        assert "in use" in w.startup_error() and addr in w.startup_error()
+    finally:
+        squatter.close(linger=0)
+        ctx.term()
+
+
+# ---------------------------------------------------------------- catch-up logic, deterministic
+# A drained batch is fed straight into the worker (no sockets, no timing), so the skip/catch-up
+# decisions can be checked exactly.
+
+
+class _CapturePub:
+    def __init__(self):
+        self.results = []
+
+    def send_multipart(self, parts, copy=True):
+        from realtime.protocol import decode
+
+        h, img = decode([bytes(p) for p in parts])
+        self.results.append((h, np.array(img)))
+
+
+class CountingEngine(MeanEngine):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.pushed = []
+        self.resets = 0
+
+    def push(self, frame):
+        self.pushed.append(int(frame[0, 0]) // 10)
+        return super().push(frame)
+
+    def reset(self):
+        self.resets += 1
+        super().reset()
+
+
+def _batch(seqs, shape=(8, 8)):
+    return [(FrameHeader(seq=s, t_acq_ns=time.time_ns(), shape=shape), seq_frame(s, shape), time.time_ns())
+            for s in seqs]
+
+
+def _worker(engine, stride=1):
+    w = EngineWorker(engine, "inproc://unused-in", "inproc://unused-out", stride)
+    pub = _CapturePub()
+    w._setup_engine(engine, pub)
+    return w, pub
+
+
+def test_backlog_computes_only_the_newest_window_and_pushes_only_its_frames():
+    eng = CountingEngine(window=4)
+    w, pub = _worker(eng)
+    w._process_batch(_batch(range(30)))
+    assert [h.seq_last for h, _ in pub.results] == [29]
+    assert w.stats.outputs == 1 and w.stats.frames_dropped == 30 - 4  # 27 due, 1 computed
+    assert eng.pushed == [26, 27, 28, 29]  # frames older than the newest window are skipped
+    assert_outputs_correct(pub.results, 4)
+    # keeping up afterwards: one frame per batch, every frame pushed, every output computed
+    for s in range(30, 33):
+        w._process_batch(_batch([s]))
+    assert [h.seq_last for h, _ in pub.results] == [29, 30, 31, 32]
+    assert eng.pushed[-3:] == [30, 31, 32]
+    assert_outputs_correct(pub.results, 4)
+
+
+def test_backlog_continuing_a_run_uses_the_engine_state():
+    eng = CountingEngine(window=4)
+    w, pub = _worker(eng)
+    w._process_batch(_batch(range(0, 2)))
+    w._process_batch(_batch(range(2, 5)))  # short backlog: no skip, no reset
+    assert eng.pushed == [0, 1, 2, 3, 4] and [h.seq_last for h, _ in pub.results] == [4]
+    assert w.stats.frames_dropped == 1  # seq 3 was due but only the newest (4) was computed
+    assert_outputs_correct(pub.results, 4)
+
+
+def test_backlog_with_a_gap_gives_one_output_per_run_never_mixed():
+    eng = CountingEngine(window=4)
+    w, pub = _worker(eng)
+    w._process_batch(_batch(list(range(0, 10)) + list(range(20, 30))))
+    assert [(h.seq_first, h.seq_last) for h, _ in pub.results] == [(6, 9), (26, 29)]
+    assert_outputs_correct(pub.results, 4)
+
+
+def test_backlog_with_stride_computes_the_newest_due_output():
+    eng = CountingEngine(window=4)
+    w, pub = _worker(eng, stride=5)
+    w._process_batch(_batch(range(20)))  # due at counts 4, 9, 14, 19 -> seq 3, 8, 13, 18
+    assert [h.seq_last for h, _ in pub.results] == [18]
+    assert w.stats.frames_dropped == 3
+    w._process_batch(_batch([20, 21, 22, 23]))  # next due: seq 23
+    assert [h.seq_last for h, _ in pub.results] == [18, 23]
+    assert_outputs_correct(pub.results, 4)
+
+
+def test_stack_engine_backlog_uses_the_rolling_window():
+    w, pub = _worker(StackOnlyMeanEngine(window=3))
+    w._process_batch(_batch(range(12)))
+    assert [h.seq_last for h, _ in pub.results] == [11]
+    assert w.stats.frames_dropped == 9
+    assert_outputs_correct(pub.results, 3)
+
+
+def test_engine_error_inside_a_backlog_restarts_with_the_next_frames():
+    fail_seq = 28  # inside the newest window of the backlog, so it is pushed
+    eng = CountingEngine(window=3, fail_value=int(seq_frame(fail_seq)[0, 0]))
+    w, pub = _worker(eng)
+    w._process_batch(_batch(range(30)))
+    assert w.stats.engine_errors == 1 and "injected" in w.stats.last_error
+    assert pub.results == []  # the window 27..29 contained the failing frame
+    w._process_batch(_batch([30, 31]))
+    # a new run started right after the failing frame: 29, 30, 31
+    assert [(h.seq_first, h.seq_last) for h, _ in pub.results] == [(29, 31)]
+    assert_outputs_correct(pub.results, 3)
