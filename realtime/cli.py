@@ -130,6 +130,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
     o.add_argument("--results-addr", default=d.addresses.results,
                    help="ZeroMQ endpoint for results (default %(default)s; port 0 = any free port)")
     o.add_argument("-v", "--verbose", action="store_true", help="log what the pipeline does")
+    from .remote import add_remote_client_arguments  # --engine-at, --server-key, --client-key
+
+    add_remote_client_arguments(p)
     if replay:
         lp = p.add_mutually_exclusive_group()
         lp.add_argument("--loop", dest="loop", action="store_true", help="loop the movie")
@@ -184,6 +187,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         weights=args.weights, worker_mode=args.worker, threads=args.threads, record=args.record,
         json=args.json, headless=args.headless, overwrite=args.overwrite,
         addresses=Addresses(frames=args.frames_addr, results=args.results_addr),
+        engine_at=tuple(args.engine_at or ()), server_key=args.server_key,
+        client_key=args.client_key,
     )
     return cfg.validate()
 

@@ -86,6 +86,10 @@ class PipelineConfig:
     overwrite: bool = False  # replace an existing recording file
     headless: bool = False
     addresses: Addresses = field(default_factory=Addresses)
+    # remote engine(s) (`livesr engine` on a GPU machine) instead of a local worker
+    engine_at: tuple[str, ...] = ()  # frames endpoints, e.g. ("tcp://gpu-box:5570",)
+    server_key: Path | None = None  # the engines' public server.key (CURVE)
+    client_key: Path | None = None  # this PC's .key_secret (CURVE)
     # timeouts
     engine_ready_timeout_s: float = 120.0  # loading torch + weights in a fresh process
 
@@ -96,6 +100,12 @@ class PipelineConfig:
             self.json = Path(self.json)
         if self.roi is not None and not isinstance(self.roi, tuple):
             self.roi = tuple(self.roi)  # type: ignore[assignment]
+        if not isinstance(self.engine_at, tuple):
+            self.engine_at = tuple(self.engine_at or ())
+        for k in ("server_key", "client_key"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, Path):
+                setattr(self, k, Path(v))
 
     def validate(self) -> PipelineConfig:
         """Raise ValueError with a readable message for absurd values; return self."""
@@ -127,6 +137,11 @@ class PipelineConfig:
             problems.append(f"worker_mode must be 'process' or 'thread', got {self.worker_mode!r}")
         if not self.engine:
             problems.append("engine name is empty")
+        for ep in self.engine_at:
+            if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                problems.append(f"engine_at entries must look like tcp://HOST:PORT, got {ep!r}")
+        if (self.server_key is None) != (self.client_key is None):
+            problems.append("server_key and client_key go together (CURVE needs both)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -153,6 +168,7 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("record", "json"):
+        for k in ("record", "json", "server_key", "client_key"):
             d[k] = None if d[k] is None else str(d[k])
+        d["engine_at"] = list(self.engine_at)
         return d

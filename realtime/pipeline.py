@@ -117,23 +117,23 @@ class Pipeline:
             raise PipelineError(f"invalid configuration: {e}") from None
         addrs = cfg.addresses.resolved()
         try:
+            from .security import check_bind_allowed
+
+            for addr in (addrs.frames, addrs.results):  # both are bound on this machine
+                check_bind_allowed(addr, curve=self._socket_setup is not None, hint=(
+                    "Keep --frames-addr/--results-addr on 127.0.0.1; to use a GPU on another "
+                    "machine run `livesr engine` there and pass --engine-at."))
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        try:
             self.core = self._make_core(cfg)
             self.recorder = self._make_recorder(cfg)
             self.acquisition = self._make_acquisition(cfg, addrs.frames)
-            self.worker = EngineWorker(
-                self._engine_override if self._engine_override is not None else cfg.engine,
-                addrs.frames,
-                addrs.results,
-                cfg.stride,
-                engine_options=cfg.engine_options(),
-                threads=cfg.threads,
-                socket_setup=self._socket_setup,
-            )
-            if cfg.worker_mode == "process":
-                self.worker = self._supervised(self.worker)  # restarted if it dies
-                self.worker.run_in_process()
-            else:
+            if cfg.engine_at:  # remote engine(s): a client stands where the worker would
+                self.worker = self._remote_client(cfg, addrs)
                 self.worker.run_in_thread()
+            else:
+                self._start_local_worker(cfg, addrs)
         except Exception as e:
             self._cleanup_failed_start()
             if isinstance(e, PipelineError):
@@ -143,6 +143,22 @@ class Pipeline:
             target=self._collect, args=(addrs.results,), name="livesr-results", daemon=True
         )
         self._collector.start()
+
+    def _start_local_worker(self, cfg: PipelineConfig, addrs: Any) -> None:
+        self.worker = EngineWorker(
+            self._engine_override if self._engine_override is not None else cfg.engine,
+            addrs.frames,
+            addrs.results,
+            cfg.stride,
+            engine_options=cfg.engine_options(),
+            threads=cfg.threads,
+            socket_setup=self._socket_setup,
+        )
+        if cfg.worker_mode == "process":
+            self.worker = self._supervised(self.worker)  # restarted if it dies
+            self.worker.run_in_process()
+        else:
+            self.worker.run_in_thread()
 
     def stop(self, wait: bool = True, timeout: float = 60.0) -> PipelineMetrics:
         """Stop acquiring; the engine finishes what it received. Returns the metrics.
@@ -258,6 +274,31 @@ class Pipeline:
         acq.error.connect(self._on_acquisition_error)
         acq.stopped.connect(self._on_acquisition_stopped)
         return acq
+
+    def _remote_client(self, cfg: PipelineConfig, addrs: Any) -> Any:
+        """RemoteEngineClient: forwards frames to `livesr engine` servers, results back."""
+        from .remote import RemoteEngineClient, RemoteEngineOptions
+
+        opts = RemoteEngineOptions(
+            endpoints=cfg.engine_at,
+            server_key=cfg.server_key,
+            client_key=cfg.client_key,
+            window=cfg.window,
+            stride=cfg.stride,
+        )
+        client = RemoteEngineClient(opts, addrs.frames, addrs.results)
+
+        def died(reason: str) -> None:
+            self._emit_error(reason)
+            self._safe_emit(self.engineDied, reason)
+
+        def back(n: int) -> None:
+            self._safe_emit(self.engineRestarted, n)
+
+        client.engineDied.connect(died)
+        client.engineRestarted.connect(back)
+        client.authFailed.connect(self._emit_error)
+        return client
 
     def _supervised(self, worker: EngineWorker) -> Any:
         """Wrap a process worker so that a crash restarts it; acquisition never notices."""

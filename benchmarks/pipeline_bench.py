@@ -1,0 +1,178 @@
+"""`livesr bench --pipeline`: the whole chain, end to end, at a given camera rate and size.
+
+Why separate from the latency benchmark: an engine that needs 5 ms in isolation can still lag
+live (ZeroMQ transit, queueing behind a busy engine, the GIL, the result hop back to the
+viewer). This runs the real :class:`realtime.pipeline.Pipeline` (simulated UniMMCore camera ->
+acquisition thread -> PUSH/PULL -> engine worker -> PUB/SUB -> collector) and reports what a
+microscopist would see: frames acquired vs received, outputs, frames the engine skipped to
+keep up, and latency percentiles from frame acquisition to result *received* by the collector,
+split into stages from the result header's timestamps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from benchmarks.latency import RESULTS_DIR, machine_info, machine_line
+
+STAGES = ("transit", "queue", "compute", "publish", "delivery")
+
+
+def _pcts(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"n": int(a.size), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
+
+
+def run_pipeline(*, engine: str = "sofi", size: int = 128, fps: float = 100.0,
+                 seconds: float = 10.0, backend: str = "eager", precision: str = "fp32",
+                 device: str = "cpu", worker_mode: str = "process", stride: int = 1,
+                 threads: int | None = None, weights: str | None = None,
+                 engine_override: Any = None) -> dict[str, Any]:
+    """Run one live pipeline for `seconds`; return metrics + end-to-end latency percentiles."""
+    from realtime.config import Addresses, PipelineConfig
+    from realtime.pipeline import Pipeline
+
+    cfg = PipelineConfig(
+        source="sim", size=size, fps=fps, seconds=seconds, engine=engine, stride=stride,
+        backend=backend, device=device, precision=precision, weights=weights,
+        worker_mode=worker_mode, threads=threads, headless=True,
+        addresses=Addresses("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"))
+    pipe = Pipeline(cfg, engine=engine_override)
+    lock = threading.Lock()
+    e2e: list[float] = []
+    stages: dict[str, list[float]] = {s: [] for s in STAGES}
+    errors: list[str] = []
+
+    def on_result(header: Any, img: Any) -> None:
+        t_recv = time.time_ns()
+        t = dict(header.timings_ns)
+        with lock:
+            e2e.append((t_recv - header.t_acq_ns) / 1e6)
+            marks = [header.t_acq_ns, t.get("received"), t.get("start"), t.get("done"),
+                     t.get("published"), t_recv]
+            for name, a, b in zip(STAGES, marks[:-1], marks[1:]):
+                if a is not None and b is not None:
+                    stages[name].append((b - a) / 1e6)
+
+    pipe.resultReady.connect(on_result)
+    pipe.error.connect(errors.append)
+    t0 = time.perf_counter()
+    metrics = pipe.run_for(seconds)
+    wall = time.perf_counter() - t0
+    m = metrics.to_dict()
+    with lock:
+        result = {
+            "engine": engine, "backend": backend, "precision": precision, "device": device,
+            "size": size, "camera_fps": fps, "seconds": seconds, "stride": stride,
+            "worker_mode": worker_mode, "wall_s": wall,
+            "frames_acquired": m["frames_acquired"], "frames_received": m["frames_received"],
+            "frames_lost_in_transit": m["frames_published"] - m["frames_received"],
+            "outputs": m["outputs"], "outputs_received": m["outputs_received"],
+            "frames_dropped_by_engine": m["frames_dropped_by_engine"],
+            "fps_acquired": m["fps_acquired"], "fps_output": m["fps_output"],
+            "latency_acq_to_received_ms": _pcts(e2e),
+            "latency_acq_to_published_ms": m["latency_ms"],
+            "stages_ms": {k: _pcts(v) for k, v in stages.items()},
+            "errors": list(m.get("errors", [])) + errors,
+        }
+    return result
+
+
+def print_result(r: dict[str, Any]) -> None:
+    lat = r["latency_acq_to_received_ms"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    print(f"{r['engine']} {r['backend']} {r['precision']} {r['size']}px @ {r['camera_fps']:g} fps, "
+          f"{r['seconds']:g} s ({r['worker_mode']} worker)")
+    print(f"  frames acquired {r['frames_acquired']}, received by engine {r['frames_received']} "
+          f"(lost in transit {r['frames_lost_in_transit']})")
+    print(f"  outputs {r['outputs']} ({r['fps_output']:.1f}/s), received {r['outputs_received']}, "
+          f"frames skipped by the engine to keep up {r['frames_dropped_by_engine']}")
+    print(f"  latency acquisition -> result received: p50 {fmt(lat['p50'])} ms, p90 "
+          f"{fmt(lat['p90'])} ms, p99 {fmt(lat['p99'])} ms, max {fmt(lat['max'])} ms")
+    parts = [f"{k} p50 {fmt(v['p50'])}" for k, v in r["stages_ms"].items()]
+    print("  stages (ms): " + ", ".join(parts))
+    if r["errors"]:
+        print("  errors: " + "; ".join(r["errors"][:5]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="livesr bench --pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", default="sofi", help="comma list of engines (%(default)s)")
+    p.add_argument("--sizes", default="128", help="comma list of frame sizes (%(default)s)")
+    p.add_argument("--camera-fps", default="100", help="comma list of camera rates (%(default)s)")
+    p.add_argument("--seconds", type=float, default=10.0, help="acquisition time per run")
+    p.add_argument("--backends", default="eager")
+    p.add_argument("--precisions", default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="engine compute threads")
+    p.add_argument("--worker-mode", default="process", choices=("process", "thread"))
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--stem", default=None, help="file stem (default pipeline_<device>)")
+    p.add_argument("--quick", action="store_true", help="tiny run: 16 px, 1 s, thread worker")
+    a = p.parse_args(argv)
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    sizes = [int(x) for x in split(a.sizes)]
+    rates = [float(x) for x in split(a.camera_fps)]
+    seconds, worker = a.seconds, a.worker_mode
+    if a.quick:
+        sizes, seconds, worker = [min(s, 32) for s in sizes] or [16], min(seconds, 1.5), "thread"
+    machine = machine_info(a.device)
+    print(machine_line(machine), flush=True)
+    results = []
+    for eng in split(a.engines):
+        for be in split(a.backends):
+            for pr in split(a.precisions):
+                for size in sizes:
+                    for fps in rates:
+                        try:
+                            r = run_pipeline(engine=eng, size=size, fps=fps, seconds=seconds,
+                                             backend=be, precision=pr, device=a.device,
+                                             worker_mode=worker, stride=a.stride,
+                                             threads=a.threads)
+                        except Exception as e:  # noqa: BLE001 - report and go on
+                            r = {"engine": eng, "backend": be, "precision": pr, "size": size,
+                                 "camera_fps": fps, "status": f"error: {type(e).__name__}: {e}"}
+                            print(f"{eng} {be} {pr} {size}px @ {fps:g} fps: {r['status']}")
+                        else:
+                            print_result(r)
+                        results.append(r)
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = a.stem or f"pipeline_{a.device.split(':')[0]}"
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps({"machine": machine, "runs": results}, indent=2, default=str) + "\n")
+    csv_path = out_dir / f"{stem}.csv"
+    with open(csv_path, "w") as f:
+        f.write(f"# {machine_line(machine)}\n")
+        f.write("engine,backend,precision,size,camera_fps,seconds,frames_acquired,frames_received,"
+                "outputs,frames_dropped_by_engine,fps_output,lat_p50_ms,lat_p90_ms,lat_p99_ms,"
+                "lat_max_ms,errors\n")
+        for r in results:
+            lat = r.get("latency_acq_to_received_ms", {})
+            vals = [r.get("engine"), r.get("backend"), r.get("precision"), r.get("size"),
+                    r.get("camera_fps"), r.get("seconds"), r.get("frames_acquired"),
+                    r.get("frames_received"), r.get("outputs"), r.get("frames_dropped_by_engine"),
+                    r.get("fps_output"), lat.get("p50"), lat.get("p90"), lat.get("p99"),
+                    lat.get("max"), len(r.get("errors", [])) if "errors" in r else r.get("status")]
+            f.write(",".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+                             for v in vals) + "\n")
+    print(f"\nwrote {path}, {csv_path}")
+    return 0 if all("status" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,181 @@
+"""ConvGRU super-resolution over a rolling window of blinking frames (thesis ch. 4, app. A).
+
+Per-frame encoder -> 2-layer ConvGRU over the window (eq. 4.2) -> mean of the last layer's
+hidden states over time (eq. 4.3b) -> upsampling decoder (eq. 4.4). The streaming engine
+caches each frame's encoding, so a new frame is encoded once; the GRU still runs over the
+whole window because its state depends on where the window starts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from engines.base import EngineBase
+from engines.nn_common import (
+    DTYPES as _DTYPES,
+    WEIGHTS_DIR,
+    Decoder,
+    FrameEncoder,
+    NormConfig,
+    WeightsError,
+    config_from_dict,
+    load_state_checked,
+    normalise_frames,
+    read_weights,
+    xavier_init,
+)
+
+MODEL_NAME = "convgru"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "convgru.pt"
+
+
+@dataclass
+class ConvGRUConfig:
+    """Architecture hyper-parameters (stored inside the weights file)."""
+
+    hidden: int = 20      # encoder features and GRU hidden channels (thesis: 20 best)
+    layers: int = 2       # stacked ConvGRU layers
+    n_res: int = 2        # residual blocks in the encoder
+    kernel: int = 3       # GRU convolution kernel
+    upsample: int = 2
+    window: int = 20      # frames per output
+
+
+class ConvGRUCell(nn.Module):
+    """Thesis eq. 4.2: update/reset gates and candidate from convs over [x, h]."""
+
+    def __init__(self, cin: int, hidden: int, kernel: int = 3):
+        super().__init__()
+        self.hidden = hidden
+        self.gates = nn.Conv2d(cin + hidden, 2 * hidden, kernel, padding=kernel // 2)
+        self.cand = nn.Conv2d(cin + hidden, hidden, kernel, padding=kernel // 2)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        u, r = torch.sigmoid(self.gates(torch.cat([x, h], 1))).chunk(2, dim=1)
+        c = torch.tanh(self.cand(torch.cat([x, r * h], 1)))
+        return (1 - u) * h + u * c
+
+
+class ConvGRUNet(nn.Module):
+    """The network; input already normalised (B, T, H, W) -> (B, 1, uH, uW)."""
+
+    def __init__(self, cfg: ConvGRUConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ConvGRUConfig()
+        self.encoder = FrameEncoder(cfg.hidden, cfg.n_res)
+        self.cells = nn.ModuleList(
+            [ConvGRUCell(cfg.hidden, cfg.hidden, cfg.kernel) for _ in range(cfg.layers)])
+        self.decoder = Decoder(cfg.hidden, cfg.upsample)
+        xavier_init(self)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W) normalised -> (B, T, C, H, W) encodings, each frame independently."""
+        b, t, h, w = frames.shape
+        x = frames.reshape(b * t, 1, h, w).contiguous(memory_format=torch.channels_last)
+        return self.encoder(x).reshape(b, t, -1, h, w)
+
+    def fuse_decode(self, enc: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) encodings -> (B, 1, uH, uW): GRU over T, mean over T, decode."""
+        b, t, c, h, w = enc.shape
+        cl = torch.channels_last
+        zero = enc.new_zeros(b, self.cfg.hidden, h, w).contiguous(memory_format=cl)
+        states = [zero for _ in self.cells]
+        acc = zero
+        for i in range(t):
+            x = enc[:, i].contiguous(memory_format=cl)
+            for k, cell in enumerate(self.cells):
+                states[k] = cell(x, states[k])
+                x = states[k]
+            acc = acc + x
+        return self.decoder(acc / t)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.fuse_decode(self.encode(frames))
+
+
+def build_model(config: dict | None = None) -> tuple[ConvGRUNet, NormConfig]:
+    """Rebuild model + normalisation from a weights-file config dict (or defaults)."""
+    config = config or {}
+    arch = config_from_dict(ConvGRUConfig, config.get("arch", {}))
+    norm = config_from_dict(NormConfig, config.get("norm", {}))
+    return ConvGRUNet(arch), norm
+
+
+def load_model(path: str | Path | None = None) -> tuple[ConvGRUNet, NormConfig, dict]:
+    """Load a trained ConvGRU; WeightsError naming the file on any problem."""
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    config, state = read_weights(path, MODEL_NAME)
+    try:
+        model, norm = build_model(config)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"weights file {path} has an unusable config: {e}") from e
+    load_state_checked(model, state, path)
+    model.eval()
+    return model, norm, config
+
+
+class ConvGRUEngine(EngineBase):
+    """Engine API (CONTRACTS.md section 3) around ConvGRUNet with a cached-encoder window.
+
+    push() encodes only the new frame and keeps the last `window` encodings in a ring; the GRU
+    and decoder then run over the cached encodings. Frames are normalised one by one
+    (nn_common.normalise_frames), so a cached encoding equals a recomputed one exactly.
+    """
+
+    name = MODEL_NAME
+    min_window = 1
+    backend_targets = ("model.encode", "model.fuse_decode")
+
+    def __init__(self, weights: str | Path | None = None, *, device: str = "cpu",
+                 precision: str = "fp32", window: int | None = None,
+                 model: ConvGRUNet | None = None, norm: NormConfig | None = None):
+        if model is None:
+            model, norm, self.config = load_model(weights)
+        else:
+            self.config = {}
+        super().__init__(int(window or model.cfg.window), device=device, precision=precision)
+        self.model_dtype = _DTYPES[precision]
+        # channels_last: oneDNN runs these few-channel convolutions ~5x faster on CPU
+        self.model = model.to(self.device, self.model_dtype,
+                              memory_format=torch.channels_last).eval()
+        self.norm = norm or NormConfig()
+        self.upsample = model.cfg.upsample
+        self._enc: deque[torch.Tensor] = deque(maxlen=self.window)
+
+    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(T, H, W) raw float32 -> (T, C, H, W) encodings."""
+        x = normalise_frames(frames, self.norm).to(self.model_dtype)
+        return self.model.encode(x[None])[0]
+
+    def _fuse_decode(self, enc: torch.Tensor) -> torch.Tensor:
+        return self.model.fuse_decode(enc[None])[0, 0].float()
+
+    def _reconstruct(self, frames: torch.Tensor) -> torch.Tensor:
+        return self._fuse_decode(self._encode(frames))
+
+    def push(self, frame) -> np.ndarray | None:
+        """Add one (H, W) frame; the newest window's output once `window` frames were pushed."""
+        t = self._frame_tensor(frame)
+        self._frame_shape = (int(t.shape[0]), int(t.shape[1]))
+        with torch.inference_mode():
+            self._enc.append(self._encode(t[None])[0])
+            if len(self._enc) < self.window:
+                return None
+            out = self._fuse_decode(torch.stack(tuple(self._enc)))
+        return self._to_numpy(out)
+
+    def reset(self) -> None:
+        super().reset()
+        self._enc.clear()
+
+
+def load(*, weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
+         window: int | None = None, **_: object) -> ConvGRUEngine:
+    """Factory used by engines.load_engine (weights default: engines/weights/convgru.pt)."""
+    return ConvGRUEngine(weights, device=device, precision=precision, window=window)

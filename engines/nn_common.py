@@ -1,0 +1,270 @@
+"""Building blocks shared by the neural engines (ConvGRU, ConvLSTM).
+
+Why one module: the encoder, the normalisation and the weights format must be identical at
+training and inference time, and identical between the two models, so they live here once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_FORMAT = 1
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@dataclass
+class NormConfig:
+    """Robust per-frame intensity normalisation, independent of camera offset and gain.
+
+    x -> (x - median) / (unit * 1.4826 * MAD): the median is the camera offset plus the
+    background (blinking frames are sparse), the MAD the background noise, so the network
+    sees signal in units of noise sigma whatever the camera offset, gain or EM gain.
+    Per FRAME (not per window) so that a frame's encoding never changes once computed: the
+    ConvGRU caches encoded frames in its rolling window and the ConvLSTM needs no look-ahead.
+    """
+
+    unit: float = 10.0          # noise sigmas per unit of network input
+    min_rel_scale: float = 1e-3  # floor on the scale relative to the frame range (noise-free data)
+    eps: float = 1e-6
+
+
+def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
+    """q-quantile (0..1) along the last dim via kthvalue (no size limit, deterministic)."""
+    n = x.shape[-1]
+    k = min(max(int(round(q * (n - 1))) + 1, 1), n)
+    return x.kthvalue(k, dim=-1).values
+
+
+def normalise_frames(frames: torch.Tensor, cfg: NormConfig) -> torch.Tensor:
+    """Normalise each (H, W) frame of a (..., H, W) tensor by its own median and MAD."""
+    lead = frames.shape[:-2]
+    flat = frames.reshape(-1, frames.shape[-2] * frames.shape[-1]).float()
+    med = _kth(flat, 0.5)
+    dev = flat - med[:, None]
+    mad = _kth(dev.abs(), 0.5) * 1.4826
+    rng = flat.amax(dim=-1) - flat.amin(dim=-1)
+    scale = torch.maximum(mad, cfg.min_rel_scale * rng).clamp_min(cfg.eps) * cfg.unit
+    return (dev / scale[:, None]).reshape(*lead, frames.shape[-2], frames.shape[-1])
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def conv3(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with PReLU and an identity skip (thesis 4.1.1)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = conv3(ch, ch)
+        self.act1 = nn.PReLU(ch)
+        self.conv2 = conv3(ch, ch)
+        self.act2 = nn.PReLU(ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(x + self.conv2(self.act1(self.conv1(x))))
+
+
+class FrameEncoder(nn.Module):
+    """Per-frame encoder: 3x3 conv + PReLU, residual blocks, final 3x3 conv."""
+
+    def __init__(self, ch: int, n_res: int = 2):
+        super().__init__()
+        self.head = nn.Sequential(conv3(1, ch), nn.PReLU(ch))
+        self.blocks = nn.Sequential(*[ResidualBlock(ch) for _ in range(n_res)])
+        self.tail = conv3(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, 1, H, W) normalised -> (N, ch, H, W)."""
+        return self.tail(self.blocks(self.head(x)))
+
+
+class Decoder(nn.Module):
+    """Upsampling decoder: ConvTranspose2d x upsample, two 3x3 conv + PReLU, 1x1 projection."""
+
+    def __init__(self, ch: int, upsample: int = 2):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(ch, ch, kernel_size=upsample, stride=upsample)
+        self.body = nn.Sequential(conv3(ch, ch), nn.PReLU(ch), conv3(ch, ch), nn.PReLU(ch))
+        self.proj = nn.Conv2d(ch, 1, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, ch, H, W) -> (N, 1, uH, uW); output pixel (2i..2i+1) covers input pixel i."""
+        return self.proj(self.body(self.up(h)))
+
+
+def count_conv_macs(module: nn.Module, fn) -> int:
+    """Multiply-accumulates of every Conv2d / ConvTranspose2d in `module` while fn() runs
+    (elementwise gate arithmetic is left out: < 2% of the total here)."""
+    total = 0
+
+    def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.ConvTranspose2d):
+            total += inp[0].numel() * m.weight[0].numel()  # each input value hits cout*k*k
+        else:
+            total += out.numel() * m.weight[0].numel()  # each output value sums cin*k*k
+
+    hooks = [m.register_forward_hook(hook) for m in module.modules()
+             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def xavier_init(model: nn.Module) -> None:
+    """Xavier-uniform weights, zero biases (thesis: needed for convergence with sigmoid gates)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def fourier_loss(pred: torch.Tensor, target: torch.Tensor, phase_weight: float = 1.0,
+                 ) -> torch.Tensor:
+    """Thesis eq. 4.5: L1 of amplitude + L1 of (wrapped) phase over the half spectrum (rfft2).
+
+    No frequency normalisation (as in the thesis). The phase term is undefined where the
+    amplitude is ~0, so each phase difference is weighted by the target amplitude relative
+    to its mean (weights average to 1): noisy near-empty frequencies count less.
+    """
+    P = torch.fft.rfft2(pred.float())
+    Y = torch.fft.rfft2(target.float())
+    amp = (P.abs() - Y.abs()).abs().mean()
+    if phase_weight == 0:
+        return amp
+    dphi = torch.angle(P * Y.conj()).abs()  # wrapped difference in [0, pi]
+    w = Y.abs()
+    w = w / w.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+    return amp + phase_weight * (w * dphi).mean()
+
+
+def pearson_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean (1 - Pearson r) over images; images whose target is flat (no structure) are skipped."""
+    p = pred.flatten(-2).float()
+    t = target.flatten(-2).float()
+    p = p - p.mean(-1, keepdim=True)
+    t = t - t.mean(-1, keepdim=True)
+    tn = t.norm(dim=-1)
+    ok = tn > 1e-6
+    if not bool(ok.any()):
+        return pred.new_zeros(())
+    r = (p * t).sum(-1) / (p.norm(dim=-1) * tn).clamp_min(1e-8)
+    return (1 - r[ok]).mean()
+
+
+def combined_loss(pred: torch.Tensor, target: torch.Tensor, *, fourier_weight: float = 1.0,
+                  phase_weight: float = 1.0, l1_weight: float = 0.0,
+                  pearson_weight: float = 0.0) -> torch.Tensor:
+    """Fourier loss plus optional pixel L1 and (1 - Pearson) terms.
+
+    The L1 term is scaled by sqrt(number of pixels) so it stays comparable with the
+    unnormalised spectrum, which grows with image size.
+    """
+    loss = pred.new_zeros(())
+    if fourier_weight:
+        loss = loss + fourier_weight * fourier_loss(pred, target, phase_weight)
+    if l1_weight:
+        npx = float(pred.shape[-1] * pred.shape[-2])
+        loss = loss + l1_weight * (pred - target).abs().mean() * npx ** 0.5
+    if pearson_weight:
+        loss = loss + pearson_weight * pearson_loss(pred, target)
+    return loss
+
+
+# --------------------------------------------------------------------------- weights I/O
+
+
+def config_from_dict(cls: type, d: dict[str, Any]):
+    """Build dataclass `cls` from a dict, ignoring unknown keys (forward compatibility)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def save_weights(path: str | Path, model: nn.Module, *, model_name: str, arch: Any,
+                 norm: NormConfig, training: dict[str, Any] | None = None) -> Path:
+    """Save state_dict + a JSON-serialisable config that rebuilds the exact model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": WEIGHTS_FORMAT,
+        "model": model_name,
+        "arch": asdict(arch),
+        "norm": asdict(norm),
+        "training": training or {},
+        "saved_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    # plain JSON types only: str subclasses such as torch.__version__ (TorchVersion) would be
+    # pickled as their class and then refused by torch.load(weights_only=True)
+    config = json.loads(json.dumps(config))
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"config": config, "state_dict": state}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_weights(path: str | Path, model_name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a weights file; every failure becomes a WeightsError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (train one with `livesr train "
+                           f"--model {model_name}`)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types (BadZipFile, EOFError, Unpickling...)
+        raise WeightsError(f"weights file {path} is corrupt or truncated: "
+                           f"{type(e).__name__}: {e}") from e
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise WeightsError(f"weights file {path} is not a livesr weights file "
+                           "(expected keys 'config' and 'state_dict')")
+    config = blob["config"]
+    if config.get("model") != model_name:
+        raise WeightsError(f"weights file {path} holds a {config.get('model')!r} model, "
+                           f"not {model_name!r}")
+    return config, blob["state_dict"]
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """load_state_dict with a clear error naming the file on missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected keys {extra[:5]}{'...' if len(extra) > 5 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:3]}")
+        raise WeightsError(f"weights file {path} does not match the model architecture: "
+                           + "; ".join(parts))
+    model.load_state_dict(state)

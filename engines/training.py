@@ -1,0 +1,354 @@
+"""`livesr train`: train the ConvGRU or ConvLSTM engine on simulated blinking movies.
+
+Seeded and resumable (model + optimiser + step + RNG in each checkpoint; the data stream is
+indexed by step, so a resumed run sees the same batches it would have seen). The final
+weights file carries a JSON config that rebuilds the exact model (see nn_common.save_weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engines.data import DataConfig, SampleStream, heldout_set
+from engines.nn_common import NormConfig, WEIGHTS_DIR, combined_loss, normalise_frames, save_weights
+
+
+@dataclass
+class LossConfig:
+    fourier_weight: float = 1.0
+    phase_weight: float = 0.1   # phase term weighted down: it is noisy where amplitudes ~ 0
+    l1_weight: float = 1.0
+    pearson_weight: float = 0.0  # (1 - Pearson r) term: the evaluation's headline metric
+
+
+@dataclass
+class TrainConfig:
+    model: str = "convgru"            # convgru | convlstm
+    preset: str = "small"             # small (2 CPU cores, < 1 h) | full (GPU)
+    steps: int = 1500
+    batch: int = 8
+    lr: float = 1e-3
+    lr_final: float = 1e-4            # cosine decay from lr to lr_final over the run
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1                  # 1: with a shared, busy CPU, 2 OpenMP threads run ~10x slower
+    workers: int = 1                  # background data processes
+    ckpt_every: int = 100
+    eval_every: int = 100
+    eval_n: int = 16
+    warmup_loss: int = 10             # ConvLSTM: frames before the loss starts
+    hidden: int | None = None         # override the architecture's hidden channels
+    out: str = "runs/train"
+    weights_out: str | None = None    # default engines/weights/<model>.pt
+    resume: str | None = None
+    max_minutes: float | None = None  # wall-clock budget: the LR schedule follows whichever of
+                                      # steps / time is further along, and training stops there
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# small: sized for a shared 2-core CPU (one thread each, ~1 h); full: for a GPU.
+PRESETS: dict[tuple[str, str], dict] = {
+    ("convgru", "small"): dict(steps=3000, batch=4, data=dict(size=24, frames=20)),
+    ("convgru", "full"): dict(steps=30000, batch=16, data=dict(size=64, frames=20)),
+    ("convlstm", "small"): dict(steps=3000, batch=4, warmup_loss=8,
+                                data=dict(size=24, frames=24, per_frame_targets=True,
+                                          target_from=8, p_moving=0.5)),
+    ("convlstm", "full"): dict(steps=30000, batch=16, warmup_loss=10,
+                               data=dict(size=64, frames=40, per_frame_targets=True,
+                                         target_from=10, p_moving=0.5)),
+}
+
+
+def _build(cfg: TrainConfig):
+    if cfg.model == "convgru":
+        from engines.convgru import ConvGRUConfig, ConvGRUNet
+
+        arch = ConvGRUConfig(window=cfg.data.frames)
+        if cfg.hidden:
+            arch.hidden = cfg.hidden
+        return ConvGRUNet(arch), arch
+    if cfg.model == "convlstm":
+        from engines.convlstm import ConvLSTMConfig, ConvLSTMNet
+
+        arch = ConvLSTMConfig()
+        if cfg.hidden:
+            arch.hidden = cfg.hidden
+        return ConvLSTMNet(arch), arch
+    raise ValueError(f"unknown model {cfg.model!r} (convgru, convlstm)")
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.ravel() - a.mean()
+    b = b.ravel() - b.mean()
+    d = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / d) if d > 0 else 0.0
+
+
+def predict(model, x: torch.Tensor, norm: NormConfig, model_name: str, decode_from: int = 0
+            ) -> torch.Tensor:
+    """Raw frames (B, T, H, W) -> outputs: (B, uH, uW) for ConvGRU, (B, T', uH, uW) for the
+    ConvLSTM (frames decode_from.. only)."""
+    xn = normalise_frames(x, norm)
+    if model_name == "convgru":
+        return model(xn)[:, 0]
+    return model(xn, decode_from=decode_from)[0]
+
+
+def compute_loss(model, x, y, cfg: TrainConfig, norm: NormConfig) -> torch.Tensor:
+    kw = asdict(cfg.loss)
+    if cfg.model == "convgru":
+        return combined_loss(predict(model, x, norm, cfg.model), y, **kw)
+    s = cfg.warmup_loss
+    out = predict(model, x, norm, cfg.model, decode_from=s)
+    return combined_loss(out, y[:, s:], **kw)
+
+
+@torch.no_grad()
+def evaluate(model, val: tuple[np.ndarray, np.ndarray], cfg: TrainConfig, norm: NormConfig,
+             device: torch.device) -> float:
+    """Mean Pearson on the held-out set (ConvLSTM: last frame, i.e. after the warm-up)."""
+    model.eval()
+    x = torch.from_numpy(val[0]).to(device)
+    last = x.shape[1] - 1
+    out = predict(model, x, norm, cfg.model, decode_from=last).cpu().numpy()
+    model.train()
+    if cfg.model == "convlstm":
+        out, tgt = out[:, -1], val[1][:, -1]
+    else:
+        tgt = val[1]
+    return float(np.mean([pearson(o, t) for o, t in zip(out, tgt)]))
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    frac = step / max(cfg.steps, 1)
+    if cfg.max_minutes:
+        frac = max(frac, elapsed_s / (60.0 * cfg.max_minutes))
+    return min(frac, 1.0)
+
+
+def _lr_at(frac: float, cfg: TrainConfig) -> float:
+    return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * frac))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training; returns the path of the final weights file."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("unavailable: --device cuda but torch sees no GPU")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    norm = NormConfig()
+    model, arch = _build(cfg)
+    # channels_last: oneDNN convolutions with few channels run ~5x faster on CPU
+    model.to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    step = 0
+    elapsed0 = 0.0  # training seconds before this run (resume)
+    if cfg.resume:
+        ck = torch.load(cfg.resume, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step = int(ck["step"])
+        elapsed0 = float(ck.get("elapsed_s", 0.0))
+        _set_rng_state(ck["rng"])
+        print(f"resumed from {cfg.resume} at step {step}", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    val = heldout_set(cfg.eval_n, cfg.data)
+    stream = SampleStream(cfg.data, cfg.batch, seed=cfg.seed, start_batch=step,
+                          workers=cfg.workers)
+    log = open(out / "log.jsonl", "a")
+    t0 = time.time()
+    best = -1.0
+    ema = None
+
+    def checkpoint(name: str = "ckpt.pt") -> None:
+        tmp = out / (name + ".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "rng": _rng_state(), "config": _jsonable(cfg),
+                    "elapsed_s": elapsed0 + time.time() - t0}, tmp)
+        tmp.replace(out / name)
+        export(val_pearson=None)  # keep a usable weights file at every checkpoint
+
+    final = Path(cfg.weights_out) if cfg.weights_out else WEIGHTS_DIR / f"{cfg.model}.pt"
+
+    def export(val_pearson: float | None) -> None:
+        training = {
+            **_jsonable(cfg),
+            "final_step": step,
+            "train_seconds": round(elapsed0 + time.time() - t0, 1),
+            "val_pearson": val_pearson,
+            "n_params": n_params,
+            "device": str(device) + (f" ({torch.get_num_threads()} thread(s), "
+                                     f"{platform.processor() or platform.machine()})"
+                                     if device.type == "cpu" else ""),
+            "torch": str(torch.__version__),
+        }
+        cpu = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
+        save_weights(final, cpu, model_name=cfg.model, arch=arch, norm=norm, training=training)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", mininterval=5,
+               file=sys.stdout)
+    try:
+        while _progress(step, elapsed0 + time.time() - t0, cfg) < 1.0:
+            x, y = next(stream)
+            x = torch.from_numpy(x).to(device)
+            y = torch.from_numpy(y).to(device)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(_progress(step, elapsed0 + time.time() - t0, cfg), cfg)
+            loss = compute_loss(model, x, y, cfg, norm)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            lv = float(loss.detach())
+            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}")
+            rec = {"step": step, "loss": lv, "lr": opt.param_groups[0]["lr"],
+                   "t": round(time.time() - t0, 1)}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rec["val_pearson"] = evaluate(model, val, cfg, norm, device)
+                bar.write(f"step {step} loss {ema:.4f} val_pearson {rec['val_pearson']:.4f} "
+                          f"({rec['t']:.0f} s)")
+                if rec["val_pearson"] > best:
+                    best = rec["val_pearson"]
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+        checkpoint()  # the final state, also when the time budget ended the run
+    finally:
+        bar.close()
+        stream.close()
+        log.close()
+    train_s = time.time() - t0
+    vp = evaluate(model, val, cfg, norm, device)
+    export(val_pearson=vp)
+    print(f"wrote {final} ({final.stat().st_size / 1e6:.2f} MB), step {step}, val Pearson "
+          f"{vp:.4f}, {train_s:.0f} s this run", flush=True)
+    return final
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _merge(obj, overrides: dict):
+    for k, v in overrides.items():
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur) and isinstance(v, dict):
+            _merge(cur, v)
+        else:
+            setattr(obj, k, v)
+    return obj
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livesr train", description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["convgru", "convlstm"], default="convgru")
+    p.add_argument("--config", dest="preset", choices=["small", "full"], default="small",
+                   help="small: CPU (2 cores, < 1 h); full: GPU-sized run")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-final", type=float)
+    p.add_argument("--patch", type=int, help="training patch size in input pixels")
+    p.add_argument("--frames", type=int, help="frames per sample (ConvGRU window / LSTM sequence)")
+    p.add_argument("--hidden", type=int, help="hidden channels (default: architecture's)")
+    p.add_argument("--target", choices=["gt", "sofi"], help="ground truth or many-frame SOFI")
+    p.add_argument("--l1-weight", type=float)
+    p.add_argument("--phase-weight", type=float)
+    p.add_argument("--fourier-weight", type=float)
+    p.add_argument("--pearson-weight", type=float)
+    p.add_argument("--out", help="run directory (log.jsonl, ckpt.pt)")
+    p.add_argument("--weights-out", help="final weights (default engines/weights/<model>.pt)")
+    p.add_argument("--resume", help="checkpoint to resume from")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--workers", type=int, help="background data processes (0: inline)")
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget; the LR anneals to it and training stops there")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig(model=args.model, preset=args.preset)
+    _merge(cfg, PRESETS[(args.model, args.preset)])
+    if args.preset == "full":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    simple = {"steps": "steps", "batch": "batch", "lr": "lr", "lr_final": "lr_final",
+              "hidden": "hidden", "out": "out", "weights_out": "weights_out",
+              "resume": "resume", "seed": "seed", "device": "device", "threads": "threads",
+              "workers": "workers", "ckpt_every": "ckpt_every", "eval_every": "eval_every",
+              "max_minutes": "max_minutes"}
+    for a, k in simple.items():
+        v = getattr(args, a)
+        if v is not None:
+            setattr(cfg, k, v)
+    if args.patch is not None:
+        cfg.data.size = args.patch
+    if args.frames is not None:
+        cfg.data.frames = args.frames
+    if args.target is not None:
+        cfg.data.target = args.target
+    for a in ("l1_weight", "phase_weight", "fourier_weight", "pearson_weight"):
+        v = getattr(args, a)
+        if v is not None:
+            setattr(cfg.loss, a, v)
+    if args.out is None:
+        cfg.out = f"runs/{cfg.model}_{cfg.preset}_s{cfg.seed}"
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    print(json.dumps(_jsonable(cfg)), flush=True)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    sys.exit(main())

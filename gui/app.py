@@ -1,0 +1,76 @@
+"""Entry point used by `livesr demo|replay|live` when not --headless."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from qtpy import QtCore, QtWidgets
+
+
+def get_app() -> QtWidgets.QApplication:
+    app = QtWidgets.QApplication.instance()
+    if app is None:
+        app = QtWidgets.QApplication(sys.argv[:1])
+        app.setApplicationName("livesr")
+    return app
+
+
+def run_gui(
+    config: Any = None,
+    *,
+    autostart: bool = True,
+    screenshot: str | Path | None = None,
+    seconds: float | None = None,
+    colormap: str | None = None,
+) -> int:
+    """Open the main window for `config` (a PipelineConfig) and run the Qt event loop.
+
+    autostart: press Start as soon as the window is shown.
+    screenshot/seconds: after `seconds` of acquisition, save a grab of the window to
+    `screenshot` and close (reproducible documentation images); `seconds` alone closes
+    the window after that long. colormap: initial colour map name (see COLORMAPS).
+    Returns 0 on a clean close, 1 if an error was shown.
+    """
+    from gui.main_window import MainWindow
+
+    app = get_app()
+    win = MainWindow(config)
+    if colormap:
+        win.controls.colormap.setCurrentText(colormap)
+    win.show()
+    if autostart:
+        QtCore.QTimer.singleShot(0, win.start)
+
+    if seconds is not None or screenshot is not None:
+        duration_ms = int(1000 * (seconds if seconds is not None else 5.0))
+
+        def finish() -> None:
+            if screenshot is not None:
+                Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
+                win.grab().save(str(screenshot))
+            win.close()
+
+        def arm(state: str) -> None:
+            # count `seconds` from the moment acquisition runs, or from a failed start
+            # (the error stays readable in the window, and in the screenshot, meanwhile)
+            if state in ("running", "idle"):
+                win.stateChanged.disconnect(arm)
+                QtCore.QTimer.singleShot(duration_ms, finish)
+
+        win.stateChanged.connect(arm)
+
+    # Ctrl+C in the terminal closes the window cleanly (stop, finish recording)
+    prev = signal.signal(signal.SIGINT, lambda *_: win.close())
+    wake = QtCore.QTimer()
+    wake.start(200)  # let the Python interpreter run signal handlers
+    wake.timeout.connect(lambda: None)
+    try:
+        app.exec()
+    finally:
+        wake.stop()
+        signal.signal(signal.SIGINT, prev)
+        win.shutdown()
+    return 1 if win.errors else 0

@@ -1,0 +1,170 @@
+"""The only place where the GUI touches `realtime/`, `acquisition/` and `engines/`.
+
+Maps control values onto `PipelineConfig`, builds and (dis)connects the pipeline, and
+reads metrics. Keeping this in one module means a change of a pipeline field name is a
+one-line fix here, not a hunt through widget code. No torch work happens here: engines are
+only listed (`available_engines()`); loading happens on pipeline threads/processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from gui.controls import DEFAULT_BACKENDS, ControlValues
+
+log = logging.getLogger(__name__)
+
+#: pipeline signal name -> MainWindow handler name
+SIGNALS = {
+    "frameReady": "on_frame",
+    "resultReady": "on_result",
+    "metricsUpdated": "on_metrics",
+    "error": "on_error",
+    "started": "on_started",
+    "finished": "on_finished",
+}
+
+
+def default_config() -> Any:
+    from realtime.config import PipelineConfig
+
+    return PipelineConfig()
+
+
+def default_pipeline_factory(config: Any, mmcore: Any = None) -> Any:
+    from realtime.pipeline import Pipeline
+
+    return Pipeline(config, mmcore=mmcore)
+
+
+def engine_names() -> list[str]:
+    """Registered engines (imports the `engines` package, which imports torch: call this
+    off the Qt thread, see `MainWindow`)."""
+    try:
+        from engines import available_engines
+
+        names = list(available_engines())
+    except Exception as exc:  # an engine package that fails to import must not kill the GUI
+        log.warning("engines.available_engines() failed: %s", exc)
+        names = []
+    return names or ["sofi"]
+
+
+def backend_names() -> list[str]:
+    """Backend choices (static: listing the available ones would import torch here)."""
+    return list(DEFAULT_BACKENDS)
+
+
+def controls_from_config(cfg: Any) -> ControlValues:
+    """What the widgets show for a configuration (e.g. the one the CLI built)."""
+    record = getattr(cfg, "record", None)
+    return ControlValues(
+        engine=str(getattr(cfg, "engine", "sofi")),
+        backend=str(getattr(cfg, "backend", "eager")),
+        window=getattr(cfg, "window", None),
+        stride=int(getattr(cfg, "stride", 1) or 1),
+        exposure_ms=getattr(cfg, "exposure_ms", None),
+        fps=getattr(cfg, "fps", 100.0),
+        record=record is not None,
+        record_path="" if record is None else str(record),
+        weights=str(getattr(cfg, "weights", None) or ""),
+    )
+
+
+def apply_controls(cfg: Any, v: ControlValues) -> Any:
+    """A new config with the user's choices; raises ValueError for impossible values.
+
+    The GUI runs until Stop (or the end of a replay), so `seconds` becomes None.
+    """
+    if v.record and not v.record_path:
+        raise ValueError("recording is on but no file is chosen")
+    simulated = getattr(cfg, "source", "sim") == "sim"
+    if simulated and v.exposure_ms and v.fps and v.exposure_ms * v.fps > 1000.0 + 1e-6:
+        raise ValueError(
+            f"exposure {v.exposure_ms:g} ms does not fit in a frame at {v.fps:g} fps "
+            f"(max {1000.0 / v.fps:.2f} ms)"
+        )
+    changes: dict[str, Any] = {
+        "engine": v.engine,
+        "backend": v.backend,
+        "window": v.window,
+        "stride": int(v.stride),
+        "fps": v.fps,
+        "record": Path(v.record_path) if v.record else None,
+        "seconds": None,
+        "exposure_ms": v.exposure_ms,
+        "roi": tuple(v.roi) if v.roi is not None else None,
+        **({"crop": None} if v.roi is not None else {}),  # a drawn ROI replaces --crop
+        "headless": False,
+        "weights": v.weights or None,
+        "overwrite": bool(v.overwrite),
+    }
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unsupported = [k for k, val in changes.items() if k not in names and val is not None]
+    if "roi" in unsupported:
+        raise ValueError("this pipeline cannot crop to a ROI (PipelineConfig has no 'roi')")
+    new = dataclasses.replace(cfg, **{k: val for k, val in changes.items() if k in names})
+    validate = getattr(new, "validate", None)
+    return validate() if validate is not None else new
+
+
+def connect_pipeline(pipe: Any, window: Any) -> None:
+    for sig_name, handler in SIGNALS.items():
+        sig = getattr(pipe, sig_name, None)
+        if sig is not None and hasattr(sig, "connect"):
+            sig.connect(getattr(window, handler))
+
+
+def disconnect_pipeline(pipe: Any, window: Any) -> None:
+    for sig_name, handler in SIGNALS.items():
+        sig = getattr(pipe, sig_name, None)
+        if sig is not None and hasattr(sig, "disconnect"):
+            try:
+                sig.disconnect(getattr(window, handler))
+            except Exception:  # already disconnected
+                pass
+
+
+def final_metrics(pipe: Any) -> Any:
+    m = getattr(pipe, "metrics", None)
+    return m() if callable(m) else m
+
+
+def counters(m: Any) -> dict[str, Any]:
+    """Counter values from a `PipelineMetrics` (only the fields it has)."""
+    if m is None:
+        return {}
+    out: dict[str, Any] = {}
+    if hasattr(m, "frames_acquired"):
+        out["acquired"] = int(m.frames_acquired)
+    rec = getattr(m, "frames_recorded", None)
+    if rec is not None:
+        out["recorded"] = int(rec)
+    if hasattr(m, "outputs_received"):
+        out["results"] = int(m.outputs_received)
+    if hasattr(m, "frames_dropped_by_engine"):
+        out["dropped"] = int(m.frames_dropped_by_engine)
+    mal = getattr(m, "malformed_messages", None)
+    if isinstance(mal, dict):
+        out["malformed"] = int(sum(mal.values()))
+    elif mal is not None:
+        out["malformed"] = int(mal)
+    return out
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line message for the user: the exception's text, not a traceback."""
+    text = str(exc).strip() or exc.__class__.__name__
+    if isinstance(exc, FileNotFoundError) and getattr(exc, "filename", None):
+        text = f"file not found: {exc.filename}"
+    return text
+
+
+def result_title(header: Any) -> str:
+    engine = getattr(header, "engine", "") or "super-resolved"
+    first, last = getattr(header, "seq_first", None), getattr(header, "seq_last", None)
+    span = f", frames {first}-{last}" if first is not None and last is not None else ""
+    return f"{engine} (2x){span}"

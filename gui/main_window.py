@@ -1,0 +1,457 @@
+"""The livesr main window: live raw + super-resolved views, plots, controls, messages.
+
+Threading model (why the GUI never blocks): the pipeline runs on its own threads and
+emits psygnal signals there. Handlers only drop the newest item into a `LatestSlot`; a
+QTimer on the Qt thread (~50 Hz) shows whatever is newest. Starting and stopping the
+pipeline (camera setup, engine load, joining threads, finishing a recording) run on a
+short-lived helper thread, so the window stays responsive even when they take seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from qtpy import QtCore, QtWidgets
+
+from gui import bridge
+from gui.controls import ControlPanel, add_shortcuts
+from gui.image_views import COLORMAPS, SideBySideView
+from gui.plots import CountersWidget, FpsPlot, LatencyPlot
+from gui.relay import LatestSlot, MessageQueue, RateMeter, RollingLatency
+
+log = logging.getLogger(__name__)
+
+PipelineFactory = Callable[[Any, Any], Any]
+
+IDLE, STARTING, RUNNING, STOPPING = "idle", "starting", "running", "stopping"
+
+
+class MainWindow(QtWidgets.QMainWindow):
+    """Main window; `config` is a `realtime.config.PipelineConfig` (or None for defaults).
+
+    `pipeline_factory(config, mmcore)` builds the pipeline (default
+    `realtime.pipeline.Pipeline`); `mmcore` (a CMMCorePlus/UniMMCore) is the core the
+    pipeline loads its camera into (None: a new core per run);
+    `error_dialogs` pops a non-modal message box for errors besides the message area.
+    """
+
+    #: emitted on the Qt thread whenever the run state changes ("idle", "running", ...)
+    stateChanged = QtCore.Signal(str)
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        pipeline_factory: PipelineFactory | None = None,
+        mmcore: Any = None,
+        refresh_hz: float = 50.0,
+        plot_hz: float = 4.0,
+        histogram_hz: float = 2.0,
+        error_dialogs: bool = True,
+        parent: QtWidgets.QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("livesr - live super-resolution")
+        self.config = config if config is not None else bridge.default_config()
+        self._factory = pipeline_factory or bridge.default_pipeline_factory
+        self.mmcore = mmcore
+        self.error_dialogs = error_dialogs
+        self.state = IDLE
+        self.pipeline: Any = None
+        self._helper: threading.Thread | None = None
+        self._close_when_stopped = False
+        self._dialogs: list[QtWidgets.QMessageBox] = []
+        self.errors: list[str] = []  # every error shown in this window (for tests/logs)
+
+        # ---- cross-thread slots (written by pipeline threads, read by the timer) ----
+        self._frame = LatestSlot[tuple[int, Any]]()
+        self._result = LatestSlot[tuple[Any, Any]]()
+        self._metrics = LatestSlot[Any]()
+        self._messages = MessageQueue()
+        self._lifecycle = MessageQueue()  # "started", "start_failed", "stopped"
+        self.acq_rate = RateMeter()
+        self.out_rate = RateMeter()
+        self.disp_rate = RateMeter()
+        self.latency = RollingLatency(200)
+        self.n_frames_seen = 0
+        self.seq_gaps = 0  # breaks in the frame sequence numbers reported by the pipeline
+        self._last_seq: int | None = None
+        self.n_displayed = 0
+        self.last_metrics: Any = None
+        self._last_header: Any = None
+        self._t0 = time.monotonic()
+
+        # ---- widgets ----
+        self.views = SideBySideView(upsample=2)
+        # the engine list comes from `engines`, whose import loads torch (seconds): it is
+        # read on a helper thread and filled in by the timer; until then the config's one
+        self.controls = ControlPanel(
+            [str(getattr(self.config, "engine", "sofi"))], bridge.backend_names(), list(COLORMAPS)
+        )
+        self._engine_list = LatestSlot[list[str]]()
+        self._engine_lister = threading.Thread(
+            target=lambda: self._engine_list.put(bridge.engine_names()),
+            name="livesr-gui-engines", daemon=True,
+        )
+        self._engine_lister.start()
+        self.latency_plot = LatencyPlot()
+        self.fps_plot = FpsPlot()
+        self.counters = CountersWidget()
+        self.message_area = QtWidgets.QPlainTextEdit(objectName="messages")
+        self.message_area.setReadOnly(True)
+        self.message_area.setMaximumBlockCount(500)
+        self.message_area.setPlaceholderText("status and error messages appear here")
+
+        plots = QtWidgets.QWidget()
+        prow = QtWidgets.QHBoxLayout(plots)
+        prow.setContentsMargins(0, 0, 0, 0)
+        prow.addWidget(self.latency_plot, 1)
+        prow.addWidget(self.fps_plot, 1)
+        plots.setMinimumHeight(180)
+
+        left = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
+        left.addWidget(self.views)
+        left.addWidget(plots)
+        left.addWidget(self.message_area)
+        left.setStretchFactor(0, 5)
+        left.setStretchFactor(1, 2)
+        left.setStretchFactor(2, 1)
+
+        side = QtWidgets.QWidget()
+        scol = QtWidgets.QVBoxLayout(side)
+        scol.addWidget(self.controls)
+        scol.addWidget(self.counters)
+        scol.addStretch(1)
+        side.setFixedWidth(300)
+
+        central = QtWidgets.QWidget()
+        row = QtWidgets.QHBoxLayout(central)
+        row.addWidget(left, 1)
+        row.addWidget(side)
+        self.setCentralWidget(central)
+        self.status_label = QtWidgets.QLabel("idle")
+        self.statusBar().addWidget(self.status_label, 1)
+        self._error_colour_timer = QtCore.QTimer(self, singleShot=True)
+        self._error_colour_timer.timeout.connect(lambda: self.status_label.setStyleSheet(""))
+        self.resize(1280, 800)
+
+        # ---- wiring ----
+        self.controls.set_values(bridge.controls_from_config(self.config))
+        self.controls.startRequested.connect(self.start)
+        self.controls.stopRequested.connect(self.stop)
+        self.controls.colormapChanged.connect(self.views.set_colormap)
+        self.controls.autoContrastChanged.connect(self.views.set_auto_levels)
+        self.controls.roiToggled.connect(self.views.show_roi)
+        # dragging a histogram handle means "I set the contrast": keep it
+        self.views.levelsEdited.connect(lambda: self.controls.auto_contrast.setChecked(False))
+        self._shortcuts = add_shortcuts(self, self.controls)
+
+        self._timer = QtCore.QTimer(self)
+        self._timer.setTimerType(QtCore.Qt.TimerType.PreciseTimer)
+        self._timer.timeout.connect(self._refresh)
+        self._timer.start(max(1, int(1000 / refresh_hz)))
+        self._plot_period = 1.0 / plot_hz
+        self._last_plot = 0.0
+        self._hist_period = 1.0 / histogram_hz
+        self._last_hist = 0.0
+
+    # ================================================================= run control
+    def start(self) -> None:
+        """Build a pipeline from the controls and start it on a helper thread."""
+        if self.state != IDLE:
+            return
+        try:
+            values = self.controls.values(self.views.roi_rect())
+            cfg = bridge.apply_controls(self.config, values)
+        except (ValueError, TypeError) as exc:
+            self.show_error(f"Invalid settings: {exc}")
+            return
+        self.config = cfg
+        self._reset_stats()
+        self.views.clear()
+        roi = values.roi
+        self.views.set_origin(*(roi[:2] if roi is not None else (0, 0)))
+        self._set_state(STARTING)
+        self.show_status(f"Starting {values.engine} ({values.backend}): loading the engine ...")
+        self._run_helper(self._start_in_helper, cfg, "livesr-gui-start")
+
+    def stop(self) -> None:
+        """Stop acquisition and finish the recording, on a helper thread."""
+        if self.state not in (STARTING, RUNNING):
+            return
+        self._set_state(STOPPING)
+        self.show_status("Stopping: finishing the engine queue and the recording ...")
+        self._run_helper(self._stop_in_helper, None, "livesr-gui-stop")
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Blocking stop for application exit (not called from normal GUI actions)."""
+        helper = self._helper
+        if helper is not None:
+            helper.join(timeout)
+        if self.pipeline is not None:
+            self._stop_in_helper(None)
+        self._drain_lifecycle()
+
+    def _run_helper(self, fn: Callable, arg: Any, name: str) -> None:
+        previous = self._helper
+
+        def run() -> None:
+            if previous is not None:
+                previous.join()  # a stop waits for the start it cancels
+            fn(arg)
+
+        self._helper = threading.Thread(target=run, name=name, daemon=True)
+        self._helper.start()
+
+    # ---- helper-thread bodies (no Qt calls in here) ----
+    def _start_in_helper(self, cfg: Any) -> None:
+        """Open the camera/movie and recording, spawn the engine worker (fast failures)."""
+        pipe = None
+        # never import torch on two threads at once (the lister, a thread-mode worker)
+        if getattr(cfg, "worker_mode", "process") != "process":
+            self._engine_lister.join()
+        try:
+            pipe = self._factory(cfg, self.mmcore)
+            bridge.connect_pipeline(pipe, self)
+            self.pipeline = pipe
+            pipe.start()
+        except Exception as exc:  # bad file, camera failure, recording file, engine spawn
+            log.debug("start failed:\n%s", traceback.format_exc())
+            self.pipeline = None
+            if pipe is not None:
+                bridge.disconnect_pipeline(pipe, self)
+            self._lifecycle.put(("start_failed", bridge.describe_error(exc)))
+
+    def _stop_in_helper(self, _: Any) -> None:
+        """Stop and wait until the recording is closed and the worker has ended."""
+        pipe, err = self.pipeline, None
+        if pipe is not None:
+            try:
+                final = pipe.stop()
+                self._metrics.put(final if final is not None else bridge.final_metrics(pipe))
+            except Exception as exc:
+                log.debug("stop failed:\n%s", traceback.format_exc())
+                err = bridge.describe_error(exc)
+            finally:
+                bridge.disconnect_pipeline(pipe, self)
+        self._lifecycle.put(("stopped", err))
+
+    # ---- pipeline signal handlers: run on pipeline threads, only store ----
+    def on_started(self) -> None:
+        self._lifecycle.put(("started", None))
+
+    def on_finished(self, metrics: Any = None) -> None:
+        """The run is over: by Stop, or by itself (end of a replay, camera/engine failure)."""
+        if metrics is not None:
+            self._metrics.put(metrics)
+        self._lifecycle.put(("finished", None))
+
+    def on_frame(self, seq: int, image: Any) -> None:
+        last = self._last_seq
+        if last is not None and seq != last + 1:
+            self.seq_gaps += 1  # a frame the GUI never heard of: shown in the counters
+        self._last_seq = seq
+        self._frame.put((seq, image))
+        self.acq_rate.tick()
+
+    def on_result(self, header: Any, image: Any) -> None:
+        self._result.put((header, image))
+        self.out_rate.tick()
+
+    def on_metrics(self, metrics: Any) -> None:
+        self._metrics.put(metrics)
+
+    def on_error(self, message: str) -> None:
+        self._messages.put(str(message))
+
+    # ================================================================ Qt-thread side
+    def _refresh(self) -> None:
+        """Timer tick: show the newest frame/result, messages, and (slower) plots."""
+        names = self._engine_list.take()
+        if names is not None:
+            self.controls.set_engines(names)
+        self._drain_lifecycle()
+        for msg in self._messages.drain():
+            self.show_error(msg)
+        item = self._frame.take()
+        if item is not None:
+            seq, img = item
+            self.n_frames_seen += 1
+            self.views.set_raw(img)
+        res = self._result.take()
+        if res is not None:
+            header, img = res
+            self.views.set_sr(img)
+            self.n_displayed += 1
+            self.disp_rate.tick()
+            t_acq = getattr(header, "t_acq_ns", None)
+            if t_acq:
+                self.latency.add((time.time_ns() - int(t_acq)) / 1e6)
+            self._last_header = header
+        m = self._metrics.take()
+        if m is not None:
+            self.last_metrics = m
+        now = time.monotonic()
+        if now - self._last_plot >= self._plot_period:
+            self._last_plot = now
+            self._update_plots(now)
+
+    def _update_plots(self, now: float) -> None:
+        if now - self._last_hist >= self._hist_period:
+            self._last_hist = now
+            self.views.refresh_histograms()
+        if self._last_header is not None:  # a title change re-lays out: only at plot rate
+            self.views.set_titles(sr=bridge.result_title(self._last_header))
+            self._last_header = None
+        p50, p99 = self.latency.percentiles()
+        running = self.state == RUNNING
+        t = now - self._t0
+        if running:
+            self.latency_plot.append(t, p50=p50, p99=p99)
+            self.fps_plot.append(
+                t, acquired=self.acq_rate.rate(now), output=self.out_rate.rate(now),
+                displayed=self.disp_rate.rate(now),
+            )
+        c = bridge.counters(self.last_metrics)
+        acquired = c.get("acquired", self.acq_rate.count)
+        self.counters.set_value("acquired", acquired)
+        self.counters.set_value("recorded", c.get("recorded", "-"))
+        self.counters.set_value("results", c.get("results", self.out_rate.count))
+        self.counters.set_value("displayed", self.n_displayed)
+        dropped = c.get("dropped", 0)
+        self.counters.set_value("dropped", dropped)
+        self.counters.set_value("gaps", self.seq_gaps, warn=bool(self.seq_gaps))
+        malformed = c.get("malformed", 0)
+        self.counters.set_value("malformed", malformed, warn=bool(malformed))
+        self.counters.set_value(
+            "latency", "-" if math.isnan(p50) else f"{p50:.0f} / {p99:.0f} ms"
+        )
+        if running:
+            self.show_status(
+                f"running: {self.acq_rate.rate(now):.0f} fps acquired, "
+                f"{self.disp_rate.rate(now):.0f} fps displayed, latency p50 "
+                + ("-" if math.isnan(p50) else f"{p50:.0f} ms"),
+                log_it=False,
+            )
+
+    def _drain_lifecycle(self) -> None:
+        for kind, info in self._lifecycle.drain():
+            if kind == "started" and self.state == STARTING:
+                self._reset_stats()  # rates and plots count from the first frame
+                self._set_state(RUNNING)
+                core = getattr(self.pipeline, "core", None)
+                if core is not None:
+                    self.controls.timing.setMMCore(core)  # exposure changes apply live
+                self.show_status("Acquiring")
+            elif kind == "start_failed":
+                self.show_error(f"Could not start: {info}")
+                self._to_idle()
+            elif kind == "finished" and self.state in (STARTING, RUNNING):
+                # ended by itself; everything is closed already: release the pipeline
+                pipe, self.pipeline = self.pipeline, None
+                if pipe is not None:
+                    bridge.disconnect_pipeline(pipe, self)
+                self._to_idle()
+                self.show_status("Run ended: " + self._summary())
+            elif kind == "stopped" and self.state == STOPPING:
+                self.pipeline = None
+                if info:
+                    self.show_error(f"Error while stopping: {info}")
+                self._to_idle()
+                if not info:
+                    self.show_status("Stopped: " + self._summary())
+
+    def _to_idle(self) -> None:
+        self.controls.timing.setMMCore(None)
+        self._set_state(IDLE)
+        self._refresh_counters_once()
+        if self._close_when_stopped:
+            self.close()
+
+    def _refresh_counters_once(self) -> None:
+        m = self._metrics.take()
+        if m is not None:
+            self.last_metrics = m
+        self._update_plots(time.monotonic())
+
+    def _summary(self) -> str:
+        c = bridge.counters(self.last_metrics)
+        parts = [f"{c.get('acquired', self.acq_rate.count)} frames acquired"]
+        if "recorded" in c:
+            parts.append(f"{c['recorded']} recorded")
+        parts.append(f"{self.n_displayed} outputs displayed")
+        return ", ".join(parts)
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.controls.set_running(state == RUNNING, busy=state in (STARTING, STOPPING))
+        self.stateChanged.emit(state)
+
+    def _reset_stats(self) -> None:
+        for slot in (self._frame, self._result, self._metrics):
+            slot.clear()
+        for meter in (self.acq_rate, self.out_rate, self.disp_rate):
+            meter.reset()
+        self.latency.reset()
+        self.latency_plot.clear_data()
+        self.fps_plot.clear_data()
+        self.n_frames_seen = self.n_displayed = self.seq_gaps = 0
+        self._last_seq = None
+        self.last_metrics = None
+        self._t0 = time.monotonic()
+
+    # ================================================================== messages
+    def show_status(self, text: str, log_it: bool = True) -> None:
+        self.status_label.setText(text)
+        if log_it:
+            self._append_message(text)
+
+    def show_error(self, text: str) -> None:
+        """Error in the status bar, the message area and (optionally) a non-modal dialog."""
+        self.errors.append(text)
+        self.status_label.setText(f"Error: {text}")
+        self.status_label.setStyleSheet("color: #e53935;")
+        self._append_message(f"ERROR: {text}")
+        self._error_colour_timer.start(8000)
+        if self.error_dialogs:
+            self._show_dialog(text)
+
+    def _show_dialog(self, text: str) -> None:
+        """One non-modal box at a time: later errors are appended to it, never stacked."""
+        if self._dialogs:
+            box = self._dialogs[0]
+            box.setText(box.text() + "\n\n" + text)
+            return
+        box = QtWidgets.QMessageBox(
+            QtWidgets.QMessageBox.Icon.Warning, "livesr", text,
+            QtWidgets.QMessageBox.StandardButton.Ok, self,
+        )
+        box.setWindowModality(QtCore.Qt.WindowModality.NonModal)
+        box.setAttribute(QtCore.Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.finished.connect(lambda _r, b=box: self._dialogs.remove(b) if b in self._dialogs else None)
+        self._dialogs.append(box)
+        box.show()
+
+    def _append_message(self, text: str) -> None:
+        self.message_area.appendPlainText(time.strftime("%H:%M:%S  ") + text)
+
+    # ===================================================================== close
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        """Closing stops acquisition and finishes the recording before the window goes."""
+        if self.state == IDLE:
+            if self._helper is not None:
+                self._helper.join(5.0)  # it has already reported; only returning now
+            self._engine_lister.join(10.0)  # exiting in the middle of `import torch` fails
+            self._timer.stop()
+            for box in list(self._dialogs):
+                box.close()
+            event.accept()
+            return
+        event.ignore()
+        self._close_when_stopped = True
+        self.stop()  # on "stopped", _to_idle() closes the window

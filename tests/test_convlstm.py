@@ -1,0 +1,129 @@
+"""ConvLSTM streaming engine: shapes, warm-up, push == reconstruct, weights I/O, compute cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines import Engine, load_engine
+from engines.convgru import ConvGRUConfig, ConvGRUEngine, ConvGRUNet
+from engines.convlstm import ConvLSTMConfig, ConvLSTMEngine, ConvLSTMNet
+from engines.nn_common import NormConfig, WeightsError, count_conv_macs, save_weights
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _movie(t: int = 9, h: int = 8, w: int = 10, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    m = rng.poisson(20.0, (t, h, w)) + 100
+    m[:, 5, 2] += rng.poisson(150.0, t)
+    return m.astype(np.uint16)
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    arch = ConvLSTMConfig(hidden=4, warmup=3)
+    return save_weights(tmp_path / "convlstm.pt", ConvLSTMNet(arch), model_name="convlstm",
+                        arch=arch, norm=NormConfig())
+
+
+def test_net_outputs_every_frame():
+    net = ConvLSTMNet(ConvLSTMConfig(hidden=4))
+    y, state = net(torch.randn(2, 5, 8, 10))
+    assert y.shape == (2, 5, 16, 20) and len(state) == 2
+    y2, _ = net(torch.randn(2, 5, 8, 10), decode_from=3)
+    assert y2.shape == (2, 2, 16, 20)
+
+
+def test_engine_api_and_warmup(weights_file):
+    eng = load_engine("convlstm", weights=weights_file)
+    assert isinstance(eng, Engine) and isinstance(eng, ConvLSTMEngine)
+    assert (eng.name, eng.warmup, eng.window, eng.upsample) == ("convlstm", 3, 3, 2)
+    outs = [eng.push(f) for f in _movie(t=6)]
+    assert outs[:2] == [None, None]
+    assert all(o.shape == (16, 20) and o.dtype == np.float32 for o in outs[2:])
+    assert load_engine("convlstm", weights=weights_file, window=20).warmup == 20
+    with pytest.raises(ValueError, match="warmup=3"):
+        eng.reconstruct(_movie(t=2))
+
+
+def test_push_sequence_equals_reconstruct(weights_file):
+    """Streaming state after N pushes == running the same N frames from zero state."""
+    eng = load_engine("convlstm", weights=weights_file)
+    movie = _movie(t=8)
+    for i, frame in enumerate(movie):
+        out = eng.push(frame)
+        if out is not None:
+            np.testing.assert_allclose(out, eng.reconstruct(movie[: i + 1]), rtol=1e-5, atol=1e-6)
+    # reconstruct left the stream alone: the next push continues from 8 frames of state
+    nxt = _movie(t=1, seed=5)[0]
+    np.testing.assert_allclose(eng.push(nxt), eng.reconstruct(np.concatenate([movie, nxt[None]])),
+                               rtol=1e-5, atol=1e-6)
+    eng.reset()
+    assert eng.push(movie[0]) is None
+
+
+def test_engine_step_matches_batched_training_forward(weights_file):
+    """The per-frame engine path and the batched forward used in training agree."""
+    from engines.nn_common import normalise_frames
+
+    eng = load_engine("convlstm", weights=weights_file)
+    movie = _movie(t=5)
+    with torch.no_grad():
+        y, _ = eng.model(normalise_frames(torch.from_numpy(movie.astype(np.float32))[None], eng.norm))
+    np.testing.assert_allclose(y[0, -1].numpy(), eng.reconstruct(movie), rtol=1e-4, atol=1e-5)
+
+
+def test_weights_round_trip_and_bad_files(weights_file, tmp_path):
+    eng = load_engine("convlstm", weights=weights_file)
+    again = tmp_path / "again.pt"
+    save_weights(again, eng.model, model_name="convlstm", arch=eng.model.cfg, norm=eng.norm)
+    m = _movie()
+    np.testing.assert_array_equal(eng.reconstruct(m),
+                                  load_engine("convlstm", weights=again).reconstruct(m))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(WeightsError, match="junk.pt"):
+        load_engine("convlstm", weights=junk)
+    wrong = tmp_path / "wrong_arch.pt"
+    save_weights(wrong, ConvLSTMNet(ConvLSTMConfig(hidden=4, layers=1)), model_name="convlstm",
+                 arch=ConvLSTMConfig(hidden=4, layers=2), norm=NormConfig())
+    with pytest.raises(WeightsError, match=r"wrong_arch\.pt.*missing keys"):
+        load_engine("convlstm", weights=wrong)
+
+
+def test_convlstm_costs_10x_less_per_new_frame_than_convgru_window():
+    """Default architectures: MACs for one new output frame, ConvLSTM push vs ConvGRU window."""
+    gru = ConvGRUEngine(model=ConvGRUNet(ConvGRUConfig()))
+    lstm = ConvLSTMEngine(model=ConvLSTMNet(ConvLSTMConfig()))
+    movie = _movie(t=20, h=16, w=16)
+    gru_window = count_conv_macs(gru.model, lambda: gru.reconstruct(movie))
+    for f in movie[:-1]:
+        lstm.push(f)
+    lstm_frame = count_conv_macs(lstm.model, lambda: lstm.push(movie[-1]))
+    for f in movie[:-1]:
+        gru.push(f)
+    gru_cached = count_conv_macs(gru.model, lambda: gru.push(movie[-1]))
+    assert gru_window / lstm_frame >= 10, (gru_window, lstm_frame)
+    assert gru_cached < gru_window  # the cache saves the 19 re-encodings
+
+
+def test_shipped_weights_load_and_are_small():
+    path = Path(__file__).resolve().parents[1] / "engines" / "weights" / "convlstm.pt"
+    if not path.exists():
+        pytest.skip(f"unavailable: {path} not trained yet")
+    assert path.stat().st_size < 2_000_000
+    eng = load_engine("convlstm")
+    assert eng.warmup == 20
+    out = eng.reconstruct(_movie(t=20, h=12, w=12))
+    assert out.shape == (24, 24) and np.isfinite(out).all()
