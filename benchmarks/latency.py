@@ -356,7 +356,7 @@ def compute_ratios(rows: list[dict]) -> dict[str, Any]:
             cand = [x for x in rows if x["engine"] == "convgru" and x.get("mode") == "window"
                     and x["size"] == size and x["threads"] == th and x.get("status") == "ok"
                     and "median_ms" in x]
-            if gru_win and cand:
+            if gru_win and len(cand) > 1:
                 best = min(cand, key=lambda x: x["median_ms"])
                 r["eager_fp32_over_best_backend"] = gru_win / best["median_ms"]
                 r["best_backend"] = f"{best['backend']} {best['precision']} t{best['threads']}"
@@ -424,6 +424,8 @@ def plot(rows: list[dict], machine: dict, path: Path) -> Path | None:
     ok = [r for r in rows if r.get("status", "").startswith("ok") and "median_ms" in r]
     if not ok:
         return None
+    if len({r["size"] for r in ok}) == 1:
+        return _plot_bars(ok, machine, path)
     groups: dict[str, list[dict]] = {}
     for r in ok:
         label = f"{r['engine']} {r['mode']} {r['backend']} {r['precision']} t{r['threads']}"
@@ -445,6 +447,33 @@ def plot(rows: list[dict], machine: dict, path: Path) -> Path | None:
     ax2.set_ylabel("R = 1/(W/N + T)  [outputs/s], N = 100 fps")
     ax2.set_title("real-time temporal resolution (thesis eq. 2)")
     ax1.legend(fontsize=6, loc="upper left")
+    fig.suptitle(machine_line(machine), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_bars(ok: list[dict], machine: dict, path: Path) -> Path:
+    """One frame size: horizontal bars of median wall (and CPU) time per configuration."""
+    import matplotlib.pyplot as plt
+
+    ok = sorted(ok, key=lambda r: (r["mode"], -r["median_ms"]))
+    labels = [f"{r['engine']} {r['mode']} {r['backend']} {r['precision']} t{r['threads']}"
+              for r in ok]
+    y = np.arange(len(ok))
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(ok) + 1.8))
+    ax.barh(y + 0.2, [r["median_ms"] for r in ok], height=0.4, label="wall median")
+    if any("cpu_median_ms" in r for r in ok):
+        ax.barh(y - 0.2, [r.get("cpu_median_ms", 0.0) for r in ok], height=0.4,
+                label="CPU-time median (own cost on a shared machine)")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel("ms per output (window) / per new frame (push)")
+    ax.set_title(f"{ok[0]['size']} px; R at 100 fps = 1/(W/N + T)", fontsize=9)
+    for yi, r in zip(y, ok):
+        ax.text(r["median_ms"], yi + 0.2, f" R@100={r['R_100fps']:.2f}", va="center",
+                fontsize=6)
+    ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(machine_line(machine), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
