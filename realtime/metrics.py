@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from array import array
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ class LatencyTracker:
 
     def __init__(self, recent: int = 500) -> None:
         self._lock = threading.Lock()
-        self._all: list[float] = []
+        self._all = array("d")  # 8 bytes per sample (a list of floats costs ~32)
         self._recent: deque[tuple[int, float]] = deque(maxlen=recent)  # (seq_last, ms)
 
     def add(self, latency_ms: float, seq: int = -1) -> None:
@@ -122,7 +123,7 @@ class LatencyTracker:
 
     def percentiles(self) -> dict[str, float]:
         with self._lock:
-            data = np.array(self._all, dtype=float)
+            data = np.frombuffer(self._all, dtype=float).copy()
         if data.size == 0:
             nan = float("nan")
             return {"p50": nan, "p90": nan, "p99": nan, "max": nan}
