@@ -305,6 +305,7 @@ class EngineWorker:
         self._continuity = StreamContinuity()
         self._rolling = RollingWindow(self.window)
         self._engine_next_seq: int | None = None
+        self._push_all = False
         self._engine_reset()
 
     def _serve(self, engine: Any, pull: zmq.Socket, pub: zmq.Socket) -> None:
@@ -407,6 +408,11 @@ class EngineWorker:
             if new_run[a]:
                 self._rolling.reset()
                 self._engine_reset()
+            # A streaming engine whose state already runs up to this batch keeps it when that
+            # is no dearer than a restart (<= window pushes): skipping would cost a full
+            # re-warm per output and, for a recurrent net near capacity, never catch up.
+            self._push_all = (self._streaming and self._engine_next_seq == frames[a][0].seq
+                              and b - a <= W)
             for i in range(a, b):
                 if not self._feed_frame(frames, i, last_due, b, t_start):
                     # engine error: that run is broken; the frames after it start a new one
@@ -418,6 +424,8 @@ class EngineWorker:
 
     def _needed(self, i: int, last_due: int | None, end: int) -> bool:
         """Does frame i contribute to the newest due output, or to outputs after this batch?"""
+        if self._push_all:
+            return True
         if last_due is not None and i <= last_due:
             return last_due - i < self.window
         return i >= end - self.window
