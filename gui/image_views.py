@@ -129,10 +129,8 @@ class SideBySideView(QtWidgets.QWidget):
     """Raw (left) and super-resolved (right) panels with linked zoom/pan.
 
     The ROI rectangle on the raw panel selects a crop in raw pixels (see `roi_rect`).
-    `levelsEdited` fires when the user drags a histogram's level handles (manual contrast).
+    Manual contrast: untick auto contrast, then drag the histogram's level handles.
     """
-
-    levelsEdited = QtCore.Signal()
 
     def __init__(self, parent: QtWidgets.QWidget | None = None, upsample: int = 2) -> None:
         super().__init__(parent)
@@ -140,8 +138,7 @@ class SideBySideView(QtWidgets.QWidget):
         self.sr = ImagePanel(f"super-resolved ({upsample}x)", scale=1 / upsample)
         self.sr.view.setXLink(self.raw.view)
         self.sr.view.setYLink(self.raw.view)
-        for panel in (self.raw, self.sr):  # emitted for user drags only, not set_image
-            panel.hist.sigLevelChangeFinished.connect(lambda *_: self.levelsEdited.emit())
+
         self.roi = pg.RectROI([0, 0], [16, 16], pen=pg.mkPen("c", width=1), removable=False)
         self.roi.addScaleHandle([0, 0], [1, 1])
         self.roi.hide()

@@ -147,8 +147,6 @@ class MainWindow(QtWidgets.QMainWindow):
         self.controls.colormapChanged.connect(self.views.set_colormap)
         self.controls.autoContrastChanged.connect(self.views.set_auto_levels)
         self.controls.roiToggled.connect(self.views.show_roi)
-        # dragging a histogram handle means "I set the contrast": keep it
-        self.views.levelsEdited.connect(lambda: self.controls.auto_contrast.setChecked(False))
         self._shortcuts = add_shortcuts(self, self.controls)
 
         self._timer = QtCore.QTimer(self)
@@ -212,9 +210,9 @@ class MainWindow(QtWidgets.QMainWindow):
     def _start_in_helper(self, cfg: Any) -> None:
         """Open the camera/movie and recording, spawn the engine worker (fast failures)."""
         pipe = None
-        # never import torch on two threads at once (the lister, a thread-mode worker)
-        if getattr(cfg, "worker_mode", "process") != "process":
-            self._engine_lister.join()
+        # never import on two threads at once: the lister's `import engines` (torch,
+        # pydantic...) raced with the camera setup's imports ("partially initialized module")
+        self._engine_lister.join()
         try:
             pipe = self._factory(cfg, self.mmcore)
             bridge.connect_pipeline(pipe, self)
