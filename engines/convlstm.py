@@ -23,11 +23,10 @@ from engines.nn_common import (
     Decoder,
     FrameEncoder,
     NormConfig,
-    WeightsError,
-    config_from_dict,
-    load_state_checked,
+    WeightsError,  # noqa: F401  (re-exported: callers catch engines.convgru.WeightsError)
+    build_from_config,
+    load_trained,
     normalise_frames,
-    read_weights,
     xavier_init,
 )
 
@@ -124,23 +123,14 @@ class ConvLSTMNet(nn.Module):
 
 
 def build_model(config: dict | None = None) -> tuple[ConvLSTMNet, NormConfig]:
-    config = config or {}
-    arch = config_from_dict(ConvLSTMConfig, config.get("arch", {}))
-    norm = config_from_dict(NormConfig, config.get("norm", {}))
-    return ConvLSTMNet(arch), norm
+    """Rebuild model + normalisation from a weights-file config dict (or defaults)."""
+    return build_from_config(ConvLSTMNet, ConvLSTMConfig, config)  # type: ignore[return-value]
 
 
 def load_model(path: str | Path | None = None) -> tuple[ConvLSTMNet, NormConfig, dict]:
-    """Load a trained ConvLSTM; WeightsError naming the file on any problem."""
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    config, state = read_weights(path, MODEL_NAME)
-    try:
-        model, norm = build_model(config)
-    except (TypeError, ValueError) as e:
-        raise WeightsError(f"weights file {path} has an unusable config: {e}") from e
-    load_state_checked(model, state, path)
-    model.eval()
-    return model, norm, config
+    """Load a trained model; WeightsError naming the file on any problem."""
+    return load_trained(Path(path) if path is not None else DEFAULT_WEIGHTS, MODEL_NAME,
+                        build_model)  # type: ignore[return-value]
 
 
 class ConvLSTMEngine(EngineBase):

@@ -268,3 +268,23 @@ def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: s
         raise WeightsError(f"weights file {path} does not match the model architecture: "
                            + "; ".join(parts))
     model.load_state_dict(state)
+
+
+def build_from_config(net_cls: type, arch_cls: type, config: dict | None = None) -> tuple[nn.Module, NormConfig]:
+    """Rebuild a network + its input normalisation from a weights-file config dict (or defaults)."""
+    config = config or {}
+    arch = config_from_dict(arch_cls, config.get("arch", {}))
+    norm = config_from_dict(NormConfig, config.get("norm", {}))
+    return net_cls(arch), norm
+
+
+def load_trained(path: str | Path, model_name: str, build) -> tuple[nn.Module, NormConfig, dict]:
+    """Load a trained network with `build(config)`; WeightsError naming the file on any problem."""
+    config, state = read_weights(path, model_name)
+    try:
+        model, norm = build(config)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"weights file {path} has an unusable config: {e}") from e
+    load_state_checked(model, state, path)
+    model.eval()
+    return model, norm, config
