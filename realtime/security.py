@@ -90,45 +90,35 @@ def load_secret_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def find_secret_file(keys: str | os.PathLike, name: str | None = None) -> Path:
-    """Resolve `keys` (a ``.key_secret`` file, or a directory holding exactly one)."""
+def _find_key_file(keys: str | os.PathLike, suffix: str, what: str, name: str | None) -> Path:
+    """Resolve `keys`: a key file itself, or a directory holding `name`+suffix or exactly one."""
     p = Path(keys)
     if p.is_file():
         return p
     if not p.is_dir():
-        raise SecurityError(f"keys path not found: {p}")
+        raise SecurityError(f"{what} path not found: {p}")
     if name is not None:
-        f = p / f"{name}.key_secret"
+        f = p / f"{name}{suffix}"
         if not f.is_file():
             raise SecurityError(f"no {f.name} in {p}")
         return f
-    found = sorted(p.glob("*.key_secret"))
+    found = sorted(p.glob(f"*{suffix}"))
     if len(found) != 1:
         names = ", ".join(f.name for f in found) or "none"
         raise SecurityError(
-            f"{p} must hold exactly one *.key_secret file (found: {names}); "
-            "pass the file itself instead"
+            f"{p} must hold exactly one *{suffix} file (found: {names}); pass the file itself instead"
         )
     return found[0]
 
 
+def find_secret_file(keys: str | os.PathLike, name: str | None = None) -> Path:
+    """Resolve `keys` (a ``.key_secret`` file, or a directory holding exactly one)."""
+    return _find_key_file(keys, ".key_secret", "keys", name)
+
+
 def find_public_file(keys: str | os.PathLike, name: str | None = None) -> Path:
     """Resolve a public ``.key`` file (or a directory holding exactly one)."""
-    p = Path(keys)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise SecurityError(f"public key path not found: {p}")
-    if name is not None:
-        f = p / f"{name}.key"
-        if not f.is_file():
-            raise SecurityError(f"no {f.name} in {p}")
-        return f
-    found = sorted(p.glob("*.key"))
-    if len(found) != 1:
-        names = ", ".join(f.name for f in found) or "none"
-        raise SecurityError(f"{p} must hold exactly one *.key file (found: {names})")
-    return found[0]
+    return _find_key_file(keys, ".key", "public key", name)
 
 
 # ----------------------------------------------------------------------- bind policy
