@@ -58,7 +58,9 @@ class PipelineMetrics:
         path.parent.mkdir(parents=True, exist_ok=True)
         # NaN is not JSON: percentiles without samples are written as null
         d = _nan_to_none(self.to_dict())
-        path.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n")
+        tmp = path.with_name(path.name + ".tmp")  # atomic: a reader never sees half a file
+        tmp.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n")
+        tmp.replace(path)
         return path
 
     def summary(self) -> str:

@@ -514,14 +514,14 @@ class Pipeline:
             self._emit_error(f"shutdown failed: {_describe(e)}")
         finally:
             final = self.metrics()
-            self._done_evt.set()
-            self._safe_emit(self.metricsUpdated, final)
-            self._safe_emit(self.finished, final)
-            if self.config.json is not None:
+            if self.config.json is not None:  # before done: stop(wait=True) callers read it
                 try:
                     final.write_json(self.config.json)
                 except OSError as e:
                     logger.error("cannot write %s: %s", self.config.json, e)
+            self._done_evt.set()
+            self._safe_emit(self.metricsUpdated, final)
+            self._safe_emit(self.finished, final)
 
     # ================================================================== helpers
     def _emit_error(self, message: str) -> None:
