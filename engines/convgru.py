@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from engines.base import EngineBase
 from engines.nn_common import (
-    DTYPES as _DTYPES,
     WEIGHTS_DIR,
     Decoder,
     FrameEncoder,
+    NetworkEngine,
     NormConfig,
     WeightsError,  # noqa: F401  (re-exported: callers catch engines.convgru.WeightsError)
     build_from_config,
@@ -109,7 +108,7 @@ def load_model(path: str | Path | None = None) -> tuple[ConvGRUNet, NormConfig, 
                         build_model)  # type: ignore[return-value]
 
 
-class ConvGRUEngine(EngineBase):
+class ConvGRUEngine(NetworkEngine):
     """Engine API (CONTRACTS.md section 3) around ConvGRUNet with a cached-encoder window.
 
     push() encodes only the new frame and keeps the last `window` encodings in a ring; the GRU
@@ -124,17 +123,11 @@ class ConvGRUEngine(EngineBase):
     def __init__(self, weights: str | Path | None = None, *, device: str = "cpu",
                  precision: str = "fp32", window: int | None = None,
                  model: ConvGRUNet | None = None, norm: NormConfig | None = None):
+        config: dict = {}
         if model is None:
-            model, norm, self.config = load_model(weights)
-        else:
-            self.config = {}
-        super().__init__(int(window or model.cfg.window), device=device, precision=precision)
-        self.model_dtype = _DTYPES[precision]
-        # channels_last: oneDNN runs these few-channel convolutions ~5x faster on CPU
-        self.model = model.to(self.device, self.model_dtype,
-                              memory_format=torch.channels_last).eval()
-        self.norm = norm or NormConfig()
-        self.upsample = model.cfg.upsample
+            model, norm, config = load_model(weights)
+        super().__init__(model, norm, config, int(window or model.cfg.window),
+                         device=device, precision=precision)
         self._enc: deque[torch.Tensor] = deque(maxlen=self.window)
 
     def _encode(self, frames: torch.Tensor) -> torch.Tensor:

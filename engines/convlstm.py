@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from engines.base import EngineBase, as_tensor
+from engines.base import as_tensor
 from engines.nn_common import (
-    DTYPES as _DTYPES,
     WEIGHTS_DIR,
     Decoder,
     FrameEncoder,
+    NetworkEngine,
     NormConfig,
     WeightsError,  # noqa: F401  (re-exported: callers catch engines.convgru.WeightsError)
     build_from_config,
@@ -133,7 +133,7 @@ def load_model(path: str | Path | None = None) -> tuple[ConvLSTMNet, NormConfig,
                         build_model)  # type: ignore[return-value]
 
 
-class ConvLSTMEngine(EngineBase):
+class ConvLSTMEngine(NetworkEngine):
     """Engine API around ConvLSTMNet: push() updates the carried state, one output per frame.
 
     `window` (= `warmup`) is the number of frames since reset() before the first output; after
@@ -151,17 +151,11 @@ class ConvLSTMEngine(EngineBase):
     def __init__(self, weights: str | Path | None = None, *, device: str = "cpu",
                  precision: str = "fp32", warmup: int | None = None,
                  model: ConvLSTMNet | None = None, norm: NormConfig | None = None):
+        config: dict = {}
         if model is None:
-            model, norm, self.config = load_model(weights)
-        else:
-            self.config = {}
-        super().__init__(int(warmup or model.cfg.warmup), device=device, precision=precision)
-        self.model_dtype = _DTYPES[precision]
-        # channels_last: oneDNN runs these few-channel convolutions ~5x faster on CPU
-        self.model = model.to(self.device, self.model_dtype,
-                              memory_format=torch.channels_last).eval()
-        self.norm = norm or NormConfig()
-        self.upsample = model.cfg.upsample
+            model, norm, config = load_model(weights)
+        super().__init__(model, norm, config, int(warmup or model.cfg.warmup),
+                         device=device, precision=precision)
         self._state: State | None = None
         self._count = 0
 
