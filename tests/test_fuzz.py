@@ -30,26 +30,13 @@ from realtime.protocol import (
     encode_stats,
 )
 from realtime.worker import EngineWorker
+from conftest import StackOnlyMeanEngine
 
 SHAPE = (16, 16)
 WINDOW = 4
 
 
-class MeanEngine:
-    """A real (if simple) window engine: the 2x-upsampled mean of the last `window` frames.
-
-    Keeps this test about the worker's input handling, not about torch start-up time.
-    """
-
-    name = "mean"
-    upsample = 2
-
-    def __init__(self, window: int = WINDOW):
-        self.window = window
-
-    def reconstruct(self, stack: np.ndarray) -> np.ndarray:
-        m = np.asarray(stack[-self.window :], dtype=np.float32).mean(axis=0)
-        return np.kron(m, np.ones((2, 2), np.float32))
+MeanEngine = StackOnlyMeanEngine  # reconstruct-only, window 4: no torch start-up in spawned engines
 
 
 def _header(**fields) -> bytes:

@@ -43,22 +43,12 @@ from realtime.remote import (
 from realtime.reorder import ResultReorderer
 from realtime.security import SecurityError, create_keypair
 from realtime.window import StreamContinuity
+from conftest import StackOnlyMeanEngine
 
 SHAPE = (16, 16)
 
 
-class MeanEngine:
-    """A real window engine (2x-upsampled mean) that needs no torch start-up."""
-
-    name = "mean"
-    upsample = 2
-
-    def __init__(self, window: int = 4):
-        self.window = window
-
-    def reconstruct(self, stack: np.ndarray) -> np.ndarray:
-        m = np.asarray(stack[-self.window :], dtype=np.float32).mean(axis=0)
-        return np.kron(m, np.ones((2, 2), np.float32))
+MeanEngine = StackOnlyMeanEngine  # reconstruct-only, window 4: no torch start-up in spawned engines
 
 
 def _engine_endpoint() -> str:

@@ -11,31 +11,20 @@ import signal
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from realtime.config import free_tcp_address
 from realtime.protocol import ResultHeader
 from realtime.supervisor import EngineSupervisor, SupervisedWorker, describe_exit
 from realtime.worker import EngineWorker
+from conftest import StackOnlyMeanEngine
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="unavailable: uses SIGKILL")
 
 WINDOW = 4
 
 
-class MeanEngine:
-    """A real window engine without torch start-up cost (spawned twice per test)."""
-
-    name = "mean"
-    upsample = 2
-
-    def __init__(self, window: int = WINDOW):
-        self.window = window
-
-    def reconstruct(self, stack: np.ndarray) -> np.ndarray:
-        m = np.asarray(stack[-self.window :], dtype=np.float32).mean(axis=0)
-        return np.kron(m, np.ones((2, 2), np.float32))
+MeanEngine = StackOnlyMeanEngine  # reconstruct-only, window 4: no torch start-up in spawned engines
 
 
 def _wait(pred, timeout: float) -> bool:
