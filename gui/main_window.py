@@ -319,7 +319,9 @@ class MainWindow(QtWidgets.QMainWindow):
         acquired = c.get("acquired", self.acq_rate.count)
         self.counters.set_value("acquired", acquired)
         self.counters.set_value("recorded", c.get("recorded", "-"))
-        self.counters.set_value("results", c.get("results", self.out_rate.count))
+        # the metrics snapshot lags the results this window already took: never show fewer
+        # results received than displayed
+        self.counters.set_value("results", max(c.get("results", 0), self.out_rate.count))
         self.counters.set_value("displayed", self.n_displayed)
         dropped = c.get("dropped", 0)
         self.counters.set_value("dropped", dropped)

@@ -20,12 +20,16 @@ __all__ = [
     "free_tcp_address",
 ]
 
-DEFAULT_FRAMES_ADDR = "tcp://127.0.0.1:5555"  # camera frames: PUSH (bind) -> PULL (connect)
-DEFAULT_RESULTS_ADDR = "tcp://127.0.0.1:5556"  # results: PUB (bind) -> SUB (connect)
+DEFAULT_FRAMES_ADDR = "tcp://127.0.0.1:0"  # camera frames: PUSH (bind) -> PULL (connect)
+DEFAULT_RESULTS_ADDR = "tcp://127.0.0.1:0"  # results: SUB (bind) <- PUB (connect)
 
 
 def free_tcp_address(host: str = "127.0.0.1") -> str:
-    """A ``tcp://host:port`` with a port that is free right now (the OS picks it)."""
+    """A ``tcp://host:port`` whose port was free a moment ago (TESTS ONLY).
+
+    Racy by nature (bind, close, hope nobody takes the port before it is bound again), so
+    livesr itself never uses it: it binds port 0 and reads the endpoint back from ZeroMQ.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return f"tcp://{host}:{s.getsockname()[1]}"
@@ -33,24 +37,16 @@ def free_tcp_address(host: str = "127.0.0.1") -> str:
 
 @dataclass
 class Addresses:
-    """ZeroMQ endpoints. Loopback by default: nothing listens on the network unless asked.
+    """ZeroMQ endpoints, both bound by the pipeline's own process. Loopback by default:
+    nothing listens on the network unless asked.
 
-    A port of 0 (``tcp://127.0.0.1:0``) means "pick a free port" (see :meth:`resolved`).
+    Port 0 (the default, ``tcp://127.0.0.1:0``) lets the OS pick a free port at bind time;
+    the pipeline reads the real endpoint back (``Pipeline.endpoints``), so two runs on one
+    machine never share a port. A fixed port that is taken is a clear start-up error.
     """
 
     frames: str = DEFAULT_FRAMES_ADDR
     results: str = DEFAULT_RESULTS_ADDR
-
-    def resolved(self) -> Addresses:
-        """Copy with every ``tcp://host:0`` replaced by a currently free port."""
-
-        def fix(addr: str) -> str:
-            if addr.startswith("tcp://") and addr.rsplit(":", 1)[-1] == "0":
-                host = addr[len("tcp://") :].rsplit(":", 1)[0]
-                return free_tcp_address(host)
-            return addr
-
-        return Addresses(frames=fix(self.frames), results=fix(self.results))
 
 
 @dataclass

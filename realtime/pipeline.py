@@ -26,9 +26,9 @@ import numpy as np
 import zmq
 from psygnal import Signal
 
-from .config import PipelineConfig
+from .config import Addresses, PipelineConfig
 from .metrics import LatencyTracker, PipelineMetrics, RateMeter
-from .protocol import ProtocolError, ResultHeader, StatsMessage, decode
+from .protocol import FOREIGN, ProtocolError, ResultHeader, StatsMessage, decode, new_stream_id
 from .worker import EngineWorker
 
 __all__ = ["Pipeline", "PipelineError"]
@@ -40,6 +40,10 @@ SocketSetup = Callable[[zmq.Socket], None]
 
 class PipelineError(RuntimeError):
     """The pipeline cannot start (bad source, recording file, engine)."""
+
+
+_PORT_HINT = (" (another livesr, or another program, holds that port: stop it, or leave out "
+              "--frames-addr/--results-addr so that a free port is used)")
 
 
 class Pipeline:
@@ -93,6 +97,13 @@ class Pipeline:
         self._acq_ended = threading.Event()
         self._acq_started = False
         self._stop_thread: threading.Thread | None = None
+        self.stream = new_stream_id()  # stamped on every frame; only its results are shown
+        self.endpoints: Addresses | None = None  # the bound endpoints (port 0 resolved)
+        self._sub_ctx: zmq.Context | None = None
+        self._sub: zmq.Socket | None = None
+        self._local_malformed: dict[str, int] = {}  # bad messages seen by the collector
+        self._base = _StatsBase()  # totals of engine processes that died and were restarted
+        self._dropped_seen = 0
 
     # ================================================================== public API
     @property
@@ -115,11 +126,10 @@ class Pipeline:
             cfg = self.config.validate()
         except ValueError as e:
             raise PipelineError(f"invalid configuration: {e}") from None
-        addrs = cfg.addresses.resolved()
         try:
             from .security import check_bind_allowed
 
-            for addr in (addrs.frames, addrs.results):  # both are bound on this machine
+            for addr in (cfg.addresses.frames, cfg.addresses.results):  # both bound here
                 check_bind_allowed(addr, curve=self._socket_setup is not None, hint=(
                     "Keep --frames-addr/--results-addr on 127.0.0.1; to use a GPU on another "
                     "machine run `livesr engine` there and pass --engine-at."))
@@ -128,23 +138,48 @@ class Pipeline:
         try:
             self.core = self._make_core(cfg)
             self.recorder = self._make_recorder(cfg)
-            self.acquisition = self._make_acquisition(cfg, addrs.frames)
+            self.acquisition = self._make_acquisition(cfg, cfg.addresses.frames)
+            self.endpoints = Addresses(frames=self._bind_frames(), results=self._bind_results())
             if cfg.engine_at:  # remote engine(s): a client stands where the worker would
-                self.worker = self._remote_client(cfg, addrs)
+                self.worker = self._remote_client(cfg, self.endpoints)
                 self.worker.run_in_thread()
             else:
-                self._start_local_worker(cfg, addrs)
+                self._start_local_worker(cfg, self.endpoints)
         except Exception as e:
             self._cleanup_failed_start()
             if isinstance(e, PipelineError):
                 raise
             raise PipelineError(_describe(e)) from e
-        self._collector = threading.Thread(
-            target=self._collect, args=(addrs.results,), name="livesr-results", daemon=True
-        )
+        self._collector = threading.Thread(target=self._collect, name="livesr-results", daemon=True)
         self._collector.start()
 
-    def _start_local_worker(self, cfg: PipelineConfig, addrs: Any) -> None:
+    def _bind_frames(self) -> str:
+        """Bind the acquisition's frame socket now; the real endpoint (port 0 resolved)."""
+        try:
+            return self.acquisition.bind()
+        except RuntimeError as e:
+            raise PipelineError(f"{e}{_PORT_HINT}") from None
+
+    def _bind_results(self) -> str:
+        """Bind the collector's SUB socket (workers connect their PUB to it)."""
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        try:
+            if self._socket_setup is not None:
+                self._socket_setup(sub)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.setsockopt(zmq.RCVHWM, 200)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.bind(self.config.addresses.results)
+        except zmq.ZMQError as e:
+            sub.close(linger=0)
+            ctx.term()
+            raise PipelineError(f"cannot listen for results on {self.config.addresses.results}: "
+                                f"{e.strerror}{_PORT_HINT}") from None
+        self._sub_ctx, self._sub = ctx, sub
+        return sub.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _start_local_worker(self, cfg: PipelineConfig, addrs: Addresses) -> None:
         self.worker = EngineWorker(
             self._engine_override if self._engine_override is not None else cfg.engine,
             addrs.frames,
@@ -153,6 +188,8 @@ class Pipeline:
             engine_options=cfg.engine_options(),
             threads=cfg.threads,
             socket_setup=self._socket_setup,
+            stream=self.stream,
+            connect_results=True,
         )
         if cfg.worker_mode == "process":
             self.worker = self._supervised(self.worker)  # restarted if it dies
@@ -214,15 +251,22 @@ class Pipeline:
                 m.frames_published = int(acq.frames_published)
             if self.recorder is not None:
                 m.frames_recorded = int(getattr(self.recorder, "frames_recorded", 0))
-            st = self._stats
+            st, base = self._stats, self._base
             if st is not None:
-                m.frames_received = st.frames_received
-                m.outputs = max(st.outputs, m.outputs_received)
-                m.frames_dropped_by_engine = max(st.frames_dropped, m.frames_dropped_by_engine)
-                m.malformed_messages = dict(st.malformed)
-                m.engine_errors = st.engine_errors
+                m.frames_received = base.frames_received + st.frames_received
+                m.outputs = max(base.outputs + st.outputs, m.outputs_received)
+                m.frames_dropped_by_engine = max(base.frames_dropped + st.frames_dropped,
+                                                 self._dropped_seen)
+                m.engine_errors = base.engine_errors + st.engine_errors
                 if st.engine:
                     m.engine = st.engine
+            m.frames_dropped_by_engine = max(m.frames_dropped_by_engine, self._dropped_seen)
+            malformed = dict(base.malformed)
+            for k, v in (st.malformed if st is not None else {}).items():
+                malformed[k] = malformed.get(k, 0) + v
+            for k, v in self._local_malformed.items():
+                malformed[k] = malformed.get(k, 0) + v
+            m.malformed_messages = malformed
             m.fps_acquired = self._acq_rate.rate
             m.fps_output = self._out_rate.rate
             m.latency_ms = self.latency.percentiles()
@@ -269,7 +313,7 @@ class Pipeline:
         from acquisition.thread import AcquisitionThread
 
         acq = AcquisitionThread(mmcore=self.core, address=address, recorder=self.recorder,
-                                socket_setup=self._socket_setup)
+                                socket_setup=self._socket_setup, stream=self.stream)
         acq.frameReady.connect(self._on_frame)
         acq.error.connect(self._on_acquisition_error)
         acq.stopped.connect(self._on_acquisition_stopped)
@@ -286,7 +330,8 @@ class Pipeline:
             window=cfg.window,
             stride=cfg.stride,
         )
-        client = RemoteEngineClient(opts, addrs.frames, addrs.results)
+        client = RemoteEngineClient(opts, addrs.frames, addrs.results, stream=self.stream,
+                                    connect_results=True)
 
         def died(reason: str) -> None:
             self._emit_error(reason)
@@ -326,6 +371,9 @@ class Pipeline:
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(5)
+        if self.acquisition is not None:
+            self.acquisition.stop()  # closes a bound, never started frame socket
+        self._close_results_socket()
         if self.recorder is not None:
             try:
                 self.recorder.close()
@@ -356,25 +404,26 @@ class Pipeline:
         self._stop_thread.start()
 
     # ================================================================== collector
-    def _collect(self, results_addr: str) -> None:
-        ctx = zmq.Context()
-        sub = ctx.socket(zmq.SUB)
+    def _collect(self) -> None:
+        sub = self._sub
         try:
-            if self._socket_setup is not None:
-                self._socket_setup(sub)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.setsockopt(zmq.RCVHWM, 200)
-            sub.setsockopt(zmq.LINGER, 0)
-            sub.connect(results_addr)
+            assert sub is not None
             if self._wait_engine_ready(sub) and self._start_acquisition():
                 self._receive_until_end(sub)
         except Exception as e:  # the collector must always finish the run cleanly
             logger.exception("results collector failed")
             self._emit_error(f"results collector failed: {_describe(e)}")
         finally:
-            sub.close()
-            ctx.term()
+            self._close_results_socket()
             self._finish()
+
+    def _close_results_socket(self) -> None:
+        if self._sub is not None:
+            self._sub.close(linger=0)
+            self._sub = None
+        if self._sub_ctx is not None:
+            self._sub_ctx.term()
+            self._sub_ctx = None
 
     def _wait_engine_ready(self, sub: zmq.Socket) -> bool:
         deadline = time.monotonic() + self.config.engine_ready_timeout_s
@@ -455,35 +504,55 @@ class Pipeline:
             if st is not None and st.final:
                 return
 
+    def _count_local_malformed(self, reason: str, detail: str) -> None:
+        with self._lock:
+            key = f"results:{reason}"
+            n = self._local_malformed[key] = self._local_malformed.get(key, 0) + 1
+        if n <= 3 or n % 1000 == 0:
+            logger.warning("dropped message #%d on the results socket (%s): %s", n, reason, detail)
+
     def _handle_message(self, parts: list) -> StatsMessage | None:
-        """Account for one message from the worker; returns it if it is a StatsMessage."""
+        """Account for one message from the worker; returns it if it is a StatsMessage.
+
+        A message of another run's stream is counted ("results:foreign") and dropped: it is
+        never shown and never changes this run's numbers.
+        """
         t_recv = time.time_ns()
         try:
             header, img = decode(parts)
         except ProtocolError as e:
-            with self._lock:
-                key = f"results:{e.reason}"
-                self._m.malformed_messages[key] = self._m.malformed_messages.get(key, 0) + 1
-            logger.warning("malformed message from the engine worker: %s", e)
+            self._count_local_malformed(e.reason, str(e))
+            return None
+        if isinstance(header, (ResultHeader, StatsMessage)) and header.stream != self.stream:
+            self._count_local_malformed(FOREIGN, f"{header.kind} of stream {header.stream!r}, "
+                                                 f"this run is {self.stream!r}")
             return None
         if isinstance(header, ResultHeader):
             published = header.timings_ns.get("published", t_recv)
             self.latency.add((published - header.t_acq_ns) / 1e6, header.seq_last)
             with self._lock:
                 self._m.outputs_received += 1
-                self._m.frames_dropped_by_engine = max(self._m.frames_dropped_by_engine, header.frames_dropped)
+                self._dropped_seen = max(self._dropped_seen,
+                                         self._base.frames_dropped + header.frames_dropped)
             self._out_rate.tick(time.monotonic())
             self._safe_emit(self.resultReady, header, img)
             return None
         if isinstance(header, StatsMessage):
             prev = self._stats
+            if prev is not None and (header.frames_received < prev.frames_received
+                                     or header.outputs < prev.outputs):
+                # a restarted engine process counts from zero again: keep the earlier totals
+                with self._lock:
+                    self._base.add(prev)
             self._stats = header
             if header.engine_errors > (prev.engine_errors if prev else 0) and header.last_error:
-                self._emit_error(f"engine error: {header.last_error}")
+                if not (header.final and not self._acq_started):  # a load failure: said once
+                    self._emit_error(f"engine error: {header.last_error}")
             new_bad = sum(header.malformed.values()) - (sum(prev.malformed.values()) if prev else 0)
             if new_bad > 0 and (prev is None or not prev.malformed):
                 self._emit_error(f"engine worker received malformed messages: {header.malformed}")
             return header
+        self._count_local_malformed("unexpected_kind", f"{header.kind!r} message on the results socket")
         return None
 
     def _finish(self) -> None:
@@ -536,6 +605,22 @@ class Pipeline:
             signal.emit(*args)
         except Exception:  # a broken listener must not stop the pipeline
             logger.exception("a listener of %s raised", getattr(signal, "name", "a signal"))
+
+
+class _StatsBase:
+    """Counters of earlier engine processes of this run (a restarted one starts from zero)."""
+
+    def __init__(self) -> None:
+        self.frames_received = self.outputs = self.frames_dropped = self.engine_errors = 0
+        self.malformed: dict[str, int] = {}
+
+    def add(self, st: StatsMessage) -> None:
+        self.frames_received += st.frames_received
+        self.outputs += st.outputs
+        self.frames_dropped += st.frames_dropped
+        self.engine_errors += st.engine_errors
+        for k, v in st.malformed.items():
+            self.malformed[k] = self.malformed.get(k, 0) + v
 
 
 def _describe(e: BaseException) -> str:

@@ -51,8 +51,8 @@ import zmq
 from psygnal import Signal
 from zmq.utils.monitor import recv_monitor_message
 
-from .config import free_tcp_address
 from .protocol import (
+    FOREIGN,
     EndOfStream,
     FrameHeader,
     ProtocolError,
@@ -183,8 +183,10 @@ class EngineGateway:
         self.curve: CurveServer | None = None
         if cfg.keys is not None and cfg.allow is not None:
             self.curve = CurveServer(find_secret_file(cfg.keys), cfg.allow)
-        self._worker_in = free_tcp_address()  # gateway PUSH binds, worker PULL connects
-        self._worker_out = free_tcp_address()  # worker PUB binds, gateway SUB connects
+        # gateway PUSH binds -> worker PULL connects; gateway SUB binds <- worker PUB connects
+        # (both on port 0, read back at bind time: see _open)
+        self._worker_in = "tcp://127.0.0.1:0"
+        self._worker_out = "tcp://127.0.0.1:0"
         self.supervisor: EngineSupervisor | None = None
         self.worker: Any = None
         self._stop = threading.Event()
@@ -205,6 +207,7 @@ class EngineGateway:
             self.cfg.stride,
             engine_options=self.cfg.engine_options(),
             exit_on_eos=False,  # serve one client stream after another
+            connect_results=True,  # to the gateway's SUB, bound on a free port
         )
 
     def _start_worker_process(self) -> Any:
@@ -248,7 +251,9 @@ class EngineGateway:
             self.ctx.term()
             raise OSError(f"cannot listen on {c.bind} / {c.results_bind}: {e}") from None
         to_worker.bind(self._worker_in)
-        from_worker.connect(self._worker_out)
+        from_worker.bind(self._worker_out)
+        self._worker_in = to_worker.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._worker_out = from_worker.getsockopt_string(zmq.LAST_ENDPOINT)
         self._pull, self._pub, self._to_worker, self._from_worker = pull, pub, to_worker, from_worker
         self._sockets = [pull, pub, to_worker, from_worker]
         self.bound = True
@@ -568,7 +573,10 @@ class RemoteEngineClient:
     """Stand-in for a local `EngineWorker` that forwards to remote engines.
 
     Pulls frames from `in_addr` (the acquisition's PUSH), publishes results and stats on
-    `out_addr` (bind, PUB) like a worker does, so the pipeline and GUI need no changes.
+    `out_addr` (PUB; bound, or connected to the pipeline's SUB with `connect_results`) like
+    a worker does, so the pipeline and GUI need no changes. `stream` is the run's stream id:
+    its stats carry it, and a remote result of any other stream is counted
+    ("remote_foreign") and dropped.
 
     Signals (emitted from the client thread): `engineDied(str)` when an engine falls
     silent for `heartbeat_timeout_s` (it died, or the network dropped),
@@ -587,11 +595,15 @@ class RemoteEngineClient:
         out_addr: str,
         *,
         exit_on_eos: bool = True,
+        stream: str = "",
+        connect_results: bool = False,
     ):
         self.options = options.validate()
         self.in_addr = in_addr
         self.out_addr = out_addr
         self.exit_on_eos = exit_on_eos
+        self.stream = stream
+        self.connect_results = connect_results
         self._setup = options.socket_setup()  # key errors surface here, before any thread
         self.window = options.window_or_guess  # corrected by the first result if not given
         self._window_known = options.window is not None
@@ -681,7 +693,10 @@ class RemoteEngineClient:
         pub.sndhwm = 1000
         links: list[_Link] = []
         try:
-            pub.bind(self.out_addr)
+            if self.connect_results:
+                pub.connect(self.out_addr)
+            else:
+                pub.bind(self.out_addr)
             links = [_Link(ctx, ep, self._setup, hwm=16) for ep in o.endpoints]
             self._links = links
             self.stats.links = [lk.stats for lk in links]
@@ -813,6 +828,11 @@ class RemoteEngineClient:
             except ProtocolError as e:
                 self._count(self.stats.malformed_remote, e.reason)
                 continue
+            if isinstance(header, ResultHeader) and header.stream != self.stream:
+                self._count(self.stats.malformed_remote, FOREIGN)  # another run's image
+                continue
+            if isinstance(header, StatsMessage) and header.stream not in ("", self.stream):
+                continue  # the engine serves another microscope's stream: alive, not ours
             if isinstance(header, ResultHeader):
                 lk.stats.results += 1
                 if not self._window_known:
@@ -987,6 +1007,8 @@ class RemoteEngineClient:
             last_error=last_error,
             frames_sent=self._eos.frames_sent if (final and self._eos is not None) else None,
             final=final,
+            stream=self.stream,
+            window=self.window if self._window_known else 0,
         )
 
 

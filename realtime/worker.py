@@ -13,6 +13,11 @@ Why it looks like this:
   ``ProtocolError.reason`` and reported in the periodic :class:`StatsMessage`; it never
   crashes the worker and never becomes an image. An engine that raises is counted too
   (``engine_errors``) and restarted on the next frame.
+* Every frame names its run's ``stream``. A worker started for one run (``stream=``) counts
+  frames of any other stream as malformed ("foreign") and drops them; a server worker
+  (``stream=None``) adopts the stream of the first frame it gets, and the next client's
+  stream once the current one ended or fell silent. Results and stats carry the stream, so
+  the receiver can drop what is not its own.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import zmq
 
 from .protocol import (
+    FOREIGN,
     EndOfStream,
     FrameHeader,
     ProtocolError,
@@ -80,6 +86,12 @@ class EngineWorker:
     ``socket_setup`` is applied to both sockets before bind/connect (e.g. CURVE keys).
     With ``exit_on_eos`` the worker finishes after the first EndOfStream; otherwise it resets
     and waits for the next stream until :meth:`stop`.
+
+    ``stream``: the run's stream id; frames of other streams are counted "foreign" and
+    dropped (None: adopt each client's stream in turn, see the module docstring).
+    ``connect_results``: connect the result PUB to a subscriber that bound ``out_addr``
+    (the pipeline binds every socket in its own process, on port 0 if asked) instead of
+    binding it here.
     """
 
     def __init__(
@@ -97,6 +109,9 @@ class EngineWorker:
         use_push: bool | None = None,
         result_hwm: int = 100,
         threads: int | None = None,
+        stream: str | None = None,
+        connect_results: bool = False,
+        stream_idle_s: float = 1.0,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
@@ -112,6 +127,11 @@ class EngineWorker:
         self.use_push = use_push
         self.result_hwm = result_hwm
         self.threads = default_compute_threads() if threads is None else int(threads)
+        self.expected_stream = stream
+        self.connect_results = connect_results
+        self.stream_idle_s = stream_idle_s
+        self._stream: str | None = stream  # the stream being served now
+        self._stream_seen = 0.0  # monotonic time of its last frame
         self.stats = WorkerStats()
         self._stop_event: Any = threading.Event()
         self._ready_event: Any = threading.Event()
@@ -199,7 +219,9 @@ class EngineWorker:
     def run(self) -> None:
         """Serve until an EndOfStream (with ``exit_on_eos``) or :meth:`stop`. Blocking."""
         ctx = zmq.Context()
-        pub = ctx.socket(zmq.PUB)
+        # XPUB when connecting: it sees the subscriber's subscription arrive, so "ready" (and a
+        # restarted engine's first stats) are not lost to the slow-joiner effect
+        pub = ctx.socket(zmq.XPUB if self.connect_results else zmq.PUB)
         pull = ctx.socket(zmq.PULL)
         try:
             for s in (pub, pull):
@@ -209,7 +231,10 @@ class EngineWorker:
             pub.setsockopt(zmq.LINGER, 2000)  # let the final stats leave
             pull.setsockopt(zmq.LINGER, 0)
             try:
-                pub.bind(self.out_addr)
+                if self.connect_results:
+                    pub.connect(self.out_addr)
+                else:
+                    pub.bind(self.out_addr)
             except zmq.ZMQError as e:
                 msg = f"cannot publish results on {self.out_addr}: {e}"
                 if e.errno == zmq.EADDRINUSE:
@@ -227,11 +252,22 @@ class EngineWorker:
                 self._announce_failure(pub)
                 raise
             pull.connect(self.in_addr)
+            if self.connect_results:
+                self._await_subscriber(pub)
             self._serve(engine, pull, pub)
         finally:
             pull.close()
             pub.close()
             ctx.term()
+
+    def _await_subscriber(self, pub: zmq.Socket, timeout_s: float = 5.0) -> None:
+        """Wait (briefly) for the subscriber's subscription to reach our XPUB."""
+        deadline = time.monotonic() + timeout_s
+        while not self._stop_event.is_set() and time.monotonic() < deadline:
+            if pub.poll(50, zmq.POLLIN):
+                pub.recv_multipart()
+                return
+        logger.warning("no subscriber on %s after %.0f s; publishing anyway", self.out_addr, timeout_s)
 
     def _engine_label(self) -> str:
         spec = self.engine_spec
@@ -284,6 +320,8 @@ class EngineWorker:
             last_error=s.last_error,
             frames_sent=s.frames_sent,
             final=final,
+            stream=self._stream or "",
+            window=int(getattr(self, "window", 0) or 0),
         )
 
     @property
@@ -322,7 +360,9 @@ class EngineWorker:
             if poller.poll(timeout=50):
                 frames, eos = self._drain(pull)
                 if frames:
-                    state = "running"
+                    if state != "running":  # say so at once: a short-lived engine counts too
+                        state = "running"
+                        next_stats = time.monotonic()
                     self._process_batch(frames)
                 if eos is not None:
                     self.stats.frames_sent = eos.frames_sent
@@ -346,6 +386,23 @@ class EngineWorker:
         self._continuity.reset()
         self._rolling.reset()
         self._engine_reset()
+        self._stream = self.expected_stream
+
+    def _own_stream(self, stream: str) -> bool:
+        """Does a frame / EndOfStream of ``stream`` belong to the stream served now?"""
+        now = time.monotonic()
+        if stream == self._stream:
+            self._stream_seen = now
+            return True
+        if self.expected_stream is None and (
+            self._stream is None or now - self._stream_seen > self.stream_idle_s
+        ):
+            if self._stream is not None:
+                logger.info("stream %s silent for %.1f s: serving stream %s now",
+                            self._stream, now - self._stream_seen, stream)
+            self._stream, self._stream_seen = stream, now  # a seq restart resets the window
+            return True
+        return False
 
     # ------------------------------------------------------------------ input
     def _count_malformed(self, reason: str, detail: str) -> None:
@@ -367,6 +424,10 @@ class EngineWorker:
                 header, img = decode(parts)
             except ProtocolError as e:
                 self._count_malformed(e.reason, str(e))
+                continue
+            if isinstance(header, (FrameHeader, EndOfStream)) and not self._own_stream(header.stream):
+                self._count_malformed(FOREIGN, f"{header.kind!r} of stream {header.stream!r}, "
+                                               f"serving {self._stream!r}")
                 continue
             if isinstance(header, FrameHeader):
                 self.stats.frames_received += 1
@@ -488,6 +549,7 @@ class EngineWorker:
             dtype="float32",
             timings_ns={"received": t_recv, "start": t_start, "done": t_done, "published": time.time_ns()},
             frames_dropped=self.stats.frames_dropped,
+            stream=h.stream,
         )
         # copy=True: an engine may reuse its output buffer on the next push
         self._pub.send_multipart(encode_result(header, out), copy=True)

@@ -194,7 +194,9 @@ def test_replay_real_movie_through_sofi_in_a_process(shared_data, tmp_path):
     assert np.isfinite(img).all() and img.max() > 0
 
 
-def test_busy_result_port_is_a_clear_error(make_tcp_addr):
+@pytest.mark.parametrize("which", ["frames", "results"])
+def test_busy_port_is_one_clear_error_at_start(make_tcp_addr, which):
+    """A fixed port held by someone else: start() refuses at once, nothing left running."""
     import zmq
 
     addr = make_tcp_addr()
@@ -202,11 +204,13 @@ def test_busy_result_port_is_a_clear_error(make_tcp_addr):
     squatter = ctx.socket(zmq.PUB)
     squatter.bind(addr)
     try:
-        pipe = Pipeline(_cfg(addresses=Addresses("tcp://127.0.0.1:0", addr)), engine=MeanEngine())
-        rec = Recorder(pipe)
-        pipe.start()
-        assert pipe.wait(30)
-        assert any("another livesr running" in e for e in rec.errors), rec.errors
+        addrs = {"frames": "tcp://127.0.0.1:0", "results": "tcp://127.0.0.1:0", which: addr}
+        pipe = Pipeline(_cfg(addresses=Addresses(**addrs)), engine=MeanEngine())
+        with pytest.raises(PipelineError) as exc:
+            pipe.start()
+        msg = str(exc.value)
+        assert "Address already in use" in msg and addr in msg and "free port" in msg
+        assert "\n" not in msg and pipe.is_finished
     finally:
         squatter.close(linger=0)
         ctx.term()

@@ -19,7 +19,7 @@ from conftest import (
     make_mean_engine,
     seq_frame,
 )
-from realtime.protocol import FrameHeader, ResultHeader, encode_frame, encode_result
+from realtime.protocol import PROTOCOL_VERSION, FrameHeader, ResultHeader, encode_frame, encode_result
 from realtime.worker import EngineWorker
 
 
@@ -130,7 +130,7 @@ def test_malformed_messages_are_counted_and_survived(frame_pusher, start_worker)
     good = encode_frame(FrameHeader(seq=0, t_acq_ns=1, shape=(8, 8)), seq_frame(0))
     bad = {
         "json": [b"\xff\xfenot json", b"123"],
-        "version": [good[0].replace(b'"version":1', b'"version":9'), bytes(good[1])],
+        "version": [good[0].replace(f'"version":{PROTOCOL_VERSION}'.encode(), b'"version":9'), bytes(good[1])],
         "kind": [good[0].replace(b'"kind":"frame"', b'"kind":"pizza"'), bytes(good[1])],
         "parts": [good[0]],
         "length": [good[0], bytes(good[1])[:-1]],
