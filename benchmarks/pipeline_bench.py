@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.latency import RESULTS_DIR, machine_info, machine_line
+from benchmarks.latency import machine_info, machine_line
 
 STAGES = ("transit", "queue", "compute", "publish", "delivery")
 
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="engine compute threads")
     p.add_argument("--worker-mode", default="process", choices=("process", "thread"))
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--out-dir", default=".", help="where JSON/CSV go (default: the current folder)")
     p.add_argument("--stem", default=None, help="file stem (default pipeline_<device>)")
     p.add_argument("--quick", action="store_true", help="tiny run: 16 px, 1 s, thread worker")
     a = p.parse_args(argv)
