@@ -7,6 +7,11 @@ acquisition thread -> PUSH/PULL -> engine worker -> PUB/SUB -> collector) and re
 microscopist would see: frames acquired vs received, outputs, frames the engine skipped to
 keep up, and latency percentiles from frame acquisition to result *received* by the collector,
 split into stages from the result header's timestamps.
+
+``--capacity`` also times the engine's own ``push`` in this process (one compute thread, as
+in the worker) and reports outputs/s against that capacity: a camera slower than it should
+get an output per frame, a faster one should still get close to the capacity (a stateful
+engine such as the ConvLSTM keeps its state and skips outputs instead of re-warming).
 """
 
 from __future__ import annotations
@@ -33,6 +38,29 @@ def _pcts(values: list[float]) -> dict[str, float | None]:
     return {"n": int(a.size), "p50": float(np.percentile(a, 50)),
             "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
             "max": float(a.max())}
+
+
+def engine_capacity(engine: str, size: int, *, backend: str = "eager", precision: str = "fp32",
+                    device: str = "cpu", threads: int | None = None, weights: str | None = None,
+                    reps: int = 15) -> dict[str, float]:
+    """Median cost of one streaming push (after the warm-up) and the outputs/s it allows."""
+    import torch
+
+    from engines import load_engine
+    from engines.backends import simulated_stack
+    from realtime.worker import default_compute_threads
+
+    torch.set_num_threads(threads or default_compute_threads())
+    eng = load_engine(engine, backend=backend, precision=precision, device=device, weights=weights)
+    frames = simulated_stack(size, eng.window + reps + 3, seed=2)
+    times = []
+    for i, f in enumerate(frames):
+        t0 = time.perf_counter()
+        out = eng.push(f)
+        if i >= eng.window + 2 and out is not None:
+            times.append(time.perf_counter() - t0)
+    push_ms = 1e3 * float(np.median(times))
+    return {"push_ms": push_ms, "capacity_per_s": 1e3 / push_ms}
 
 
 def run_pipeline(*, engine: str = "sofi", size: int = 128, fps: float = 100.0,
@@ -123,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out-dir", default=".", help="where JSON/CSV go (default: the current folder)")
     p.add_argument("--stem", default=None, help="file stem (default pipeline_<device>)")
     p.add_argument("--quick", action="store_true", help="tiny run: 16 px, 1 s, thread worker")
+    p.add_argument("--capacity", action="store_true",
+                   help="also time the engine's push alone and report outputs/s vs that capacity")
     a = p.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     sizes = [int(x) for x in split(a.sizes)]
@@ -137,6 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for be in split(a.backends):
             for pr in split(a.precisions):
                 for size in sizes:
+                    cap = None
+                    if a.capacity:
+                        cap = engine_capacity(eng, size, backend=be, precision=pr,
+                                              device=a.device, threads=a.threads)
+                        print(f"{eng} {be} {pr} {size}px: push {cap['push_ms']:.1f} ms alone "
+                              f"-> capacity {cap['capacity_per_s']:.1f} outputs/s", flush=True)
                     for fps in rates:
                         try:
                             r = run_pipeline(engine=eng, size=size, fps=fps, seconds=seconds,
@@ -148,8 +184,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "camera_fps": fps, "status": f"error: {type(e).__name__}: {e}"}
                             print(f"{eng} {be} {pr} {size}px @ {fps:g} fps: {r['status']}")
                         else:
+                            if cap is not None:
+                                r.update(cap, output_share_of_capacity=r["fps_output"]
+                                         / cap["capacity_per_s"])
                             print_result(r)
                         results.append(r)
+    if a.capacity:
+        print("\noutputs/s vs camera fps (share of the engine's own capacity):")
+        for r in results:
+            if "capacity_per_s" in r:
+                print(f"  {r['engine']:9s} {r['size']:4d} px  camera {r['camera_fps']:6.1f} fps -> "
+                      f"{r['fps_output']:6.1f} outputs/s  (capacity {r['capacity_per_s']:.1f}/s, "
+                      f"{100 * r['output_share_of_capacity']:.0f} %; frames skipped "
+                      f"{r['frames_dropped_by_engine']})")
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = a.stem or f"pipeline_{a.device.split(':')[0]}"

@@ -62,7 +62,7 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2, "int8": 1e-1}
 #: Per-frame callables of the engines whose modules are not called through forward().
 KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
     "convgru": ("model.encode", "model.fuse_decode"),
-    "convlstm": ("model.encoder", "model.step"),
+    "convlstm": ("model.encoder", "model.update", "model.decoder"),
 }
 
 

@@ -49,7 +49,7 @@ from .protocol import (
 )
 from .window import RollingWindow, StreamContinuity
 
-__all__ = ["EngineWorker", "WorkerStats", "default_compute_threads"]
+__all__ = ["EngineWorker", "WorkerStats", "default_compute_threads", "plan_stateful_feed"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,27 @@ SocketSetup = Callable[[zmq.Socket], None]
 def default_compute_threads() -> int:
     """Half the cores (acquisition, recording and display need the rest), 1 to 4."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def plan_stateful_feed(queued: int, *, per_frame_s: float | None, per_output_s: float | None,
+                       min_output_share: float = 0.8) -> int:
+    """How many of the newest ``queued`` frames a stateful engine ingests before its one output.
+
+    A stateful engine (ConvLSTM) is never reset to catch up: it keeps its state and skips
+    outputs. Feeding every queued frame keeps the most information in the state, but each
+    frame costs ``per_frame_s`` and delays the output. So feed as many as fit while the time
+    per output stays within 1 / ``min_output_share`` of the engine's own cost for one frame and
+    its output: the output rate then stays >= ``min_output_share`` of the engine's capacity
+    whatever the camera rate. Older frames beyond that are skipped (the state jumps over
+    them, as if the camera had been slower). Unknown costs (just started): feed everything.
+    """
+    if queued <= 1 or not per_frame_s or per_frame_s <= 0:
+        return max(1, queued)
+    if not 0 < min_output_share <= 1:
+        raise ValueError(f"min_output_share must be in (0, 1], got {min_output_share}")
+    out_s = max(0.0, per_output_s or 0.0)
+    budget = (per_frame_s + out_s) / min_output_share - out_s
+    return max(1, min(queued, int(budget / per_frame_s + 1e-9)))
 
 
 @dataclass
@@ -344,6 +365,9 @@ class EngineWorker:
         self._rolling = RollingWindow(self.window)
         self._engine_next_seq: int | None = None
         self._push_all = False
+        self._stateful = self._streaming and bool(getattr(engine, "stateful", False))
+        self._cost_frame_s: float | None = None  # EMA of a stateful engine's cost per frame fed
+        self._cost_output_s: float | None = None  # ... and per output
         self._engine_reset()
 
     def _serve(self, engine: Any, pull: zmq.Socket, pub: zmq.Socket) -> None:
@@ -441,6 +465,7 @@ class EngineWorker:
     # ------------------------------------------------------------------ compute
     def _engine_reset(self) -> None:
         self._engine_next_seq = None
+        self._fed = 0  # frames a stateful engine has been fed since its reset
         if self._streaming:
             self._engine.reset()
 
@@ -469,6 +494,9 @@ class EngineWorker:
             if new_run[a]:
                 self._rolling.reset()
                 self._engine_reset()
+            if self._stateful:
+                self._feed_stateful_run(frames[a:b], [i - a for i in dues], t_start)
+                continue
             # A streaming engine whose state already runs up to this batch keeps it when that
             # is no dearer than a restart (<= window pushes): skipping would cost a full
             # re-warm per output and, for a recurrent net near capacity, never catch up.
@@ -482,6 +510,54 @@ class EngineWorker:
                     if i + 1 < len(frames):
                         self._process_batch(frames[i + 1 :])
                     return
+
+    def _feed_stateful_run(self, run: list, dues: list[int], t_start: int) -> None:
+        """One continuous run of a stateful engine: keep its state, skip outputs (and the oldest
+        frames the engine cannot afford, see plan_stateful_feed), publish the newest due output."""
+        m = plan_stateful_feed(len(run), per_frame_s=self._cost_frame_s,
+                               per_output_s=self._cost_output_s)
+        m = max(m, min(len(run), self.window - self._fed))  # a warm-up is fed in full
+        start = len(run) - m
+        last_due = dues[-1] if dues else None
+        published = False
+        try:
+            if last_due is not None and last_due >= start:
+                h, _, t_recv = run[last_due]
+                out = self._push_frames([img for _, img, _ in run[start:last_due + 1]], True)
+                if out is not None:
+                    self._publish(h, out, t_recv, t_start)
+                    published = True
+                start = last_due + 1
+            if start < len(run):
+                self._push_frames([img for _, img, _ in run[start:]], False)
+        except Exception as e:
+            self._engine_error(e)
+            self._continuity.reset()  # the next frame starts a fresh run on the reset engine
+        if dues and not published:  # the others were counted by the caller
+            self.stats.frames_dropped += 1
+
+    def _push_frames(self, imgs: list, want_output: bool) -> Any:
+        """Feed frames to a stateful engine (push_many when it has one); learn its costs."""
+        eng = self._engine
+        self._fed += len(imgs)
+        t0 = time.perf_counter()
+        many = getattr(eng, "push_many", None)
+        if callable(many):
+            out = many(imgs, output=want_output)
+        else:
+            out = None
+            for img in imgs:
+                out = eng.push(img)
+        cost = getattr(eng, "last_cost", None)
+        ingest_s, output_s = cost if cost is not None else (time.perf_counter() - t0, None)
+        a = 0.3
+        per_frame = ingest_s / len(imgs)
+        self._cost_frame_s = per_frame if self._cost_frame_s is None else (
+            (1 - a) * self._cost_frame_s + a * per_frame)
+        if output_s:
+            self._cost_output_s = output_s if self._cost_output_s is None else (
+                (1 - a) * self._cost_output_s + a * output_s)
+        return out if want_output else None
 
     def _needed(self, i: int, last_due: int | None, end: int) -> bool:
         """Does frame i contribute to the newest due output, or to outputs after this batch?"""

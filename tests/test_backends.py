@@ -322,14 +322,18 @@ def test_real_convgru_and_convlstm_targets_are_accelerated():
     from engines import convlstm
 
     model, norm = convlstm.build_model({"arch": {"hidden": 4}})
-    ref_e = convlstm.ConvLSTMEngine(model=model, norm=norm)
-    lstm = convlstm.ConvLSTMEngine(model=__import__("copy").deepcopy(model), norm=norm)
+    ref_e = convlstm.ConvLSTMEngine(model=model, norm=norm, warmup=3)
+    lstm = convlstm.ConvLSTMEngine(model=__import__("copy").deepcopy(model), norm=norm, warmup=3)
     backend = "onnxruntime" if B.backend_status("onnxruntime") == "ok" else "jit"
     B.apply_backend(lstm, backend, "fp32", on_mismatch="raise")
+    compared = 0
     for f in _stack(6, 12, seed=3):
         a, b = lstm.push(f), ref_e.push(f)
         if b is not None:
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+            compared += 1
+    assert compared == 4
+    assert set(B.backend_calls(lstm)) == {"model.encoder", "model.update", "model.decoder"}
     assert all(n > 0 for n in B.backend_calls(lstm).values())
 
 
