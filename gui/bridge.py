@@ -23,6 +23,7 @@ SIGNALS = {
     "resultReady": "on_result",
     "metricsUpdated": "on_metrics",
     "error": "on_error",
+    "status": "on_status",
     "started": "on_started",
     "finished": "on_finished",
 }

@@ -239,6 +239,7 @@ def _run_headless(cfg: PipelineConfig) -> int:
 
     pipe = Pipeline(cfg)
     pipe.error.connect(lambda msg: print(f"livesr: {msg}", file=sys.stderr))
+    pipe.status.connect(lambda msg: print(f"livesr: {msg}", file=sys.stderr, flush=True))
     try:
         pipe.start()
     except PipelineError as e:
@@ -276,7 +277,7 @@ def _wait_with_progress(pipe: Any, seconds: float | None) -> None:
     """Wait for the run, with a progress bar on an interactive terminal."""
     from tqdm import tqdm
 
-    if not pipe.wait_started(pipe.config.engine_ready_timeout_s + 30.0):
+    if not pipe.wait_started(None):  # the pipeline enforces the engine's ready timeout
         return
     t0 = time.monotonic()
     with tqdm(total=seconds, unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s {postfix}"

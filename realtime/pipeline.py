@@ -58,6 +58,7 @@ class Pipeline:
     resultReady = Signal(object, object)  # (ResultHeader, float32 image)
     metricsUpdated = Signal(object)  # PipelineMetrics snapshot, a few times per second
     error = Signal(str)  # a problem the user should see (the run may continue)
+    status = Signal(str)  # progress the user may want to know ("compiling ...")
     started = Signal()  # the engine is ready and the camera acquires
     finished = Signal(object)  # final PipelineMetrics: the run is over, files are closed
     engineDied = Signal(str)  # the engine process died (it is being restarted) / went silent
@@ -190,6 +191,7 @@ class Pipeline:
             socket_setup=self._socket_setup,
             stream=self.stream,
             connect_results=True,
+            warmup_shape=(int(self.core.getImageHeight()), int(self.core.getImageWidth())),
         )
         if cfg.worker_mode == "process":
             self.worker = self._supervised(self.worker)  # restarted if it dies
@@ -235,7 +237,7 @@ class Pipeline:
         if self._collector is None:
             self.start()
         try:
-            if self.wait_started(self.config.engine_ready_timeout_s + 30.0):
+            if self.wait_started(None):  # _wait_engine_ready enforces the ready timeout
                 self._done_evt.wait(seconds)  # returns early when the source ends
         finally:
             self.stop(wait=True)
@@ -426,9 +428,13 @@ class Pipeline:
             self._sub_ctx = None
 
     def _wait_engine_ready(self, sub: zmq.Socket) -> bool:
-        deadline = time.monotonic() + self.config.engine_ready_timeout_s
+        """Wait for the engine's first "ready"; a compiling engine ("preparing" heartbeats)
+        gets the ready timeout afresh with every heartbeat."""
+        timeout = self.config.engine_ready_timeout_s
+        deadline = time.monotonic() + timeout
         worker = self.worker
         assert worker is not None
+        said_preparing = False
         while not self._stop_requested.is_set():
             if sub.poll(100):
                 st = self._handle_message(sub.recv_multipart(copy=False))
@@ -437,16 +443,28 @@ class Pipeline:
                         self._emit_error(st.last_error or worker.startup_error()
                                          or "engine worker ended before it was ready")
                         return False
-                    return True
+                    if st.state != "preparing":
+                        return True
+                    deadline = time.monotonic() + timeout
+                    if not said_preparing:
+                        said_preparing = True
+                        self._emit_status(self._preparing_message())
             if not worker.is_alive():
                 why = worker.startup_error() or f"exit code {worker.exitcode}"
                 self._emit_error(f"engine worker ended before it was ready: {why}")
                 return False
             if time.monotonic() > deadline:
                 self._emit_error(f"engine {self._engine_label()!r} not ready after "
-                                 f"{self.config.engine_ready_timeout_s:.0f} s")
+                                 f"{timeout:.0f} s")
                 return False
         return False
+
+    def _preparing_message(self) -> str:
+        cfg = self.config
+        h, w = int(self.core.getImageHeight()), int(self.core.getImageWidth())
+        return (f"compiling {self._engine_label()} with backend {cfg.backend!r} ({cfg.precision}) "
+                f"for {w}x{h} frames and checking it against eager, before the camera starts "
+                "(the first time can take a minute) ...")
 
     def _start_acquisition(self) -> bool:
         if self._stop_requested.is_set():
@@ -593,6 +611,10 @@ class Pipeline:
             self._safe_emit(self.finished, final)
 
     # ================================================================== helpers
+    def _emit_status(self, message: str) -> None:
+        logger.info("%s", message)
+        self._safe_emit(self.status, message)
+
     def _emit_error(self, message: str) -> None:
         logger.error("%s", message)
         with self._lock:

@@ -49,13 +49,17 @@ from .protocol import (
 )
 from .window import RollingWindow, StreamContinuity
 
-__all__ = ["EngineWorker", "WorkerStats", "default_compute_threads", "plan_stateful_feed"]
+__all__ = ["EngineLoadError", "EngineWorker", "WorkerStats", "default_compute_threads", "plan_stateful_feed"]
 
 logger = logging.getLogger(__name__)
 
 #: An engine name for ``engines.load_engine``, an engine object, or a zero-argument factory.
 EngineSpec = Union[str, Any, Callable[[], Any]]
 SocketSetup = Callable[[zmq.Socket], None]
+
+
+class EngineLoadError(RuntimeError):
+    """The engine could not be loaded or compiled (reported once, through the stats)."""
 
 
 def default_compute_threads() -> int:
@@ -113,6 +117,9 @@ class EngineWorker:
     ``connect_results``: connect the result PUB to a subscriber that bound ``out_addr``
     (the pipeline binds every socket in its own process, on port 0 if asked) instead of
     binding it here.
+    ``warmup_shape``: the camera's (H, W). An engine running through a compiled backend is
+    compiled, checked (and for "auto" timed) for that shape before the worker says "ready",
+    publishing "preparing" stats meanwhile, so no frame ever waits for a compiler.
     """
 
     def __init__(
@@ -133,6 +140,7 @@ class EngineWorker:
         stream: str | None = None,
         connect_results: bool = False,
         stream_idle_s: float = 1.0,
+        warmup_shape: tuple[int, int] | None = None,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
@@ -150,6 +158,7 @@ class EngineWorker:
         self.threads = default_compute_threads() if threads is None else int(threads)
         self.expected_stream = stream
         self.connect_results = connect_results
+        self.warmup_shape = None if warmup_shape is None else (int(warmup_shape[0]), int(warmup_shape[1]))
         self.stream_idle_s = stream_idle_s
         self._stream: str | None = stream  # the stream being served now
         self._stream_seen = 0.0  # monotonic time of its last frame
@@ -174,6 +183,8 @@ class EngineWorker:
     def _run_logged(self) -> None:
         try:
             self.run()
+        except EngineLoadError:
+            pass  # reported through startup_error() and the final stats
         except Exception:
             logger.exception("engine worker failed")
 
@@ -261,25 +272,58 @@ class EngineWorker:
                 if e.errno == zmq.EADDRINUSE:
                     msg += " (another livesr running? use a free port, e.g. tcp://127.0.0.1:0)"
                 self._failure.put(msg)
-                raise RuntimeError(msg) from None
+                raise EngineLoadError(msg) from None
             try:
                 engine = self._load_engine()
-            except Exception as e:  # report why, then end: nothing can be computed
+            except Exception as e:  # report why (once: the receiver prints it), then end
                 msg = f"engine {self._engine_label()!r} failed to load: {type(e).__name__}: {e}"
-                logger.error(msg)
+                logger.debug(msg, exc_info=True)
                 self.stats.engine_errors += 1
                 self.stats.last_error = msg
                 self._failure.put(msg)
                 self._announce_failure(pub)
-                raise
+                raise EngineLoadError(msg) from e
             pull.connect(self.in_addr)
             if self.connect_results:
                 self._await_subscriber(pub)
+            try:
+                self._warm_up(engine, pub)
+            except Exception as e:
+                msg = (f"engine {self._engine_label()!r} failed while compiling for "
+                       f"{self.warmup_shape}: {type(e).__name__}: {e}")
+                self.stats.engine_errors += 1
+                self.stats.last_error = msg
+                self._failure.put(msg)
+                self._announce_failure(pub)
+                raise EngineLoadError(msg) from e
             self._serve(engine, pull, pub)
         finally:
             pull.close()
             pub.close()
             ctx.term()
+
+    def _warm_up(self, engine: Any, pub: zmq.Socket) -> None:
+        """Compile / check / time the engine's backend for the camera's frame shape now."""
+        if self.warmup_shape is None or not getattr(engine, "backend_modules", None):
+            return
+        from engines.backends import warm_up  # only engines with backend modules get here
+
+        done = threading.Event()
+
+        def heartbeat() -> None:  # the main thread does not touch `pub` until joined
+            while not done.is_set():
+                pub.send_multipart(encode_stats(self._stats_message("preparing")))
+                done.wait(self.stats_interval_s)
+
+        beat = threading.Thread(target=heartbeat, name="livesr-warmup-heartbeat", daemon=True)
+        beat.start()
+        try:
+            seconds = warm_up(engine, self.warmup_shape)
+        finally:
+            done.set()
+            beat.join()
+        logger.info("engine %s compiled for %s in %.1f s", self._engine_label(), self.warmup_shape,
+                    seconds)
 
     def _await_subscriber(self, pub: zmq.Socket, timeout_s: float = 5.0) -> None:
         """Wait (briefly) for the subscriber's subscription to reach our XPUB."""
@@ -643,6 +687,8 @@ def _process_main(worker: EngineWorker) -> None:
             os.environ.setdefault(var, str(worker.threads))
     try:
         worker.run()
+    except EngineLoadError:
+        raise SystemExit(1) from None  # reported through startup_error() and the final stats
     except Exception:
         logger.exception("engine worker failed")
-        raise SystemExit(1)
+        raise SystemExit(1) from None

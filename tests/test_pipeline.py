@@ -214,3 +214,32 @@ def test_busy_port_is_one_clear_error_at_start(make_tcp_addr, which):
     finally:
         squatter.close(linger=0)
         ctx.term()
+
+
+def test_compiled_backend_is_built_before_the_camera_starts():
+    """Issue 15: --backend compile/auto compiled after acquisition started (first output after
+    16-24 s, a 10 s run lasting 30 s). Now: "compiling ..." during start-up, nothing built live."""
+    from engines import convlstm
+    from engines.backends import apply_backend
+
+    model, norm = convlstm.build_model({"arch": {"hidden": 4}})
+    eng = apply_backend(convlstm.ConvLSTMEngine(model=model, norm=norm, warmup=3), "jit", "fp32")
+    pipe = Pipeline(_cfg(size=16, seconds=1.0, backend="jit"), engine=eng)
+    events: list[str] = []
+    built_at_start: dict = {}
+    pipe.status.connect(lambda msg: events.append("status: " + msg))
+
+    def started():
+        events.append("started")
+        built_at_start.update({k: set(m._paths) for k, m in eng.backend_modules.items()})
+
+    pipe.started.connect(started)
+    first_result: list[float] = []
+    pipe.resultReady.connect(lambda h, img: first_result or first_result.append(pipe.metrics().duration_s))
+    m = pipe.run_for(1.0)
+    assert m.errors == [] and m.outputs > 0
+    assert events[0].startswith("status: compiling convlstm with backend 'jit'") and "16x16" in events[0]
+    assert events.index("started") == 1
+    assert all(built_at_start.values())
+    assert {k: set(v._paths) for k, v in eng.backend_modules.items()} == built_at_start
+    assert m.duration_s < 2.0 and first_result[0] < 0.5  # acquisition time, not compile time
