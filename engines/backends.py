@@ -49,11 +49,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from engines import backend_cache as bc
+from realtime.config import BACKEND_ALIASES as ALIASES
+from realtime.config import BACKENDS
+from realtime.config import canonical_backend as canonical
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "channels_last", "jit", "compile", "compile-cudagraphs", "onnxruntime",
-            "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "int8": torch.float32}  # int8: TensorRT quantises internally; IO stays fp32
@@ -111,15 +112,8 @@ class CheckReport:
 # --------------------------------------------------------------------------- availability
 
 
-#: Other spellings accepted for convenience (the CLI help says "compiled").
-ALIASES = {"compiled": "compile", "torch.compile": "compile", "ort": "onnxruntime",
-           "onnx": "onnxruntime", "trt": "tensorrt", "torchscript": "jit"}
-
-
-def canonical(backend: str) -> str:
-    """Backend name with aliases resolved ('compiled+cl' -> 'compile+cl')."""
-    base, sep, flag = backend.partition("+")
-    return ALIASES.get(base, base) + sep + flag
+# BACKENDS, ALIASES and canonical() live in realtime.config (torch-free: the CLI and the GUI
+# list them without importing torch)
 
 
 def _split(backend: str) -> tuple[str, bool]:
@@ -820,7 +814,10 @@ def apply_backend(engine: Any, backend: str = "eager", precision: str = "fp32",
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     if backend != "auto":
-        _split(backend)  # validates the modifier
+        base, cl = _split(backend)  # validates the modifier
+        if base not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose one of "
+                             f"{', '.join(BACKENDS)}, jit+cl, compile+cl or auto")
     targets = engine_targets(engine)
     resolved = []
     for path in targets:

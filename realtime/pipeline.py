@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 from psygnal import Signal
 
-from .config import Addresses, PipelineConfig
+from .config import Addresses, PipelineConfig, memory_problem
 from .metrics import LatencyTracker, PipelineMetrics, RateMeter
 from .protocol import FOREIGN, ProtocolError, ResultHeader, StatsMessage, decode, new_stream_id
 from .worker import EngineWorker
@@ -41,6 +41,17 @@ SocketSetup = Callable[[zmq.Socket], None]
 class PipelineError(RuntimeError):
     """The pipeline cannot start (bad source, recording file, engine)."""
 
+
+class RecordingExistsError(PipelineError):
+    """The recording file exists and overwriting was not allowed (each front end says how)."""
+
+    def __init__(self, path: Any) -> None:
+        super().__init__(f"recording file {path} exists")
+        self.path = path
+
+
+#: a camera delivering less than this share of the requested rate is reported
+LOW_RATE_SHARE = 0.8
 
 _PORT_HINT = (" (another livesr, or another program, holds that port: stop it, or leave out "
               "--frames-addr/--results-addr so that a free port is used)")
@@ -103,6 +114,7 @@ class Pipeline:
         self._sub_ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
         self._local_malformed: dict[str, int] = {}  # bad messages seen by the collector
+        self.json_written: Any = None  # the --json path once it was written
         self._base = _StatsBase()  # totals of engine processes that died and were restarted
         self._dropped_seen = 0
 
@@ -276,11 +288,13 @@ class Pipeline:
                 m.duration_s = (self._t_end or time.monotonic()) - self._t_start
             return PipelineMetrics(**{**m.__dict__, "latency_ms": dict(m.latency_ms),
                                       "malformed_messages": dict(m.malformed_messages),
-                                      "errors": list(m.errors)})
+                                      "errors": list(m.errors), "warnings": list(m.warnings)})
 
     # ================================================================== setup
     def _engine_label(self) -> str:
         e = self._engine_override
+        if e is None and self.config.engine_at:  # the remote says what it runs (stats)
+            return "remote engine at " + ", ".join(self.config.engine_at)
         if e is None:
             return self.config.engine
         return str(getattr(e, "name", getattr(e, "__name__", type(e).__name__)))
@@ -296,6 +310,10 @@ class Pipeline:
             core.setROI((w - cfg.crop) // 2, (h - cfg.crop) // 2, cfg.crop, cfg.crop)
         if cfg.exposure_ms is not None:
             core.setExposure(float(cfg.exposure_ms))
+        if cfg.source_kind != "sim":  # the simulator's size was checked with the config
+            why = memory_problem(int(core.getImageHeight()), int(core.getImageWidth()), cfg.window)
+            if why:
+                raise PipelineError(why)
         return core
 
     def _make_recorder(self, cfg: PipelineConfig) -> Any:
@@ -309,7 +327,7 @@ class Pipeline:
         try:
             return OmeTiffRecorder(cfg.record, metadata=meta, overwrite=cfg.overwrite)
         except FileExistsError:
-            raise PipelineError(f"recording file {cfg.record} exists; choose another name or allow overwrite") from None
+            raise RecordingExistsError(cfg.record) from None
 
     def _make_acquisition(self, cfg: PipelineConfig, address: str) -> Any:
         from acquisition.thread import AcquisitionThread
@@ -354,6 +372,8 @@ class Pipeline:
         sw = SupervisedWorker(worker)
 
         def died(reason: str) -> None:
+            if not self._acq_started and sw.startup_error():
+                return  # it failed to load: the collector reports why, once
             self._emit_error(f"{reason} (acquisition and recording continue)")
             self._safe_emit(self.engineDied, reason)
 
@@ -362,6 +382,8 @@ class Pipeline:
             self._safe_emit(self.engineRestarted, n)
 
         def gave_up(reason: str) -> None:
+            if not self._acq_started and sw.startup_error():
+                return
             self._emit_error(reason)
 
         sw.engineDied.connect(died)
@@ -410,8 +432,10 @@ class Pipeline:
         sub = self._sub
         try:
             assert sub is not None
-            if self._wait_engine_ready(sub) and self._start_acquisition():
-                self._receive_until_end(sub)
+            if self._wait_engine_ready(sub):
+                self._check_movie_length()
+                if self._start_acquisition():
+                    self._receive_until_end(sub)
         except Exception as e:  # the collector must always finish the run cleanly
             logger.exception("results collector failed")
             self._emit_error(f"results collector failed: {_describe(e)}")
@@ -499,8 +523,13 @@ class Pipeline:
                         return
             now = time.monotonic()
             if now >= next_metrics:
-                self._safe_emit(self.metricsUpdated, self.metrics())
+                m = self.metrics()
+                self._safe_emit(self.metricsUpdated, m)
                 next_metrics = now + self._metrics_interval_s
+                cfg = self.config
+                if (cfg.fps and cfg.source_kind != "mm" and m.duration_s >= 3.0
+                        and 0 < m.fps_acquired < LOW_RATE_SHARE * cfg.fps):
+                    self._emit_warning(self._low_rate_message(m.fps_acquired))
             if not worker.is_alive():
                 self._drain_after_worker_exit(sub)
                 if worker.exitcode not in (0, None):
@@ -600,15 +629,55 @@ class Pipeline:
             logger.exception("pipeline shutdown failed")
             self._emit_error(f"shutdown failed: {_describe(e)}")
         finally:
+            if self._acq_started:
+                self._check_outcome()
             final = self.metrics()
             if self.config.json is not None:  # before done: stop(wait=True) callers read it
                 try:
                     final.write_json(self.config.json)
+                    self.json_written = self.config.json
                 except OSError as e:
-                    logger.error("cannot write %s: %s", self.config.json, e)
+                    self._emit_error(f"metrics NOT written: cannot write {self.config.json}: "
+                                     f"{e.strerror or e}")
+                    final = self.metrics()
             self._done_evt.set()
             self._safe_emit(self.metricsUpdated, final)
             self._safe_emit(self.finished, final)
+
+    def _check_outcome(self) -> None:
+        """Say so when the run did not do what was asked: no frame, no output, a slow camera."""
+        m, cfg = self.metrics(), self.config
+        st = self._stats
+        window = st.window if st is not None and st.window else cfg.window
+        if m.frames_acquired == 0:
+            self._emit_error("no frame was acquired")
+        elif m.outputs == 0 and m.outputs_received == 0 and not m.engine_errors:
+            need = f"{window} consecutive frames" if window else "more frames"
+            self._emit_error(f"no output: the engine needs {need} per output and received "
+                             f"{m.frames_received} of the {m.frames_acquired} acquired")
+        if (cfg.fps and cfg.source_kind != "mm" and m.duration_s >= 2.0
+                and 0 < m.fps_acquired < LOW_RATE_SHARE * cfg.fps):
+            self._emit_warning(self._low_rate_message(m.fps_acquired))
+
+    def _low_rate_message(self, fps: float) -> str:
+        cfg = self.config
+        h, w = int(self.core.getImageHeight()), int(self.core.getImageWidth())
+        what = "the simulator" if cfg.source_kind == "sim" else "the replay"
+        return (f"the camera delivered {fps:.1f} fps of the {cfg.fps:g} requested ({what} cannot "
+                f"produce {w}x{h} frames faster here): use a smaller --size/--crop or a lower --fps")
+
+    def _check_movie_length(self) -> None:
+        """Before the camera starts: a movie played once that is shorter than the window."""
+        st, cfg = self._stats, self.config
+        if cfg.source_kind != "replay" or cfg.loop or st is None or not st.window:
+            return
+        try:
+            frames = int(self.core.getProperty(self.core.getCameraDevice(), "Frames"))
+        except Exception:  # not our replay camera: nothing to say
+            return
+        if frames < st.window:
+            self._emit_warning(f"the movie has {frames} frame(s) but the engine needs {st.window} "
+                               "per output: no output can be made (use --window, or --loop)")
 
     # ================================================================== helpers
     def _emit_status(self, message: str) -> None:
@@ -616,10 +685,21 @@ class Pipeline:
         self._safe_emit(self.status, message)
 
     def _emit_error(self, message: str) -> None:
-        logger.error("%s", message)
+        """Tell the user once (the same text twice is said once); listeners print it."""
         with self._lock:
+            if message in self._m.errors:
+                return
             self._m.errors.append(message)
+        logger.debug("%s", message)
         self._safe_emit(self.error, message)
+
+    def _emit_warning(self, message: str) -> None:
+        """A run that goes on but not as asked (kept in metrics.warnings, said once)."""
+        with self._lock:
+            if message in self._m.warnings:
+                return
+            self._m.warnings.append(message)
+        self._emit_status("warning: " + message)
 
     @staticmethod
     def _safe_emit(signal: Any, *args: Any) -> None:

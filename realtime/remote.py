@@ -499,6 +499,8 @@ class LinkStats:
     downs: int = 0
     auth_failures: int = 0
     first_refused: float | None = None
+    handshake_failures: list[tuple[int, int]] = field(default_factory=list)  # (event, value)
+    advised_at: int = 0  # auth_failures when the user was last told why
     engine_restarts: int = 0  # seen as the engine's counters starting again from zero
     last_stats: StatsMessage | None = None
     final: StatsMessage | None = None
@@ -720,6 +722,7 @@ class RemoteEngineClient:
                         self._take_results(i, lk, pub)
                     self._flush_queue(lk)
                     self._check_heartbeat(lk, now)
+                    self._advise(lk, now)
                     self._check_refused(lk, now)
                 self._publish_released(self.reorderer.poll())
                 if now >= next_stats and any(lk.stats.ups for lk in links):
@@ -955,18 +958,33 @@ class RemoteEngineClient:
                 lk.stats.auth_failures += 1
                 if lk.stats.first_refused is None:
                     lk.stats.first_refused = time.monotonic()
-                if lk.stats.auth_failures == 1 or lk.stats.auth_failures % 50 == 0:
-                    hint = (
-                        "copy this PC's public .key into the engine's --allow directory and "
-                        "check --server-key is the engine's server.key"
-                        if self.options.curve
-                        else "the engine requires CURVE keys: pass --server-key and --client-key"
-                    )
-                    msg = f"engine at {lk.endpoint} refused the connection ({zmq.Event(e).name}): {hint}"
-                    log.error("%s", msg)
-                    self.authFailed.emit(msg)
+                lk.stats.handshake_failures.append((e, ev["value"]))
+                del lk.stats.handshake_failures[:-20]
+                self._advise(lk, time.monotonic())
             elif e == zmq.EVENT_DISCONNECTED:
                 log.warning("link to engine at %s dropped; ZeroMQ keeps reconnecting", lk.endpoint)
+
+    def _advise(self, lk: _Link, now: float) -> None:
+        """Say why an engine refuses us, once a few attempts show the most specific reason
+        (a keyless engine shows up as a mechanism mismatch only on some attempts), then every
+        50 attempts."""
+        st = lk.stats
+        if st.auth_failures == 0 or st.auth_failures == st.advised_at:
+            return
+        if st.advised_at == 0:
+            if st.auth_failures < 5 and now - (st.first_refused or now) < 1.0:
+                return
+        elif st.auth_failures - st.advised_at < 50:
+            return
+        st.advised_at = st.auth_failures
+        mismatch = [f for f in st.handshake_failures
+                    if f == (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)]
+        auth = [f for f in st.handshake_failures if f[0] == zmq.EVENT_HANDSHAKE_FAILED_AUTH]
+        e, value = (mismatch or auth or st.handshake_failures)[-1]
+        hint = handshake_advice(e, value, curve=self.options.curve)
+        msg = f"engine at {lk.endpoint} refused the connection ({zmq.Event(e).name}): {hint}"
+        log.error("%s", msg)
+        self.authFailed.emit(msg)
 
     # ------------------------------------------------------------------ stats
     def _aggregate_stats(self, *, final: bool) -> StatsMessage:
@@ -1010,6 +1028,25 @@ class RemoteEngineClient:
             stream=self.stream,
             window=self.window if self._window_known else 0,
         )
+
+
+def handshake_advice(event: int, value: int, *, curve: bool) -> str:
+    """What the user should do about a failed ZeroMQ handshake with an engine."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        if curve:
+            return ("the engine does not use CURVE (it was started without --keys/--allow): "
+                    "restart it with --keys and --allow, or leave out --server-key/--client-key "
+                    "(an engine without keys listens on loopback only: use an ssh tunnel)")
+        return "the engine requires CURVE keys: pass --server-key and --client-key"
+    if not curve:
+        return "the engine requires CURVE keys: pass --server-key and --client-key"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "the engine does not accept this PC's key: copy this PC's public .key into its --allow directory"
+    # no detail: a wrong server key, or (on some attempts) an engine without CURVE at all
+    return ("either the engine does not use CURVE (started without --keys/--allow: restart it "
+            "with them, or leave out --server-key/--client-key), or --server-key is not its "
+            "server.key (--client-key must be this PC's .key_secret, its public .key in the "
+            "engine's --allow folder)")
 
 
 # ============================================================================ CLI glue

@@ -276,7 +276,7 @@ class EngineWorker:
             try:
                 engine = self._load_engine()
             except Exception as e:  # report why (once: the receiver prints it), then end
-                msg = f"engine {self._engine_label()!r} failed to load: {type(e).__name__}: {e}"
+                msg = f"engine {self._engine_label()!r} failed to load: {_first_line(e)}"
                 logger.debug(msg, exc_info=True)
                 self.stats.engine_errors += 1
                 self.stats.last_error = msg
@@ -290,7 +290,7 @@ class EngineWorker:
                 self._warm_up(engine, pub)
             except Exception as e:
                 msg = (f"engine {self._engine_label()!r} failed while compiling for "
-                       f"{self.warmup_shape}: {type(e).__name__}: {e}")
+                       f"{self.warmup_shape}: {_first_line(e)}")
                 self.stats.engine_errors += 1
                 self.stats.last_error = msg
                 self._failure.put(msg)
@@ -676,12 +676,20 @@ class EngineWorker:
         self.stats.outputs += 1
 
 
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (torch's errors can run to a page)."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _process_main(worker: EngineWorker) -> None:
     """Entry point of the spawned worker process."""
     logging.basicConfig(level=worker._log_level, format="%(asctime)s engine-worker %(levelname)s %(message)s")
     # Ctrl+C in a terminal reaches the whole process group: the parent decides when we stop
     # (it sends the EndOfStream), so that the queued frames are still processed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal hangs up the whole group too
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if worker.threads >= 1:  # before torch is imported: also caps OpenMP/MKL pools
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(worker.threads))

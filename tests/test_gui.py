@@ -412,3 +412,25 @@ def test_another_runs_results_are_never_displayed(make_window, qtbot, monkeypatc
     assert win.last_metrics.malformed_messages.get("results:foreign", 0) > 0
     numeric = [(int(d), int(r)) for d, r in counts if d.isdigit() and r.isdigit()]
     assert numeric and all(d <= r for d, r in numeric), numeric
+
+
+def test_existing_recording_advice_names_controls_that_exist(make_window, qtbot, tmp_path, monkeypatch):
+    """Issue 15: the dialog told the user to 'allow overwrite', a control the window lacks."""
+    path = tmp_path / "old.ome.tif"
+    path.write_bytes(b"an earlier recording")
+    win = make_window()
+    win.controls.record_path.setText(str(path))
+    win.controls.record.setChecked(True)
+    qtbot.mouseClick(win.controls.start_btn, QtCore.Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: bool(win.errors) and win.state == "idle", timeout=START_TIMEOUT_MS)
+    msg = win.errors[-1]
+    assert "exists" in msg and "'...' button" in msg and "allow overwrite" not in msg
+    assert win.controls.browse.text() == "..." and path.read_bytes() == b"an earlier recording"
+    # doing what it says works: choose the file with the button (the dialog confirmed it)
+    monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a, **k: (str(path), "")))
+    qtbot.mouseClick(win.controls.browse, QtCore.Qt.MouseButton.LeftButton)
+    win.errors.clear()
+    start_and_wait_results(qtbot, win, n=2)
+    stop_and_wait(qtbot, win)
+    assert path.read_bytes()[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00")  # a TIFF now
