@@ -370,11 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ValueError as e:
-        parser.error(str(e))
+        _refuse(args.command, str(e))
     if args.command == "replay" and not args.file.is_file():
-        parser.error(f"no such movie file: {args.file}")
+        _refuse(args.command, f"no such movie file: {args.file}")
     if args.command == "live" and not args.mm_config.is_file():
-        parser.error(f"no such Micro-Manager config: {args.mm_config}")
+        _refuse(args.command, f"no such Micro-Manager config: {args.mm_config}")
     if not cfg.headless:
         problem = _gui_problem()
         if problem is None:
@@ -384,6 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.seconds is None and (cfg.source_kind != "replay" or cfg.loop):
             cfg = cfg.replace(seconds=DEMO_HEADLESS_SECONDS)
     return _run_headless(cfg)
+
+
+def _refuse(command: str, message: str) -> None:
+    """A run that cannot be started as asked: one line, exit code 2 (like argparse)."""
+    _say(f"livesr {command}: error: {message}", err=True)
+    raise SystemExit(2)
 
 
 def _version() -> str:
