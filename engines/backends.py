@@ -624,8 +624,11 @@ class AcceleratedModule(nn.Module):
         with torch.no_grad():
             raw = _BUILDERS[base](self._fast_module(base, cl), fast_args, ctx)
 
-        def fn(*a: Any) -> Any:
-            return _cast(raw(*_cast(a, want, cl)), in_dtype)
+        if base == "eager" and not cl and want == in_dtype:
+            fn = raw  # nothing to convert: no per-call cost over the plain module
+        else:
+            def fn(*a: Any) -> Any:
+                return _cast(raw(*_cast(a, want, cl)), in_dtype)
 
         report = CheckReport(target=self.target, signature=sig, backend=backend,
                              precision=self.precision, tolerance=self.tolerance, used=backend)
