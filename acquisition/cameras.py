@@ -710,7 +710,8 @@ def _load_micromanager_config(path: str, mmcore: CMMCorePlus | None) -> CMMCoreP
         raise MicroManagerConfigError(
             f"cannot load {str(p)!r}: no Micro-Manager installation was found. "
             "Install the device adapters with `mmcore install` (pymmcore-plus), "
-            "or use --source sim / a .tif movie."
+            "or try livesr without a microscope: `livesr demo` (simulated camera) or "
+            "`livesr replay MOVIE.tif`."
         )
     core = mmcore or CMMCorePlus()
     try:

@@ -69,6 +69,7 @@ class AcquisitionThread:
         poll_interval_s: float = 0.001,
         context: zmq.Context | None = None,
         socket_setup: SocketSetup | None = None,
+        stream: str = "",
     ) -> None:
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
@@ -85,6 +86,7 @@ class AcquisitionThread:
         self._own_context = context is None
         self._context = context
         self._socket_setup = socket_setup
+        self.stream = stream  # the run's stream id, stamped on every frame and the EOS
 
         self._sock: zmq.Socket | None = None
         self._thread: threading.Thread | None = None
@@ -139,7 +141,34 @@ class AcquisitionThread:
                                "livesr needs single-channel frames")
         self._exposure_ms = float(core.getExposure())
         self._pixel_um = self._pixel_size()
+        if self._sock is None:
+            self.bind()
+        sock = self._sock
+        assert sock is not None
 
+        try:
+            if self.max_frames is not None:
+                core.startSequenceAcquisition(self.max_frames, 0, False)
+            else:
+                core.startContinuousSequenceAcquisition(0)
+        except Exception as e:
+            sock.close(linger=0)
+            self._sock = None
+            self._term_context()
+            raise RuntimeError(f"camera {self._camera!r} could not start acquiring: {e}") from e
+
+        self._thread = threading.Thread(target=self._run, name="livesr-acquisition", daemon=True)
+        self._thread.start()
+        atexit.register(self._stop_at_exit)
+
+    def bind(self) -> str:
+        """Bind the frame socket now (before `start`) and return the real endpoint.
+
+        With port 0 (``tcp://127.0.0.1:0``) the OS picks a free port; the endpoint read back
+        from ZeroMQ is what engines must connect to (no bind-close-rebind race).
+        """
+        if self._sock is not None:
+            return self.address
         if self._context is None:
             self._context = zmq.Context()
         sock = self._context.socket(zmq.PUSH)
@@ -152,26 +181,18 @@ class AcquisitionThread:
         except zmq.ZMQError as e:
             sock.close(linger=0)
             self._term_context()
-            raise RuntimeError(f"cannot bind the frame socket at {self.address}: {e}") from e
+            raise RuntimeError(f"cannot bind the frame socket at {self.address}: {e.strerror}") from e
+        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
-
-        try:
-            if self.max_frames is not None:
-                core.startSequenceAcquisition(self.max_frames, 0, False)
-            else:
-                core.startContinuousSequenceAcquisition(0)
-        except Exception as e:
-            sock.close(linger=0)
-            self._term_context()
-            raise RuntimeError(f"camera {self._camera!r} could not start acquiring: {e}") from e
-
-        self._thread = threading.Thread(target=self._run, name="livesr-acquisition", daemon=True)
-        self._thread.start()
-        atexit.register(self._stop_at_exit)
+        return self.address
 
     def stop(self, timeout: float | None = 30.0) -> int:
         """Stop, drain, flush, close; returns frames acquired. Safe to call repeatedly."""
         self._stop_event.set()
+        if self._thread is None and self._sock is not None:  # bound but never started
+            self._sock.close(linger=0)
+            self._sock = None
+            self._term_context()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         return self.frames_acquired
@@ -231,6 +252,7 @@ class AcquisitionThread:
             exposure_ms=self._exposure_ms,
             pixel_size_um=self._pixel_um,
             elapsed_ms=_as_float(elapsed),
+            stream=self.stream,
         )
         if self.recorder is not None:  # first: the recording must hold every frame
             self.recorder.put(img, seq, t_acq)
@@ -324,7 +346,8 @@ class AcquisitionThread:
                             len(self._backlog))
                 self.publish_drops += len(self._backlog)
                 self._backlog.clear()
-            eos = encode_eos(EndOfStream(frames_sent=self.frames_acquired, reason=reason))
+            eos = encode_eos(EndOfStream(frames_sent=self.frames_acquired, reason=reason,
+                                       stream=self.stream))
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
             if self._sock.poll(remaining_ms, zmq.POLLOUT):  # type: ignore[union-attr]
                 self._sock.send_multipart(eos, flags=zmq.NOBLOCK)  # type: ignore[union-attr]

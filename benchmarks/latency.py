@@ -38,6 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+#: where the project keeps its committed results (benchmarks/results/); runs never write here
+#: unless asked with --out-dir: by default they write into the current folder
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_SIZES = (128, 256, 512)
 DEFAULT_ENGINES = ("sofi", "convgru", "convlstm")
@@ -63,7 +65,7 @@ class BenchConfig:
     weights: dict[str, str] = field(default_factory=dict)
     check: bool = True                     # compare every non-eager-fp32 output with eager fp32
     interleave: bool = False               # time backends round-robin (fair on a busy CPU)
-    out_dir: Path = RESULTS_DIR
+    out_dir: Path = Path(".")              # the current folder, never the installed package
     stem: str | None = None                # file stem; default latency_<device>
     plot: bool = True
     progress: bool = True
@@ -586,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the eager-fp32 comparison")
     p.add_argument("--interleave", action="store_true",
                    help="time backends round-robin so a busy shared CPU biases none of them")
-    p.add_argument("--out-dir", default=str(d.out_dir), help="where CSV/JSON/PNG go")
+    p.add_argument("--out-dir", default=str(d.out_dir),
+                   help="where CSV/JSON/PNG go (default: the current folder)")
     p.add_argument("--stem", default=None, help="file name stem (default latency_<device>)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny run: sizes 16,32, 5 reps")

@@ -7,6 +7,12 @@ acquisition thread -> PUSH/PULL -> engine worker -> PUB/SUB -> collector) and re
 microscopist would see: frames acquired vs received, outputs, frames the engine skipped to
 keep up, and latency percentiles from frame acquisition to result *received* by the collector,
 split into stages from the result header's timestamps.
+
+``--capacity`` also times the engine's own ``push`` in this process (one compute thread, as
+in the worker; its CPU time, which a busy shared machine does not inflate) and reports
+outputs/s against that capacity: a camera slower than it should
+get an output per frame, a faster one should still get close to the capacity (a stateful
+engine such as the ConvLSTM keeps its state and skips outputs instead of re-warming).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.latency import RESULTS_DIR, machine_info, machine_line
+from benchmarks.latency import machine_info, machine_line
 
 STAGES = ("transit", "queue", "compute", "publish", "delivery")
 
@@ -33,6 +39,32 @@ def _pcts(values: list[float]) -> dict[str, float | None]:
     return {"n": int(a.size), "p50": float(np.percentile(a, 50)),
             "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
             "max": float(a.max())}
+
+
+def engine_capacity(engine: str, size: int, *, backend: str = "eager", precision: str = "fp32",
+                    device: str = "cpu", threads: int | None = None, weights: str | None = None,
+                    reps: int = 40) -> dict[str, float]:
+    """Median cost of one streaming push (after the warm-up), wall and CPU time of this thread,
+    and the outputs/s the CPU time allows (on a shared machine wall time also counts waiting
+    for a core; the CPU time is the engine's own cost)."""
+    import torch
+
+    from engines import load_engine
+    from engines.backends import simulated_stack
+    from realtime.worker import default_compute_threads
+
+    torch.set_num_threads(threads or default_compute_threads())
+    eng = load_engine(engine, backend=backend, precision=precision, device=device, weights=weights)
+    frames = simulated_stack(size, eng.window + reps + 3, seed=2)
+    wall, cpu = [], []
+    for i, f in enumerate(frames):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = eng.push(f)
+        if i >= eng.window + 2 and out is not None:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
+    push_ms, cpu_ms = 1e3 * float(np.median(wall)), 1e3 * float(np.median(cpu))
+    return {"push_ms": push_ms, "push_cpu_ms": cpu_ms, "capacity_per_s": 1e3 / cpu_ms}
 
 
 def run_pipeline(*, engine: str = "sofi", size: int = 128, fps: float = 100.0,
@@ -120,9 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="engine compute threads")
     p.add_argument("--worker-mode", default="process", choices=("process", "thread"))
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--out-dir", default=".", help="where JSON/CSV go (default: the current folder)")
     p.add_argument("--stem", default=None, help="file stem (default pipeline_<device>)")
     p.add_argument("--quick", action="store_true", help="tiny run: 16 px, 1 s, thread worker")
+    p.add_argument("--capacity", action="store_true",
+                   help="also time the engine's push alone and report outputs/s vs that capacity")
     a = p.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     sizes = [int(x) for x in split(a.sizes)]
@@ -137,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for be in split(a.backends):
             for pr in split(a.precisions):
                 for size in sizes:
+                    cap = None
+                    if a.capacity:
+                        cap = engine_capacity(eng, size, backend=be, precision=pr,
+                                              device=a.device, threads=a.threads)
+                        print(f"{eng} {be} {pr} {size}px: push {cap['push_ms']:.1f} ms wall, "
+                              f"{cap['push_cpu_ms']:.1f} ms CPU alone -> capacity "
+                              f"{cap['capacity_per_s']:.1f} outputs/s", flush=True)
                     for fps in rates:
                         try:
                             r = run_pipeline(engine=eng, size=size, fps=fps, seconds=seconds,
@@ -148,8 +189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "camera_fps": fps, "status": f"error: {type(e).__name__}: {e}"}
                             print(f"{eng} {be} {pr} {size}px @ {fps:g} fps: {r['status']}")
                         else:
+                            if cap is not None:
+                                r.update(cap, output_share_of_capacity=r["fps_output"]
+                                         / cap["capacity_per_s"])
                             print_result(r)
                         results.append(r)
+    if a.capacity:
+        print("\noutputs/s vs camera fps (share of the engine's own capacity):")
+        for r in results:
+            if "capacity_per_s" in r:
+                print(f"  {r['engine']:9s} {r['size']:4d} px  camera {r['camera_fps']:6.1f} fps -> "
+                      f"{r['fps_output']:6.1f} outputs/s  (capacity {r['capacity_per_s']:.1f}/s, "
+                      f"{100 * r['output_share_of_capacity']:.0f} %; frames skipped "
+                      f"{r['frames_dropped_by_engine']})")
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = a.stem or f"pipeline_{a.device.split(':')[0]}"

@@ -30,8 +30,6 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def rss_mib(pid: int | None = None) -> float:
     """Resident set size in MiB (Linux /proc; elsewhere the peak of this process)."""
@@ -155,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="sofi")
     p.add_argument("--threads", type=int, default=None, help="engine compute threads")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
-    p.add_argument("--out", type=Path, default=RESULTS / "soak", help="output prefix")
+    p.add_argument("--out", type=Path, default=Path("soak"),
+                   help="output prefix (default ./soak: soak.csv/.json/.png in the current folder)")
     p.add_argument("--record", type=Path, default=None, help="recording path (default: temp)")
     p.add_argument("--keep-recording", action="store_true", help="do not delete the temp recording")
     p.add_argument("--no-record", action="store_true", help="do not record (no loss check)")

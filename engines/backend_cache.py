@@ -6,7 +6,8 @@ that twice. Why these keys: a compiled artefact is only valid for the exact weig
 shapes, precision, device model and library versions it was built with, so all of them go into
 the key and a change in any one of them simply misses the cache (never loads a wrong engine).
 
-Location: `$LIVESR_CACHE` if set, else `~/.cache/livesr`.
+Location: `$LIVESR_CACHE` if set, else the user cache dir (platformdirs: `~/.cache/livesr`
+on Linux).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ _LOCK = threading.Lock()
 
 def cache_dir() -> Path:
     """The cache root (created on first use)."""
+    import platformdirs
+
     root = os.environ.get("LIVESR_CACHE")
-    path = Path(root).expanduser() if root else Path.home() / ".cache" / "livesr"
+    path = Path(root).expanduser() if root else Path(platformdirs.user_cache_dir("livesr"))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -150,11 +153,31 @@ def get_auto_choice(key: str) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) and "backend" in entry else None
 
 
+#: measurements kept per decision (newest last)
+AUTO_HISTORY = 5
+
+
 def store_auto_choice(key: str, entry: dict[str, Any]) -> Path:
-    """Add/replace one decision (read-modify-write under a process lock, atomic rename)."""
+    """Add/replace one decision, keeping the last AUTO_HISTORY measurements of that key in
+    ``entry["history"]`` (read-modify-write under a process lock, atomic rename)."""
     with _LOCK:
         data = load_auto_choices()
-        data[key] = entry
+        old = data.get(key) if isinstance(data.get(key), dict) else {}
+        history = list(old.get("history", [])) + [{
+            k: entry[k] for k in ("backend", "timings_ms", "measured_utc") if k in entry}]
+        data[key] = {**entry, "history": history[-AUTO_HISTORY:]}
         path = _choices_path()
         atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode())
     return path
+
+
+def count_auto_use(key: str) -> int:
+    """One more use of a remembered decision; returns the new count."""
+    with _LOCK:
+        data = load_auto_choices()
+        entry = data.get(key)
+        if not isinstance(entry, dict):
+            return 0
+        entry["uses"] = int(entry.get("uses", 0)) + 1
+        atomic_write_bytes(_choices_path(), json.dumps(data, indent=2, sort_keys=True).encode())
+    return entry["uses"]

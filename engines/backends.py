@@ -13,9 +13,13 @@ eager fp32 is used; ``on_mismatch="raise"``: :class:`BackendMismatch`). A fast p
 the image faster, never silently different.
 
 ``backend="auto"`` (after NanoPyx's liquid engine): for each target and signature, every
-available backend is built, checked and timed once on this machine; the fastest correct one
-is remembered in ``<cache>/auto_backends.json`` (see :mod:`engines.backend_cache`) and reused
-without re-timing next time.
+available backend is built, checked and then timed in interleaved rounds (one call of each per
+round, the order rotating, so a busy shared CPU biases none of them); eager is kept unless a
+backend is clearly faster (median >= 10 % lower AND its inter-quartile range above eager's,
+:func:`pick_backend`). The choice is remembered in ``<cache>/auto_backends.json`` (see
+:mod:`engines.backend_cache`) with a short history of measurements, and re-measured after
+:data:`AUTO_RECHECK_USES` uses; a change of weights, shape, device or library version misses
+the key and measures afresh.
 
 Backend names: ``eager``, ``channels_last`` (= ``eager+cl``), ``jit`` (trace + freeze +
 ``optimize_for_inference``: oneDNN conv fusion on CPU), ``compile`` (inductor; C++ with frozen,
@@ -45,11 +49,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from engines import backend_cache as bc
+from realtime.config import BACKEND_ALIASES as ALIASES
+from realtime.config import BACKENDS
+from realtime.config import canonical_backend as canonical
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "channels_last", "jit", "compile", "compile-cudagraphs", "onnxruntime",
-            "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "int8": torch.float32}  # int8: TensorRT quantises internally; IO stays fp32
@@ -62,8 +67,15 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2, "int8": 1e-1}
 #: Per-frame callables of the engines whose modules are not called through forward().
 KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
     "convgru": ("model.encode", "model.fuse_decode"),
-    "convlstm": ("model.encoder", "model.step"),
+    "convlstm": ("model.encoder", "model.update", "model.decoder"),
 }
+
+
+#: a remembered auto choice is measured again after this many uses (a machine's load and
+#: thermal state change; one lucky measurement must not decide for good)
+AUTO_RECHECK_USES = 20
+#: a backend replaces eager only if its median is at least this much lower ...
+AUTO_MARGIN = 0.10
 
 
 class BackendError(RuntimeError):
@@ -100,15 +112,8 @@ class CheckReport:
 # --------------------------------------------------------------------------- availability
 
 
-#: Other spellings accepted for convenience (the CLI help says "compiled").
-ALIASES = {"compiled": "compile", "torch.compile": "compile", "ort": "onnxruntime",
-           "onnx": "onnxruntime", "trt": "tensorrt", "torchscript": "jit"}
-
-
-def canonical(backend: str) -> str:
-    """Backend name with aliases resolved ('compiled+cl' -> 'compile+cl')."""
-    base, sep, flag = backend.partition("+")
-    return ALIASES.get(base, base) + sep + flag
+# BACKENDS, ALIASES and canonical() live in realtime.config (torch-free: the CLI and the GUI
+# list them without importing torch)
 
 
 def _split(backend: str) -> tuple[str, bool]:
@@ -485,22 +490,56 @@ _BUILDERS: dict[str, Builder] = {
 # --------------------------------------------------------------------------- the wrapper
 
 
-def _time_call(fn: Callable[..., Any], args: tuple, device: torch.device, reps: int,
-               budget_s: float) -> float:
-    """Median ms of fn(*args) over up to `reps` calls (stops early after budget_s)."""
-    times: list[float] = []
-    t_end = time.perf_counter() + budget_s
+def time_interleaved(fns: dict[str, Callable[..., Any]], args: tuple, device: torch.device, *,
+                     rounds: int = 15, min_rounds: int = 5, budget_s: float = 10.0
+                     ) -> dict[str, list[float]]:
+    """ms per call of each fn, measured in rounds: one call of each per round, the order
+    rotated every round, so a load change on a shared machine hits all of them alike.
+
+    Stops after ``rounds`` rounds, or once ``budget_s`` is spent and ``min_rounds`` are done.
+    """
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
-        fn(*args)
+        for n in names:  # one untimed call each: lazy initialisation, caches
+            fns[n](*args)
         _sync(device)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn(*args)
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-            if time.perf_counter() > t_end and len(times) >= 3:
+        t_end = time.perf_counter() + budget_s
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                t0 = time.perf_counter()
+                fns[n](*args)
+                _sync(device)
+                samples[n].append((time.perf_counter() - t0) * 1e3)
+            if r + 1 >= min_rounds and time.perf_counter() > t_end:
                 break
-    return statistics.median(times)
+    return samples
+
+
+def _quartiles(v: Sequence[float]) -> tuple[float, float, float]:
+    if len(v) < 2:
+        x = float(v[0]) if v else float("nan")
+        return x, x, x
+    q1, q2, q3 = statistics.quantiles(v, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def pick_backend(samples: dict[str, Sequence[float]], baseline: str = "eager",
+                 margin: float = AUTO_MARGIN) -> str:
+    """The backend to use from interleaved timings (ms): ``baseline`` unless another is
+    clearly faster - median at least ``margin`` lower and its 75th percentile below the
+    baseline's 25th (the spreads do not overlap). Without the baseline: the lowest median."""
+    med = {k: _quartiles(v)[1] for k, v in samples.items() if v}
+    if not med:
+        raise ValueError("no timings to choose from")
+    best = min(med, key=med.__getitem__)
+    if baseline not in med or best == baseline:
+        return best
+    base_q1, base_med, _ = _quartiles(samples[baseline])
+    _, best_med, best_q3 = _quartiles(samples[best])
+    if best_med <= (1.0 - margin) * base_med and best_q3 < base_q1:
+        return best
+    return baseline
 
 
 class AcceleratedModule(nn.Module):
@@ -515,7 +554,7 @@ class AcceleratedModule(nn.Module):
                  tolerance: float | None = None, on_mismatch: str = "fallback",
                  candidates: Sequence[str] | None = None, compile_mode: str | None = None,
                  compile_freezing: bool | None = None,
-                 auto_reps: int = 20, auto_budget_s: float = 3.0,
+                 auto_reps: int = 15, auto_budget_s: float = 10.0,
                  calibration: list[tuple] | None = None, remember: bool = True,
                  check_calls: int = 3,
                  calibrator: Callable[[tuple], list[tuple]] | None = None):
@@ -585,8 +624,11 @@ class AcceleratedModule(nn.Module):
         with torch.no_grad():
             raw = _BUILDERS[base](self._fast_module(base, cl), fast_args, ctx)
 
-        def fn(*a: Any) -> Any:
-            return _cast(raw(*_cast(a, want, cl)), in_dtype)
+        if base == "eager" and not cl and want == in_dtype:
+            fn = raw  # nothing to convert: no per-call cost over the plain module
+        else:
+            def fn(*a: Any) -> Any:
+                return _cast(raw(*_cast(a, want, cl)), in_dtype)
 
         report = CheckReport(target=self.target, signature=sig, backend=backend,
                              precision=self.precision, tolerance=self.tolerance, used=backend)
@@ -631,35 +673,40 @@ class AcceleratedModule(nn.Module):
                                  device=dev, precision=self.precision,
                                  module_hash=bc.module_fingerprint(self.inner))
         remembered = bc.get_auto_choice(key) if self.remember else None
-        if remembered is not None:
+        if remembered is not None and int(remembered.get("uses", 0)) < AUTO_RECHECK_USES:
             try:
                 fn, report = self._build_one(remembered["backend"], args, sig)
                 report.auto_timings_ms = dict(remembered.get("timings_ms", {}))
                 report.auto_cached = True
+                bc.count_auto_use(key)
                 return fn, report
             except BackendError as e:
                 log.warning("remembered auto backend %s failed now (%s); re-measuring",
                             remembered["backend"], e)
+        elif remembered is not None:
+            log.info("auto: re-measuring %s:%s after %d uses of %s", self.engine, self.target,
+                     remembered.get("uses", 0), remembered["backend"])
         cands = self.candidates or available_backends(dev, self.precision)
-        timings: dict[str, float] = {}
         errors: dict[str, str] = {}
         built: dict[str, tuple[Callable[..., Any], CheckReport]] = {}
         for name in cands:
             try:
-                fn, report = self._build_one(name, args, sig)
+                built[name] = self._build_one(name, args, sig)
             except Exception as e:  # noqa: BLE001 - a candidate failing is data, not a crash
                 errors[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                continue
-            timings[name] = _time_call(fn, args, dev, self.auto_reps, self.auto_budget_s)
-            built[name] = (fn, report)
         if not built:
             raise BackendError(f"auto: no backend passed for {self.target} on {sig}: {errors}")
-        best = min(timings, key=timings.__getitem__)
+        samples = time_interleaved({k: v[0] for k, v in built.items()}, args, dev,
+                                   rounds=self.auto_reps, budget_s=self.auto_budget_s)
+        best = pick_backend(samples, baseline=cands[0] if "eager" not in built else "eager")
+        timings = {k: statistics.median(v) for k, v in samples.items()}
         fn, report = built[best]
         report.auto_timings_ms, report.auto_errors = timings, errors
         if self.remember:
             bc.store_auto_choice(key, {
                 "backend": best, "timings_ms": timings, "errors": errors,
+                "iqr_ms": {k: [_quartiles(v)[0], _quartiles(v)[2]] for k, v in samples.items()},
+                "rounds": len(next(iter(samples.values()))), "uses": 0,
                 "max_rel": report.max_rel, "engine": self.engine, "target": self.target,
                 "signature": sig, "precision": self.precision, "device": bc.device_name(dev),
                 "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -698,6 +745,12 @@ class AcceleratedModule(nn.Module):
         elif self.check and self._checked.get(sig, self.check_calls) < self.check_calls:
             return self._checked_call(fn, args, sig)
         return fn(*args)
+
+    def recheck(self) -> None:
+        """Compare the next ``check_calls`` calls of every built path with eager fp32 again
+        (after a warm-up on simulated frames, the first real frames are checked too)."""
+        for sig in self._checked:
+            self._checked[sig] = 0
 
     def _checked_call(self, fn: Callable[..., Any], args: tuple, sig: str) -> Any:
         """Compare a later call with eager fp32 too: the first input of a recurrent step (the
@@ -764,7 +817,10 @@ def apply_backend(engine: Any, backend: str = "eager", precision: str = "fp32",
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     if backend != "auto":
-        _split(backend)  # validates the modifier
+        base, cl = _split(backend)  # validates the modifier
+        if base not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose one of "
+                             f"{', '.join(BACKENDS)}, jit+cl, compile+cl or auto")
     targets = engine_targets(engine)
     resolved = []
     for path in targets:
@@ -819,6 +875,35 @@ def remove_backend(engine: Any) -> Any:
     engine.backend_modules = {}
     engine.backend = "eager"
     return engine
+
+
+def warm_up(engine: Any, shape: tuple[int, int], seed: int = 0) -> float:
+    """Build, check (and for auto: time) every accelerated per-frame path of ``engine`` for
+    ``shape`` frames now, on simulated blinking frames; then reset the engine. Returns seconds.
+
+    Called by the live worker before the camera starts, so that compiling never happens while
+    frames queue up. Checks against eager fp32 are re-armed for the first real frames.
+    """
+    mods: dict[str, AcceleratedModule] = getattr(engine, "backend_modules", {}) or {}
+    if not mods:
+        return 0.0
+    t0 = time.perf_counter()
+    h, w = (int(v) for v in shape)
+    many = getattr(engine, "push_many", None)
+    batch = int(getattr(engine, "encode_batch", 1)) if callable(many) else 1
+    frames = simulated_stack(max(h, w), engine.window + batch * (batch + 1) // 2 + 3,
+                             seed=seed)[:, :h, :w]
+    engine.reset()
+    n = engine.window + 3
+    for f in frames[:n]:
+        engine.push(f)
+    for k in range(2, batch + 1):  # every encoder batch size push_many will use
+        many(list(frames[n:n + k]))
+        n += k
+    engine.reset()
+    for m in mods.values():
+        m.recheck()
+    return time.perf_counter() - t0
 
 
 def backend_reports(engine: Any) -> list[dict[str, Any]]:

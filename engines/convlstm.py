@@ -5,12 +5,21 @@ the last layer's hidden state every frame. Each new frame costs one encoder pass
 update per layer and one decoder pass, and yields a new image: far cheaper per output than
 re-running a 20-frame ConvGRU window. Outputs are reported after a warm-up of `warmup`
 frames since reset, because the state needs that long to accumulate blinking statistics.
+
+The engine is *stateful* (``stateful = True``): its output depends on every frame since
+reset(), so a live worker that falls behind must not reset it to catch up (a re-warm costs
+`warmup` frames per output and never gets out of the warm-up). ``push_many(frames)`` feeds a
+backlog in one call - the per-frame encoder batched, the cell updated frame by frame, the
+decoder run only for the newest frame - and reports how the time split (``last_cost``) so the
+worker can decide how many queued frames to feed (realtime.worker.plan_stateful_feed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import time
 
 import numpy as np
 import torch
@@ -146,7 +155,9 @@ class ConvLSTMEngine(NetworkEngine):
     name = MODEL_NAME
     min_window = 1
     frames_per_output = 1
-    backend_targets = ("model.encoder", "model.step")
+    stateful = True  # never reset to catch up: skip outputs, not state
+    encode_batch = 4  # frames per encoder call in push_many (batching helps most on a GPU)
+    backend_targets = ("model.encoder", "model.update", "model.decoder")
 
     def __init__(self, weights: str | Path | None = None, *, device: str = "cpu",
                  precision: str = "fp32", warmup: int | None = None,
@@ -158,19 +169,28 @@ class ConvLSTMEngine(NetworkEngine):
                          device=device, precision=precision)
         self._state: State | None = None
         self._count = 0
+        #: (seconds spent ingesting frames, seconds making the output) of the last push/push_many
+        self.last_cost: tuple[float, float] | None = None
 
     @property
     def warmup(self) -> int:
         return self.window
 
+    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (N, H, W) raw -> encodings (N, C, H, W)."""
+        x = normalise_frames(frames, self.norm).to(self.model_dtype)
+        return self.model.encoder(x[:, None].contiguous(memory_format=torch.channels_last))
+
+    def _update(self, enc: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """One frame's cell updates from its (1, C, H, W) encoding."""
+        if state is None:
+            state = self.model.zero_state(1, enc.shape[-2], enc.shape[-1], enc)
+        return self.model.update(enc, state)
+
     def _step(self, frame: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """frame (H, W) raw -> output (uH, uW) and the new state."""
-        x = normalise_frames(frame[None], self.norm).to(self.model_dtype)  # (1, H, W)
-        enc = self.model.encoder(x[:, None].contiguous(memory_format=torch.channels_last))
-        if state is None:
-            state = self.model.zero_state(1, x.shape[-2], x.shape[-1], enc)
-        y, state = self.model.step(enc, state)
-        return y[0, 0].float(), state
+        h, state = self._update(self._encode(frame[None]), state)
+        return self.model.decoder(h)[0, 0].float(), state
 
     def reconstruct(self, stack) -> np.ndarray:
         """(T, H, W), T >= warmup: run all T frames from zero state; the last output."""
@@ -187,12 +207,37 @@ class ConvLSTMEngine(NetworkEngine):
 
     def push(self, frame) -> np.ndarray | None:
         """Add one (H, W) frame; an output once `warmup` frames were pushed since reset()."""
-        t = self._frame_tensor(frame)
-        self._frame_shape = (int(t.shape[0]), int(t.shape[1]))
+        return self.push_many([frame])
+
+    def push_many(self, frames, *, output: bool = True) -> np.ndarray | None:
+        """Feed frames (oldest first) into the carried state; the output of the newest only.
+
+        Equivalent to pushing them one by one and keeping the last output, but the frames that
+        need no output skip the decoder and are encoded in batches of ``encode_batch``.
+        ``output=False`` feeds the state only (returns None).
+        """
+        ts = [self._frame_tensor(f) for f in frames]
+        if not ts:
+            raise ValueError(f"{self.name}: push_many needs at least one frame")
+        shapes = {tuple(t.shape) for t in ts}
+        if len(shapes) != 1:
+            raise ValueError(f"{self.name}: push_many frames differ in shape: {sorted(shapes)}")
+        self._frame_shape = (int(ts[0].shape[0]), int(ts[0].shape[1]))
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            y, self._state = self._step(t, self._state)
-        self._count += 1
-        return self._to_numpy(y) if self._count >= self.window else None
+            h = None
+            for i in range(0, len(ts), self.encode_batch):
+                enc = self._encode(torch.stack(ts[i:i + self.encode_batch]))
+                for j in range(enc.shape[0]):
+                    h, self._state = self._update(enc[j:j + 1], self._state)
+            self._count += len(ts)
+            t1 = time.perf_counter()
+            if self._count < self.window or not output:
+                self.last_cost = (t1 - t0, 0.0)
+                return None
+            out = self._to_numpy(self.model.decoder(h)[0, 0].float())
+        self.last_cost = (t1 - t0, time.perf_counter() - t1)
+        return out
 
     def reset(self) -> None:
         super().reset()

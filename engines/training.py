@@ -3,6 +3,11 @@
 Seeded and resumable (model + optimiser + step + RNG in each checkpoint; the data stream is
 indexed by step, so a resumed run sees the same batches it would have seen). The final
 weights file carries a JSON config that rebuilds the exact model (see nn_common.save_weights).
+
+Where it writes: a run folder (``--out``, default ``<user data dir>/livesr/runs/<model>-<time>``)
+with log.jsonl, ckpt.pt and the weights ``<model>.pt`` (or ``--weights-out``). It never
+writes into the installed package: the shipped weights change only with
+``--overwrite-shipped``, and an engine uses new weights only when asked (``--weights``).
 """
 
 from __future__ import annotations
@@ -53,8 +58,9 @@ class TrainConfig:
     eval_n: int = 16
     warmup_loss: int = 10             # ConvLSTM: frames before the loss starts
     hidden: int | None = None         # override the architecture's hidden channels
-    out: str = "runs/train"
-    weights_out: str | None = None    # default engines/weights/<model>.pt
+    out: str = ""                     # run folder; "" = default_run_dir(model)
+    weights_out: str | None = None    # default <out>/<model>.pt
+    overwrite_shipped: bool = False   # allow writing into engines/weights (shipping new weights)
     resume: str | None = None
     max_minutes: float | None = None  # wall-clock budget: the LR schedule follows whichever of
                                       # steps / time is further along, and training stops there
@@ -157,10 +163,33 @@ def _lr_at(frac: float, cfg: TrainConfig) -> float:
     return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * frac))
 
 
+def default_run_dir(model: str) -> Path:
+    """``<user data dir>/livesr/runs/<model>-<UTC time>``: outside the package and the repo."""
+    import platformdirs
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path(platformdirs.user_data_dir("livesr")) / "runs" / f"{model}-{stamp}"
+
+
+def output_paths(cfg: TrainConfig) -> tuple[Path, Path]:
+    """(run folder, final weights file); ValueError for a path inside the shipped weights."""
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg.model)
+    final = Path(cfg.weights_out) if cfg.weights_out else out / f"{cfg.model}.pt"
+    shipped = WEIGHTS_DIR.resolve()
+    for what, path in (("--out", out), ("--weights-out", final)):
+        inside = path.resolve() == shipped or shipped in path.resolve().parents
+        if inside and not cfg.overwrite_shipped:
+            raise ValueError(f"{what} {path} is inside the shipped weights ({shipped}); every "
+                             "later run would silently use it. Write elsewhere and load it with "
+                             "--weights, or pass --overwrite-shipped to ship new weights")
+    return out, final
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training; returns the path of the final weights file."""
     from tqdm import tqdm
 
+    out, final = output_paths(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -168,8 +197,8 @@ def train(cfg: TrainConfig) -> Path:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("unavailable: --device cuda but torch sees no GPU")
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"run folder {out}; final weights {final}", flush=True)
     norm = NormConfig()
     model, arch = _build(cfg)
     # channels_last: oneDNN convolutions with few channels run ~5x faster on CPU
@@ -201,8 +230,6 @@ def train(cfg: TrainConfig) -> Path:
                     "elapsed_s": elapsed0 + time.time() - t0}, tmp)
         tmp.replace(out / name)
         export(val_pearson=None)  # keep a usable weights file at every checkpoint
-
-    final = Path(cfg.weights_out) if cfg.weights_out else WEIGHTS_DIR / f"{cfg.model}.pt"
 
     def export(val_pearson: float | None) -> None:
         training = {
@@ -262,7 +289,7 @@ def train(cfg: TrainConfig) -> Path:
     vp = evaluate(model, val, cfg, norm, device)
     export(val_pearson=vp)
     print(f"wrote {final} ({final.stat().st_size / 1e6:.2f} MB), step {step}, val Pearson "
-          f"{vp:.4f}, {train_s:.0f} s this run", flush=True)
+          f"{vp:.4f}, {train_s:.0f} s this run; use it with --weights {final}", flush=True)
     return final
 
 
@@ -298,8 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase-weight", type=float)
     p.add_argument("--fourier-weight", type=float)
     p.add_argument("--pearson-weight", type=float)
-    p.add_argument("--out", help="run directory (log.jsonl, ckpt.pt)")
-    p.add_argument("--weights-out", help="final weights (default engines/weights/<model>.pt)")
+    p.add_argument("--out", help="run folder: log.jsonl, ckpt.pt, <model>.pt (default: "
+                   "<user data dir>/livesr/runs/<model>-<time>)")
+    p.add_argument("--weights-out", help="final weights file (default <out>/<model>.pt)")
+    p.add_argument("--overwrite-shipped", action="store_true",
+                   help="allow --out/--weights-out inside the package's weights folder "
+                        "(to ship new default weights)")
     p.add_argument("--resume", help="checkpoint to resume from")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["cpu", "cuda"])
@@ -321,7 +352,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
               "hidden": "hidden", "out": "out", "weights_out": "weights_out",
               "resume": "resume", "seed": "seed", "device": "device", "threads": "threads",
               "workers": "workers", "ckpt_every": "ckpt_every", "eval_every": "eval_every",
-              "max_minutes": "max_minutes"}
+              "max_minutes": "max_minutes", "overwrite_shipped": "overwrite_shipped"}
     for a, k in simple.items():
         v = getattr(args, a)
         if v is not None:
@@ -337,13 +368,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if v is not None:
             setattr(cfg.loss, a, v)
     if args.out is None:
-        cfg.out = f"runs/{cfg.model}_{cfg.preset}_s{cfg.seed}"
+        cfg.out = str(default_run_dir(cfg.model))
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    try:
+        output_paths(cfg)
+    except ValueError as e:
+        print(f"livesr train: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(_jsonable(cfg)), flush=True)
     train(cfg)
     return 0

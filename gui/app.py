@@ -62,8 +62,11 @@ def run_gui(
 
         win.stateChanged.connect(arm)
 
-    # Ctrl+C in the terminal closes the window cleanly (stop, finish recording)
-    prev = signal.signal(signal.SIGINT, lambda *_: win.close())
+    # Ctrl+C, SIGTERM and SIGHUP (terminal closed) close the window cleanly (stop, finish
+    # the recording)
+    stops = [s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+             if s is not None]
+    prev = {s: signal.signal(s, lambda *_: win.close()) for s in stops}
     wake = QtCore.QTimer()
     wake.start(200)  # let the Python interpreter run signal handlers
     wake.timeout.connect(lambda: None)
@@ -71,6 +74,7 @@ def run_gui(
         app.exec()
     finally:
         wake.stop()
-        signal.signal(signal.SIGINT, prev)
+        for s, handler in prev.items():
+            signal.signal(s, handler)
         win.shutdown()
     return 1 if win.errors else 0

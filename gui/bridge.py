@@ -23,6 +23,7 @@ SIGNALS = {
     "resultReady": "on_result",
     "metricsUpdated": "on_metrics",
     "error": "on_error",
+    "status": "on_status",
     "started": "on_started",
     "finished": "on_finished",
 }
@@ -156,10 +157,16 @@ def counters(m: Any) -> dict[str, Any]:
 
 
 def describe_error(exc: BaseException) -> str:
-    """A one-line message for the user: the exception's text, not a traceback."""
+    """A one-line message for the user: the exception's text, not a traceback, and advice
+    that names controls this window has."""
+    from realtime.pipeline import RecordingExistsError
+
     text = str(exc).strip() or exc.__class__.__name__
     if isinstance(exc, FileNotFoundError) and getattr(exc, "filename", None):
         text = f"file not found: {exc.filename}"
+    if isinstance(exc, RecordingExistsError):
+        text += ("; type another file name, or choose this file with the '...' button next to "
+                 "it and confirm that it may be replaced")
     return text
 
 

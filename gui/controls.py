@@ -13,13 +13,13 @@ from pathlib import Path
 
 from qtpy import QtCore, QtGui, QtWidgets
 
+from realtime.config import BACKEND_CHOICES
+
 log = logging.getLogger(__name__)
 
-#: engines.backends.BACKENDS + "auto", listed here because importing engines.backends
-#: imports torch, which the Qt thread must not do; an unavailable choice is reported by
-#: the engine worker as a clear error in the window
-DEFAULT_BACKENDS = ["eager", "channels_last", "jit", "compile", "compile-cudagraphs",
-                    "onnxruntime", "tensorrt", "auto"]
+#: the backend choices (realtime.config, torch-free: the Qt thread must not import torch); an
+#: unavailable choice is reported by the engine worker as a clear error in the window
+DEFAULT_BACKENDS = list(BACKEND_CHOICES)
 
 
 @dataclass

@@ -73,6 +73,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._result = LatestSlot[tuple[Any, Any]]()
         self._metrics = LatestSlot[Any]()
         self._messages = MessageQueue()
+        self._statuses = MessageQueue()  # progress notes from the pipeline ("compiling ...")
         self._lifecycle = MessageQueue()  # "started", "start_failed", "stopped"
         self.acq_rate = RateMeter()
         self.out_rate = RateMeter()
@@ -267,6 +268,9 @@ class MainWindow(QtWidgets.QMainWindow):
     def on_error(self, message: str) -> None:
         self._messages.put(str(message))
 
+    def on_status(self, message: str) -> None:
+        self._statuses.put(str(message))
+
     # ================================================================ Qt-thread side
     def _refresh(self) -> None:
         """Timer tick: show the newest frame/result, messages, and (slower) plots."""
@@ -276,6 +280,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self._drain_lifecycle()
         for msg in self._messages.drain():
             self.show_error(msg)
+        for msg in self._statuses.drain():
+            self.show_status(msg)
         item = self._frame.take()
         if item is not None:
             seq, img = item
@@ -319,7 +325,9 @@ class MainWindow(QtWidgets.QMainWindow):
         acquired = c.get("acquired", self.acq_rate.count)
         self.counters.set_value("acquired", acquired)
         self.counters.set_value("recorded", c.get("recorded", "-"))
-        self.counters.set_value("results", c.get("results", self.out_rate.count))
+        # the metrics snapshot lags the results this window already took: never show fewer
+        # results received than displayed
+        self.counters.set_value("results", max(c.get("results", 0), self.out_rate.count))
         self.counters.set_value("displayed", self.n_displayed)
         dropped = c.get("dropped", 0)
         self.counters.set_value("dropped", dropped)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import Addresses, PipelineConfig
+from .config import BACKEND_CHOICES, Addresses, PipelineConfig
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -113,7 +113,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
                    help="frames per output (default: the engine's, 20 for sofi)")
     e.add_argument("--stride", type=_positive_int("stride", 1), default=d.stride,
                    help="one output every K frames (default %(default)s)")
-    e.add_argument("--backend", default=d.backend, help="eager | compiled | tensorrt | auto (default %(default)s)")
+    e.add_argument("--backend", default=d.backend, metavar="NAME",
+                   help=" | ".join(BACKEND_CHOICES) + " (default %(default)s; neural engines only)")
     e.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N | auto (default %(default)s)")
     e.add_argument("--precision", default=d.precision, choices=["fp32", "fp16", "bf16"])
     e.add_argument("--weights", default=None, help="weights file for a neural engine")
@@ -126,9 +127,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
     o.add_argument("--overwrite", action="store_true", help="replace an existing --record file")
     o.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the run's metrics as JSON")
     o.add_argument("--frames-addr", default=d.addresses.frames,
-                   help="ZeroMQ endpoint for frames (default %(default)s; port 0 = any free port)")
+                   help="ZeroMQ endpoint this run binds for frames (default %(default)s: a free port)")
     o.add_argument("--results-addr", default=d.addresses.results,
-                   help="ZeroMQ endpoint for results (default %(default)s; port 0 = any free port)")
+                   help="ZeroMQ endpoint this run binds for results (default %(default)s: a free port)")
     o.add_argument("-v", "--verbose", action="store_true", help="log what the pipeline does")
     from .remote import add_remote_client_arguments  # --engine-at, --server-key, --client-key
 
@@ -215,6 +216,11 @@ def _run_passthrough(command: str, argv: list[str]) -> int:
     return int(rc) if isinstance(rc, (int, bool)) else 0
 
 
+#: run in a fresh interpreter: can Qt open its platform (display) here? A stale DISPLAY makes
+#: Qt abort the whole process (rc 134), so it is tried where an abort costs nothing
+_QT_PROBE = "from qtpy import QtWidgets; QtWidgets.QApplication(['livesr-probe'])"
+
+
 def _gui_problem() -> str | None:
     """Why a GUI cannot open here (None if it can)."""
     if sys.platform.startswith("linux") and not (
@@ -225,6 +231,18 @@ def _gui_problem() -> str | None:
         importlib.import_module("gui.app")
     except Exception as e:  # ImportError, or Qt failing to load its libraries
         return f"gui.app cannot be imported ({type(e).__name__}: {e})"
+    import subprocess
+
+    try:
+        probe = subprocess.run([sys.executable, "-c", _QT_PROBE], capture_output=True, text=True,
+                               timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"Qt could not be started ({type(e).__name__})"
+    if probe.returncode != 0:
+        lines = [ln.strip() for ln in probe.stderr.splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "display" in ln.lower()), lines[0] if lines else "")
+        where = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or "the display"
+        return f"Qt cannot open {where} (exit code {probe.returncode}{': ' + why if why else ''})"
     return None
 
 
@@ -234,49 +252,85 @@ def _run_gui(cfg: PipelineConfig, seconds: float | None) -> int:
     return int(run_gui(cfg, seconds=seconds) or 0)
 
 
+def _say(text: str, *, err: bool = False) -> None:
+    """Print, but never fail: after SIGHUP the terminal may be gone (EIO) and the files matter."""
+    try:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _run_headless(cfg: PipelineConfig) -> int:
-    from .pipeline import Pipeline, PipelineError
+    from .pipeline import Pipeline, PipelineError, RecordingExistsError
 
     pipe = Pipeline(cfg)
-    pipe.error.connect(lambda msg: print(f"livesr: {msg}", file=sys.stderr))
+    pipe.error.connect(lambda msg: _say(f"livesr: {msg}", err=True))
+    pipe.status.connect(lambda msg: _say(f"livesr: {msg}", err=True))
     try:
         pipe.start()
-    except PipelineError as e:
-        print(f"livesr: error: {e}", file=sys.stderr)
+    except RecordingExistsError as e:
+        _say(f"livesr: error: {e}; choose another name or pass --overwrite", err=True)
         return 1
-    previous = _interrupt_on_sigterm()
+    except PipelineError as e:
+        _say(f"livesr: error: {e}", err=True)
+        return 1
+    stopping = _StopOnSignals()
     try:
         _wait_with_progress(pipe, cfg.seconds)
     except KeyboardInterrupt:
-        print("\nlivesr: interrupted, stopping (the recording is being finished) ...", file=sys.stderr)
+        _say(f"\nlivesr: {stopping.why}, stopping (the recording is being finished) ...", err=True)
+    except OSError:  # the progress bar's terminal is gone (SIGHUP): finish the files anyway
+        pass
     finally:
+        stopping.hold()  # a second signal must not cut the recording short
         metrics = pipe.stop(wait=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    print(metrics.summary())
-    if cfg.json is not None:
-        print(f"metrics written to {cfg.json}")
+        stopping.restore()
+    if not pipe.wait_started(0) and metrics.frames_acquired == 0:
+        return 1  # it never started: the reason was printed above
+    _say(metrics.summary(errors=False))
+    if cfg.json is not None and pipe.json_written is not None:
+        _say(f"metrics written to {pipe.json_written}")
     if cfg.record is not None:
-        print(f"recording written to {cfg.record}")
+        if cfg.record.is_file():
+            _say(f"recording written to {cfg.record} ({metrics.frames_recorded} frames)")
+        else:
+            _say(f"livesr: no recording was written to {cfg.record}", err=True)
+            return 1
     return 1 if metrics.errors else 0
 
 
-def _interrupt_on_sigterm() -> Any:
-    """Treat SIGTERM (``timeout``, ``kill``) like Ctrl+C: stop cleanly, finish the recording."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+class _StopOnSignals:
+    """SIGTERM (``timeout``, ``kill``) and SIGHUP (terminal closed, ssh dropped) stop the run
+    like Ctrl+C: the recording is finished and the JSON written."""
 
-    def handler(signum: int, frame: Any) -> None:
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __init__(self) -> None:
+        self.why = "interrupted"
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.why = f"{signal.Signals(signum).name} received"
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, handler)
+    def hold(self) -> None:
+        """Ignore further signals while the run is being finished."""
+        for sig in self._previous:
+            signal.signal(sig, lambda *_: None)
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
 
 
 def _wait_with_progress(pipe: Any, seconds: float | None) -> None:
     """Wait for the run, with a progress bar on an interactive terminal."""
     from tqdm import tqdm
 
-    if not pipe.wait_started(pipe.config.engine_ready_timeout_s + 30.0):
+    if not pipe.wait_started(None):  # the pipeline enforces the engine's ready timeout
         return
     t0 = time.monotonic()
     with tqdm(total=seconds, unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s {postfix}"
@@ -307,17 +361,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    if not args.verbose and args.command != "live":
-        # UniMMCore logs a harmless "no Micro-Manager installation" error for Python cameras
-        logging.getLogger("pymmcore-plus").setLevel(logging.CRITICAL)
+    mm_log = logging.getLogger("pymmcore-plus")
+    mm_log.propagate = False  # it has its own handler: one copy of each message
+    if not args.verbose:
+        # UniMMCore logs a harmless "no Micro-Manager installation" error for Python cameras;
+        # for a .cfg the error livesr raises carries pymmcore-plus's reason (-v shows its log)
+        mm_log.setLevel(logging.CRITICAL)
     try:
         cfg = config_from_args(args)
     except ValueError as e:
-        parser.error(str(e))
+        _refuse(args.command, str(e))
     if args.command == "replay" and not args.file.is_file():
-        parser.error(f"no such movie file: {args.file}")
+        _refuse(args.command, f"no such movie file: {args.file}")
     if args.command == "live" and not args.mm_config.is_file():
-        parser.error(f"no such Micro-Manager config: {args.mm_config}")
+        _refuse(args.command, f"no such Micro-Manager config: {args.mm_config}")
     if not cfg.headless:
         problem = _gui_problem()
         if problem is None:
@@ -327,6 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.seconds is None and (cfg.source_kind != "replay" or cfg.loop):
             cfg = cfg.replace(seconds=DEMO_HEADLESS_SECONDS)
     return _run_headless(cfg)
+
+
+def _refuse(command: str, message: str) -> None:
+    """A run that cannot be started as asked: one line, exit code 2 (like argparse)."""
+    _say(f"livesr {command}: error: {message}", err=True)
+    raise SystemExit(2)
 
 
 def _version() -> str:

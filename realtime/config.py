@@ -7,25 +7,111 @@ nothing else; the GUI edits the same objects.
 
 from __future__ import annotations
 
+import os
+import re
 import socket
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "Addresses",
+    "BACKENDS",
+    "BACKEND_ALIASES",
+    "BACKEND_CHOICES",
     "DEFAULT_FRAMES_ADDR",
     "DEFAULT_RESULTS_ADDR",
     "PipelineConfig",
+    "available_memory_bytes",
+    "canonical_backend",
     "free_tcp_address",
+    "memory_problem",
+    "output_problem",
 ]
 
-DEFAULT_FRAMES_ADDR = "tcp://127.0.0.1:5555"  # camera frames: PUSH (bind) -> PULL (connect)
-DEFAULT_RESULTS_ADDR = "tcp://127.0.0.1:5556"  # results: PUB (bind) -> SUB (connect)
+#: execution backends of the neural engines (implemented in engines.backends; named here,
+#: torch-free, so that the CLI, the GUI and the validation share one list)
+BACKENDS = ("eager", "channels_last", "jit", "compile", "compile-cudagraphs", "onnxruntime",
+            "tensorrt")
+#: what --backend accepts: a backend, a torch backend with channels_last ("+cl"), or "auto"
+BACKEND_CHOICES = BACKENDS + ("jit+cl", "compile+cl", "auto")
+#: other spellings accepted for convenience
+BACKEND_ALIASES = {"compiled": "compile", "torch.compile": "compile", "ort": "onnxruntime",
+                   "onnx": "onnxruntime", "trt": "tensorrt", "torchscript": "jit"}
+
+
+def canonical_backend(backend: str) -> str:
+    """Backend name with aliases resolved ('compiled+cl' -> 'compile+cl')."""
+    base, sep, flag = backend.partition("+")
+    return BACKEND_ALIASES.get(base, base) + sep + flag
+
+
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+#: frames per output assumed for the memory estimate when --window is not given (the
+#: default of every registered engine)
+ASSUMED_WINDOW = 20
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable (Linux), else free physical pages; None when this OS does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_problem(height: int, width: int, window: int | None, *, rendered_px: int = 0,
+                   available: int | None = None) -> str | None:
+    """Why a run with (H, W) frames and this window would not fit in memory (None: it fits).
+
+    A rough lower bound: the engine holds `window` frames as float64 (window x H x W x 8
+    bytes), works on a few full-size float images (x 16), and frames in flight between
+    camera, recorder and engine take up to 64 raw frames; a simulated camera renders its
+    ``rendered_px`` pixels in float64 too (x 10). Refused above 80 % of the memory available.
+    """
+    px = int(height) * int(width)
+    w = int(window or ASSUMED_WINDOW)
+    need = w * px * 8 + 16 * px * 8 + 64 * px * 2 + 10 * int(rendered_px) * 8
+    have = available_memory_bytes() if available is None else available
+    if have is None or need <= 0.8 * have:
+        return None
+    return (f"{width}x{height} frames with {w} frames per output need about {need / 1e9:.1f} GB "
+            f"of memory ({w} x {height} x {width} x 8 bytes in the engine, plus working images "
+            f"and frames in flight); {have / 1e9:.1f} GB are available: use a smaller --window, "
+            "--size or --crop")
+
+
+def output_problem(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be written as the run's ``what`` output (None: it can)."""
+    if path.is_dir():
+        return f"{what} {path} is a folder, not a file"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folders that would be created
+    if not parent.is_dir():
+        return f"{what} {path}: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{what} {path} cannot be written (no write permission in {parent})"
+    return None
+
+DEFAULT_FRAMES_ADDR = "tcp://127.0.0.1:0"  # camera frames: PUSH (bind) -> PULL (connect)
+DEFAULT_RESULTS_ADDR = "tcp://127.0.0.1:0"  # results: SUB (bind) <- PUB (connect)
 
 
 def free_tcp_address(host: str = "127.0.0.1") -> str:
-    """A ``tcp://host:port`` with a port that is free right now (the OS picks it)."""
+    """A ``tcp://host:port`` whose port was free a moment ago (TESTS ONLY).
+
+    Racy by nature (bind, close, hope nobody takes the port before it is bound again), so
+    livesr itself never uses it: it binds port 0 and reads the endpoint back from ZeroMQ.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return f"tcp://{host}:{s.getsockname()[1]}"
@@ -33,24 +119,16 @@ def free_tcp_address(host: str = "127.0.0.1") -> str:
 
 @dataclass
 class Addresses:
-    """ZeroMQ endpoints. Loopback by default: nothing listens on the network unless asked.
+    """ZeroMQ endpoints, both bound by the pipeline's own process. Loopback by default:
+    nothing listens on the network unless asked.
 
-    A port of 0 (``tcp://127.0.0.1:0``) means "pick a free port" (see :meth:`resolved`).
+    Port 0 (the default, ``tcp://127.0.0.1:0``) lets the OS pick a free port at bind time;
+    the pipeline reads the real endpoint back (``Pipeline.endpoints``), so two runs on one
+    machine never share a port. A fixed port that is taken is a clear start-up error.
     """
 
     frames: str = DEFAULT_FRAMES_ADDR
     results: str = DEFAULT_RESULTS_ADDR
-
-    def resolved(self) -> Addresses:
-        """Copy with every ``tcp://host:0`` replaced by a currently free port."""
-
-        def fix(addr: str) -> str:
-            if addr.startswith("tcp://") and addr.rsplit(":", 1)[-1] == "0":
-                host = addr[len("tcp://") :].rsplit(":", 1)[0]
-                return free_tcp_address(host)
-            return addr
-
-        return Addresses(frames=fix(self.frames), results=fix(self.results))
 
 
 @dataclass
@@ -142,6 +220,32 @@ class PipelineConfig:
                 problems.append(f"engine_at entries must look like tcp://HOST:PORT, got {ep!r}")
         if (self.server_key is None) != (self.client_key is None):
             problems.append("server_key and client_key go together (CURVE needs both)")
+        if canonical_backend(str(self.backend)) not in BACKEND_CHOICES:
+            problems.append(f"unknown backend {self.backend!r}: choose one of "
+                            f"{', '.join(BACKEND_CHOICES)}")
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            problems.append(f"unknown device {self.device!r}: use cpu, cuda, cuda:N or auto")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            problems.append(f"unknown precision {self.precision!r}: use fp32, fp16 or bf16")
+        if self.engine_at:
+            defaults = {f.name: f.default for f in fields(self)}
+            chosen = [k for k in ("engine", "backend", "device", "precision", "weights", "threads")
+                      if getattr(self, k) != defaults[k]]
+            if chosen:
+                flags = ", ".join("--" + k for k in chosen)
+                problems.append(f"{flags} cannot be sent to a remote engine (--engine-at): the "
+                                "remote runs what `livesr engine` was started with; leave them "
+                                "out here, or restart the remote with them")
+        for path, what in ((self.json, "--json"), (self.record, "--record")):
+            why = output_problem(path, what) if path is not None else None
+            if why:
+                problems.append(why)
+        if self.source == "sim" and not problems:
+            side = min(self.crop or self.size, self.size)
+            h, w = (self.roi[3], self.roi[2]) if self.roi else (side, side)
+            why = memory_problem(h, w, self.window, rendered_px=self.size * self.size)
+            if why:
+                problems.append(why)
         if problems:
             raise ValueError("; ".join(problems))
         return self

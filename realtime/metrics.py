@@ -41,6 +41,7 @@ class PipelineMetrics:
     engine: str = ""
     duration_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the run went on, but not as asked
 
     @property
     def output_fraction(self) -> float:
@@ -63,8 +64,9 @@ class PipelineMetrics:
         tmp.replace(path)
         return path
 
-    def summary(self) -> str:
-        """A one-screen human summary for headless runs."""
+    def summary(self, errors: bool = True) -> str:
+        """A one-screen human summary for headless runs (``errors=False``: count them only,
+        for a front end that printed each one as it happened)."""
         lat = self.latency_ms
         rec = "off" if self.frames_recorded is None else f"{self.frames_recorded}"
         bad = sum(self.malformed_messages.values())
@@ -81,7 +83,11 @@ class PipelineMetrics:
             f"malformed msgs    {bad}" + (f"  {self.malformed_messages}" if bad else ""),
             f"engine errors     {self.engine_errors}",
         ]
-        lines += [f"error             {e}" for e in self.errors]
+        lines += [f"warning           {w}" for w in self.warnings]
+        if errors:
+            lines += [f"error             {e}" for e in self.errors]
+        elif self.errors:
+            lines.append(f"errors            {len(self.errors)} (printed above)")
         return "\n".join(lines)
 
 

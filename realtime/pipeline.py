@@ -26,9 +26,9 @@ import numpy as np
 import zmq
 from psygnal import Signal
 
-from .config import PipelineConfig
+from .config import Addresses, PipelineConfig, memory_problem
 from .metrics import LatencyTracker, PipelineMetrics, RateMeter
-from .protocol import ProtocolError, ResultHeader, StatsMessage, decode
+from .protocol import FOREIGN, ProtocolError, ResultHeader, StatsMessage, decode, new_stream_id
 from .worker import EngineWorker
 
 __all__ = ["Pipeline", "PipelineError"]
@@ -40,6 +40,21 @@ SocketSetup = Callable[[zmq.Socket], None]
 
 class PipelineError(RuntimeError):
     """The pipeline cannot start (bad source, recording file, engine)."""
+
+
+class RecordingExistsError(PipelineError):
+    """The recording file exists and overwriting was not allowed (each front end says how)."""
+
+    def __init__(self, path: Any) -> None:
+        super().__init__(f"recording file {path} exists")
+        self.path = path
+
+
+#: a camera delivering less than this share of the requested rate is reported
+LOW_RATE_SHARE = 0.8
+
+_PORT_HINT = (" (another livesr, or another program, holds that port: stop it, or leave out "
+              "--frames-addr/--results-addr so that a free port is used)")
 
 
 class Pipeline:
@@ -54,6 +69,7 @@ class Pipeline:
     resultReady = Signal(object, object)  # (ResultHeader, float32 image)
     metricsUpdated = Signal(object)  # PipelineMetrics snapshot, a few times per second
     error = Signal(str)  # a problem the user should see (the run may continue)
+    status = Signal(str)  # progress the user may want to know ("compiling ...")
     started = Signal()  # the engine is ready and the camera acquires
     finished = Signal(object)  # final PipelineMetrics: the run is over, files are closed
     engineDied = Signal(str)  # the engine process died (it is being restarted) / went silent
@@ -93,6 +109,14 @@ class Pipeline:
         self._acq_ended = threading.Event()
         self._acq_started = False
         self._stop_thread: threading.Thread | None = None
+        self.stream = new_stream_id()  # stamped on every frame; only its results are shown
+        self.endpoints: Addresses | None = None  # the bound endpoints (port 0 resolved)
+        self._sub_ctx: zmq.Context | None = None
+        self._sub: zmq.Socket | None = None
+        self._local_malformed: dict[str, int] = {}  # bad messages seen by the collector
+        self.json_written: Any = None  # the --json path once it was written
+        self._base = _StatsBase()  # totals of engine processes that died and were restarted
+        self._dropped_seen = 0
 
     # ================================================================== public API
     @property
@@ -115,11 +139,10 @@ class Pipeline:
             cfg = self.config.validate()
         except ValueError as e:
             raise PipelineError(f"invalid configuration: {e}") from None
-        addrs = cfg.addresses.resolved()
         try:
             from .security import check_bind_allowed
 
-            for addr in (addrs.frames, addrs.results):  # both are bound on this machine
+            for addr in (cfg.addresses.frames, cfg.addresses.results):  # both bound here
                 check_bind_allowed(addr, curve=self._socket_setup is not None, hint=(
                     "Keep --frames-addr/--results-addr on 127.0.0.1; to use a GPU on another "
                     "machine run `livesr engine` there and pass --engine-at."))
@@ -128,23 +151,48 @@ class Pipeline:
         try:
             self.core = self._make_core(cfg)
             self.recorder = self._make_recorder(cfg)
-            self.acquisition = self._make_acquisition(cfg, addrs.frames)
+            self.acquisition = self._make_acquisition(cfg, cfg.addresses.frames)
+            self.endpoints = Addresses(frames=self._bind_frames(), results=self._bind_results())
             if cfg.engine_at:  # remote engine(s): a client stands where the worker would
-                self.worker = self._remote_client(cfg, addrs)
+                self.worker = self._remote_client(cfg, self.endpoints)
                 self.worker.run_in_thread()
             else:
-                self._start_local_worker(cfg, addrs)
+                self._start_local_worker(cfg, self.endpoints)
         except Exception as e:
             self._cleanup_failed_start()
             if isinstance(e, PipelineError):
                 raise
             raise PipelineError(_describe(e)) from e
-        self._collector = threading.Thread(
-            target=self._collect, args=(addrs.results,), name="livesr-results", daemon=True
-        )
+        self._collector = threading.Thread(target=self._collect, name="livesr-results", daemon=True)
         self._collector.start()
 
-    def _start_local_worker(self, cfg: PipelineConfig, addrs: Any) -> None:
+    def _bind_frames(self) -> str:
+        """Bind the acquisition's frame socket now; the real endpoint (port 0 resolved)."""
+        try:
+            return self.acquisition.bind()
+        except RuntimeError as e:
+            raise PipelineError(f"{e}{_PORT_HINT}") from None
+
+    def _bind_results(self) -> str:
+        """Bind the collector's SUB socket (workers connect their PUB to it)."""
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        try:
+            if self._socket_setup is not None:
+                self._socket_setup(sub)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.setsockopt(zmq.RCVHWM, 200)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.bind(self.config.addresses.results)
+        except zmq.ZMQError as e:
+            sub.close(linger=0)
+            ctx.term()
+            raise PipelineError(f"cannot listen for results on {self.config.addresses.results}: "
+                                f"{e.strerror}{_PORT_HINT}") from None
+        self._sub_ctx, self._sub = ctx, sub
+        return sub.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _start_local_worker(self, cfg: PipelineConfig, addrs: Addresses) -> None:
         self.worker = EngineWorker(
             self._engine_override if self._engine_override is not None else cfg.engine,
             addrs.frames,
@@ -153,6 +201,9 @@ class Pipeline:
             engine_options=cfg.engine_options(),
             threads=cfg.threads,
             socket_setup=self._socket_setup,
+            stream=self.stream,
+            connect_results=True,
+            warmup_shape=(int(self.core.getImageHeight()), int(self.core.getImageWidth())),
         )
         if cfg.worker_mode == "process":
             self.worker = self._supervised(self.worker)  # restarted if it dies
@@ -198,7 +249,7 @@ class Pipeline:
         if self._collector is None:
             self.start()
         try:
-            if self.wait_started(self.config.engine_ready_timeout_s + 30.0):
+            if self.wait_started(None):  # _wait_engine_ready enforces the ready timeout
                 self._done_evt.wait(seconds)  # returns early when the source ends
         finally:
             self.stop(wait=True)
@@ -214,15 +265,22 @@ class Pipeline:
                 m.frames_published = int(acq.frames_published)
             if self.recorder is not None:
                 m.frames_recorded = int(getattr(self.recorder, "frames_recorded", 0))
-            st = self._stats
+            st, base = self._stats, self._base
             if st is not None:
-                m.frames_received = st.frames_received
-                m.outputs = max(st.outputs, m.outputs_received)
-                m.frames_dropped_by_engine = max(st.frames_dropped, m.frames_dropped_by_engine)
-                m.malformed_messages = dict(st.malformed)
-                m.engine_errors = st.engine_errors
+                m.frames_received = base.frames_received + st.frames_received
+                m.outputs = max(base.outputs + st.outputs, m.outputs_received)
+                m.frames_dropped_by_engine = max(base.frames_dropped + st.frames_dropped,
+                                                 self._dropped_seen)
+                m.engine_errors = base.engine_errors + st.engine_errors
                 if st.engine:
                     m.engine = st.engine
+            m.frames_dropped_by_engine = max(m.frames_dropped_by_engine, self._dropped_seen)
+            malformed = dict(base.malformed)
+            for k, v in (st.malformed if st is not None else {}).items():
+                malformed[k] = malformed.get(k, 0) + v
+            for k, v in self._local_malformed.items():
+                malformed[k] = malformed.get(k, 0) + v
+            m.malformed_messages = malformed
             m.fps_acquired = self._acq_rate.rate
             m.fps_output = self._out_rate.rate
             m.latency_ms = self.latency.percentiles()
@@ -230,11 +288,13 @@ class Pipeline:
                 m.duration_s = (self._t_end or time.monotonic()) - self._t_start
             return PipelineMetrics(**{**m.__dict__, "latency_ms": dict(m.latency_ms),
                                       "malformed_messages": dict(m.malformed_messages),
-                                      "errors": list(m.errors)})
+                                      "errors": list(m.errors), "warnings": list(m.warnings)})
 
     # ================================================================== setup
     def _engine_label(self) -> str:
         e = self._engine_override
+        if e is None and self.config.engine_at:  # the remote says what it runs (stats)
+            return "remote engine at " + ", ".join(self.config.engine_at)
         if e is None:
             return self.config.engine
         return str(getattr(e, "name", getattr(e, "__name__", type(e).__name__)))
@@ -250,6 +310,10 @@ class Pipeline:
             core.setROI((w - cfg.crop) // 2, (h - cfg.crop) // 2, cfg.crop, cfg.crop)
         if cfg.exposure_ms is not None:
             core.setExposure(float(cfg.exposure_ms))
+        if cfg.source_kind != "sim":  # the simulator's size was checked with the config
+            why = memory_problem(int(core.getImageHeight()), int(core.getImageWidth()), cfg.window)
+            if why:
+                raise PipelineError(why)
         return core
 
     def _make_recorder(self, cfg: PipelineConfig) -> Any:
@@ -263,13 +327,13 @@ class Pipeline:
         try:
             return OmeTiffRecorder(cfg.record, metadata=meta, overwrite=cfg.overwrite)
         except FileExistsError:
-            raise PipelineError(f"recording file {cfg.record} exists; choose another name or allow overwrite") from None
+            raise RecordingExistsError(cfg.record) from None
 
     def _make_acquisition(self, cfg: PipelineConfig, address: str) -> Any:
         from acquisition.thread import AcquisitionThread
 
         acq = AcquisitionThread(mmcore=self.core, address=address, recorder=self.recorder,
-                                socket_setup=self._socket_setup)
+                                socket_setup=self._socket_setup, stream=self.stream)
         acq.frameReady.connect(self._on_frame)
         acq.error.connect(self._on_acquisition_error)
         acq.stopped.connect(self._on_acquisition_stopped)
@@ -286,7 +350,8 @@ class Pipeline:
             window=cfg.window,
             stride=cfg.stride,
         )
-        client = RemoteEngineClient(opts, addrs.frames, addrs.results)
+        client = RemoteEngineClient(opts, addrs.frames, addrs.results, stream=self.stream,
+                                    connect_results=True)
 
         def died(reason: str) -> None:
             self._emit_error(reason)
@@ -307,6 +372,8 @@ class Pipeline:
         sw = SupervisedWorker(worker)
 
         def died(reason: str) -> None:
+            if not self._acq_started and sw.startup_error():
+                return  # it failed to load: the collector reports why, once
             self._emit_error(f"{reason} (acquisition and recording continue)")
             self._safe_emit(self.engineDied, reason)
 
@@ -315,6 +382,8 @@ class Pipeline:
             self._safe_emit(self.engineRestarted, n)
 
         def gave_up(reason: str) -> None:
+            if not self._acq_started and sw.startup_error():
+                return
             self._emit_error(reason)
 
         sw.engineDied.connect(died)
@@ -326,6 +395,9 @@ class Pipeline:
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(5)
+        if self.acquisition is not None:
+            self.acquisition.stop()  # closes a bound, never started frame socket
+        self._close_results_socket()
         if self.recorder is not None:
             try:
                 self.recorder.close()
@@ -356,30 +428,37 @@ class Pipeline:
         self._stop_thread.start()
 
     # ================================================================== collector
-    def _collect(self, results_addr: str) -> None:
-        ctx = zmq.Context()
-        sub = ctx.socket(zmq.SUB)
+    def _collect(self) -> None:
+        sub = self._sub
         try:
-            if self._socket_setup is not None:
-                self._socket_setup(sub)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.setsockopt(zmq.RCVHWM, 200)
-            sub.setsockopt(zmq.LINGER, 0)
-            sub.connect(results_addr)
-            if self._wait_engine_ready(sub) and self._start_acquisition():
-                self._receive_until_end(sub)
+            assert sub is not None
+            if self._wait_engine_ready(sub):
+                self._check_movie_length()
+                if self._start_acquisition():
+                    self._receive_until_end(sub)
         except Exception as e:  # the collector must always finish the run cleanly
             logger.exception("results collector failed")
             self._emit_error(f"results collector failed: {_describe(e)}")
         finally:
-            sub.close()
-            ctx.term()
+            self._close_results_socket()
             self._finish()
 
+    def _close_results_socket(self) -> None:
+        if self._sub is not None:
+            self._sub.close(linger=0)
+            self._sub = None
+        if self._sub_ctx is not None:
+            self._sub_ctx.term()
+            self._sub_ctx = None
+
     def _wait_engine_ready(self, sub: zmq.Socket) -> bool:
-        deadline = time.monotonic() + self.config.engine_ready_timeout_s
+        """Wait for the engine's first "ready"; a compiling engine ("preparing" heartbeats)
+        gets the ready timeout afresh with every heartbeat."""
+        timeout = self.config.engine_ready_timeout_s
+        deadline = time.monotonic() + timeout
         worker = self.worker
         assert worker is not None
+        said_preparing = False
         while not self._stop_requested.is_set():
             if sub.poll(100):
                 st = self._handle_message(sub.recv_multipart(copy=False))
@@ -388,16 +467,28 @@ class Pipeline:
                         self._emit_error(st.last_error or worker.startup_error()
                                          or "engine worker ended before it was ready")
                         return False
-                    return True
+                    if st.state != "preparing":
+                        return True
+                    deadline = time.monotonic() + timeout
+                    if not said_preparing:
+                        said_preparing = True
+                        self._emit_status(self._preparing_message())
             if not worker.is_alive():
                 why = worker.startup_error() or f"exit code {worker.exitcode}"
                 self._emit_error(f"engine worker ended before it was ready: {why}")
                 return False
             if time.monotonic() > deadline:
                 self._emit_error(f"engine {self._engine_label()!r} not ready after "
-                                 f"{self.config.engine_ready_timeout_s:.0f} s")
+                                 f"{timeout:.0f} s")
                 return False
         return False
+
+    def _preparing_message(self) -> str:
+        cfg = self.config
+        h, w = int(self.core.getImageHeight()), int(self.core.getImageWidth())
+        return (f"compiling {self._engine_label()} with backend {cfg.backend!r} ({cfg.precision}) "
+                f"for {w}x{h} frames and checking it against eager, before the camera starts "
+                "(the first time can take a minute) ...")
 
     def _start_acquisition(self) -> bool:
         if self._stop_requested.is_set():
@@ -432,8 +523,13 @@ class Pipeline:
                         return
             now = time.monotonic()
             if now >= next_metrics:
-                self._safe_emit(self.metricsUpdated, self.metrics())
+                m = self.metrics()
+                self._safe_emit(self.metricsUpdated, m)
                 next_metrics = now + self._metrics_interval_s
+                cfg = self.config
+                if (cfg.fps and cfg.source_kind != "mm" and m.duration_s >= 3.0
+                        and 0 < m.fps_acquired < LOW_RATE_SHARE * cfg.fps):
+                    self._emit_warning(self._low_rate_message(m.fps_acquired))
             if not worker.is_alive():
                 self._drain_after_worker_exit(sub)
                 if worker.exitcode not in (0, None):
@@ -455,35 +551,55 @@ class Pipeline:
             if st is not None and st.final:
                 return
 
+    def _count_local_malformed(self, reason: str, detail: str) -> None:
+        with self._lock:
+            key = f"results:{reason}"
+            n = self._local_malformed[key] = self._local_malformed.get(key, 0) + 1
+        if n <= 3 or n % 1000 == 0:
+            logger.warning("dropped message #%d on the results socket (%s): %s", n, reason, detail)
+
     def _handle_message(self, parts: list) -> StatsMessage | None:
-        """Account for one message from the worker; returns it if it is a StatsMessage."""
+        """Account for one message from the worker; returns it if it is a StatsMessage.
+
+        A message of another run's stream is counted ("results:foreign") and dropped: it is
+        never shown and never changes this run's numbers.
+        """
         t_recv = time.time_ns()
         try:
             header, img = decode(parts)
         except ProtocolError as e:
-            with self._lock:
-                key = f"results:{e.reason}"
-                self._m.malformed_messages[key] = self._m.malformed_messages.get(key, 0) + 1
-            logger.warning("malformed message from the engine worker: %s", e)
+            self._count_local_malformed(e.reason, str(e))
+            return None
+        if isinstance(header, (ResultHeader, StatsMessage)) and header.stream != self.stream:
+            self._count_local_malformed(FOREIGN, f"{header.kind} of stream {header.stream!r}, "
+                                                 f"this run is {self.stream!r}")
             return None
         if isinstance(header, ResultHeader):
             published = header.timings_ns.get("published", t_recv)
             self.latency.add((published - header.t_acq_ns) / 1e6, header.seq_last)
             with self._lock:
                 self._m.outputs_received += 1
-                self._m.frames_dropped_by_engine = max(self._m.frames_dropped_by_engine, header.frames_dropped)
+                self._dropped_seen = max(self._dropped_seen,
+                                         self._base.frames_dropped + header.frames_dropped)
             self._out_rate.tick(time.monotonic())
             self._safe_emit(self.resultReady, header, img)
             return None
         if isinstance(header, StatsMessage):
             prev = self._stats
+            if prev is not None and (header.frames_received < prev.frames_received
+                                     or header.outputs < prev.outputs):
+                # a restarted engine process counts from zero again: keep the earlier totals
+                with self._lock:
+                    self._base.add(prev)
             self._stats = header
             if header.engine_errors > (prev.engine_errors if prev else 0) and header.last_error:
-                self._emit_error(f"engine error: {header.last_error}")
+                if not (header.final and not self._acq_started):  # a load failure: said once
+                    self._emit_error(f"engine error: {header.last_error}")
             new_bad = sum(header.malformed.values()) - (sum(prev.malformed.values()) if prev else 0)
             if new_bad > 0 and (prev is None or not prev.malformed):
                 self._emit_error(f"engine worker received malformed messages: {header.malformed}")
             return header
+        self._count_local_malformed("unexpected_kind", f"{header.kind!r} message on the results socket")
         return None
 
     def _finish(self) -> None:
@@ -513,22 +629,77 @@ class Pipeline:
             logger.exception("pipeline shutdown failed")
             self._emit_error(f"shutdown failed: {_describe(e)}")
         finally:
+            if self._acq_started:
+                self._check_outcome()
             final = self.metrics()
             if self.config.json is not None:  # before done: stop(wait=True) callers read it
                 try:
                     final.write_json(self.config.json)
+                    self.json_written = self.config.json
                 except OSError as e:
-                    logger.error("cannot write %s: %s", self.config.json, e)
+                    self._emit_error(f"metrics NOT written: cannot write {self.config.json}: "
+                                     f"{e.strerror or e}")
+                    final = self.metrics()
             self._done_evt.set()
             self._safe_emit(self.metricsUpdated, final)
             self._safe_emit(self.finished, final)
 
+    def _check_outcome(self) -> None:
+        """Say so when the run did not do what was asked: no frame, no output, a slow camera."""
+        m, cfg = self.metrics(), self.config
+        st = self._stats
+        window = st.window if st is not None and st.window else cfg.window
+        if m.frames_acquired == 0:
+            self._emit_error("no frame was acquired")
+        elif m.outputs == 0 and m.outputs_received == 0 and not m.engine_errors:
+            need = f"{window} consecutive frames" if window else "more frames"
+            self._emit_error(f"no output: the engine needs {need} per output and received "
+                             f"{m.frames_received} of the {m.frames_acquired} acquired")
+        if (cfg.fps and cfg.source_kind != "mm" and m.duration_s >= 2.0
+                and 0 < m.fps_acquired < LOW_RATE_SHARE * cfg.fps):
+            self._emit_warning(self._low_rate_message(m.fps_acquired))
+
+    def _low_rate_message(self, fps: float) -> str:
+        cfg = self.config
+        h, w = int(self.core.getImageHeight()), int(self.core.getImageWidth())
+        what = "the simulator" if cfg.source_kind == "sim" else "the replay"
+        return (f"the camera delivered {fps:.1f} fps of the {cfg.fps:g} requested ({what} cannot "
+                f"produce {w}x{h} frames faster here): use a smaller --size/--crop or a lower --fps")
+
+    def _check_movie_length(self) -> None:
+        """Before the camera starts: a movie played once that is shorter than the window."""
+        st, cfg = self._stats, self.config
+        if cfg.source_kind != "replay" or cfg.loop or st is None or not st.window:
+            return
+        try:
+            frames = int(self.core.getProperty(self.core.getCameraDevice(), "Frames"))
+        except Exception:  # not our replay camera: nothing to say
+            return
+        if frames < st.window:
+            self._emit_warning(f"the movie has {frames} frame(s) but the engine needs {st.window} "
+                               "per output: no output can be made (use --window, or --loop)")
+
     # ================================================================== helpers
+    def _emit_status(self, message: str) -> None:
+        logger.info("%s", message)
+        self._safe_emit(self.status, message)
+
     def _emit_error(self, message: str) -> None:
-        logger.error("%s", message)
+        """Tell the user once (the same text twice is said once); listeners print it."""
         with self._lock:
+            if message in self._m.errors:
+                return
             self._m.errors.append(message)
+        logger.debug("%s", message)
         self._safe_emit(self.error, message)
+
+    def _emit_warning(self, message: str) -> None:
+        """A run that goes on but not as asked (kept in metrics.warnings, said once)."""
+        with self._lock:
+            if message in self._m.warnings:
+                return
+            self._m.warnings.append(message)
+        self._emit_status("warning: " + message)
 
     @staticmethod
     def _safe_emit(signal: Any, *args: Any) -> None:
@@ -536,6 +707,22 @@ class Pipeline:
             signal.emit(*args)
         except Exception:  # a broken listener must not stop the pipeline
             logger.exception("a listener of %s raised", getattr(signal, "name", "a signal"))
+
+
+class _StatsBase:
+    """Counters of earlier engine processes of this run (a restarted one starts from zero)."""
+
+    def __init__(self) -> None:
+        self.frames_received = self.outputs = self.frames_dropped = self.engine_errors = 0
+        self.malformed: dict[str, int] = {}
+
+    def add(self, st: StatsMessage) -> None:
+        self.frames_received += st.frames_received
+        self.outputs += st.outputs
+        self.frames_dropped += st.frames_dropped
+        self.engine_errors += st.engine_errors
+        for k, v in st.malformed.items():
+            self.malformed[k] = self.malformed.get(k, 0) + v
 
 
 def _describe(e: BaseException) -> str:

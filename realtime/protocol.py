@@ -11,6 +11,12 @@ every field's type, the shape, the dtype and the buffer length, and raises
 is a short category ("json", "version", "kind", "field", "shape", "dtype", "length",
 "parts") so that receivers can count malformed messages by kind.
 
+Every message carries the ``stream`` id of the run it belongs to (a random 64-bit hex string
+made by :func:`new_stream_id` when a run starts; "" = not tied to a run). Two runs on one
+machine can end up on each other's sockets (a fixed port reused, a stale engine); a receiver
+that knows its run's id counts a message of another stream as malformed with reason
+``"foreign"`` (:data:`FOREIGN`) and drops it, so another run's image is never shown.
+
 Note on zero-copy: :func:`decode` returns a *read-only* numpy view on the received buffer;
 copy it if you need to write into it. :func:`encode_frame` / :func:`encode_result` return a
 memoryview on the image: keep the image alive (zmq does, when sent with ``copy=False``).
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
@@ -27,6 +34,7 @@ import numpy as np
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "FOREIGN",
     "EndOfStream",
     "FrameHeader",
     "Header",
@@ -41,9 +49,23 @@ __all__ = [
     "encode_frame",
     "encode_result",
     "encode_stats",
+    "new_stream_id",
 ]
 
-PROTOCOL_VERSION = 1
+#: 2: every header carries ``stream``; stats carry ``window`` and may say "preparing"
+PROTOCOL_VERSION = 2
+
+#: ProtocolError-style reason under which receivers count messages of another run's stream
+FOREIGN = "foreign"
+
+#: states a StatsMessage may report: "preparing" (engine loaded, compiling / warming up for
+#: the camera's frame size), "ready" (idle, waiting for frames), "running", "final"
+STATS_STATES = ("preparing", "ready", "running", "final")
+
+
+def new_stream_id() -> str:
+    """A fresh per-run stream id: 16 hex digits (64 random bits)."""
+    return secrets.token_hex(8)
 
 #: Real-valued pixel types a camera or an engine may send. Byte order on the wire is
 #: little-endian; complex, bool, object and string dtypes are rejected.
@@ -95,6 +117,7 @@ class FrameHeader:
     exposure_ms: float = 0.0
     pixel_size_um: float | None = None
     elapsed_ms: float | None = None  # camera's ElapsedTime-ms metadata, when present
+    stream: str = ""  # the run's stream id (new_stream_id)
 
     kind = "frame"
 
@@ -111,6 +134,7 @@ class ResultHeader:
     dtype: str = "float32"
     timings_ns: dict[str, int] = field(default_factory=dict)  # received/start/done/published
     frames_dropped: int = 0  # cumulative outputs skipped by the worker to keep up
+    stream: str = ""  # stream id of the frames it was computed from
 
     kind = "result"
 
@@ -121,6 +145,7 @@ class EndOfStream:
 
     frames_sent: int
     reason: str = "stopped"
+    stream: str = ""
 
     kind = "eos"
 
@@ -134,7 +159,7 @@ class StatsMessage:
     """
 
     engine: str
-    state: str = "running"  # "ready" (engine loaded, idle) | "running" | "final"
+    state: str = "running"  # one of STATS_STATES
     frames_received: int = 0
     outputs: int = 0
     frames_dropped: int = 0
@@ -143,6 +168,8 @@ class StatsMessage:
     last_error: str = ""
     frames_sent: int | None = None  # from the EndOfStream, in the final message
     final: bool = False
+    stream: str = ""  # the stream the worker serves ("" while it waits for one)
+    window: int = 0  # frames the engine needs per output (0: not loaded yet)
 
     kind = "stats"
 
@@ -207,6 +234,12 @@ def _check_dtype(v: Any) -> str:
     return v
 
 
+def _check_stream(v: Any) -> str:
+    if not isinstance(v, str) or len(v) > 32 or any(c not in "0123456789abcdef" for c in v):
+        raise ProtocolError("field", f"stream must be a lowercase hex id of <= 32 digits, got {v!r}")
+    return v
+
+
 def _check_int_dict(name: str, v: Any) -> dict[str, int]:
     if not isinstance(v, dict):
         raise ProtocolError("field", f"{name} must be an object, got {type(v).__name__}")
@@ -228,6 +261,7 @@ def _validate(h: Header) -> Header:
             exposure_ms=_check_number("exposure_ms", h.exposure_ms),
             pixel_size_um=_check_number("pixel_size_um", h.pixel_size_um, optional=True, positive=True),
             elapsed_ms=_check_number("elapsed_ms", h.elapsed_ms, optional=True),
+            stream=_check_stream(h.stream),
         )
     if isinstance(h, ResultHeader):
         first = _check_int("seq_first", h.seq_first)
@@ -243,15 +277,17 @@ def _validate(h: Header) -> Header:
             dtype=_check_dtype(h.dtype),
             timings_ns=_check_int_dict("timings_ns", h.timings_ns),
             frames_dropped=_check_int("frames_dropped", h.frames_dropped),
+            stream=_check_stream(h.stream),
         )
     if isinstance(h, EndOfStream):
         return EndOfStream(
             frames_sent=_check_int("frames_sent", h.frames_sent),
             reason=_check_str("reason", h.reason),
+            stream=_check_stream(h.stream),
         )
     if isinstance(h, StatsMessage):
-        if h.state not in ("ready", "running", "final"):
-            raise ProtocolError("field", f"state must be ready/running/final, got {h.state!r}")
+        if h.state not in STATS_STATES:
+            raise ProtocolError("field", f"state must be one of {'/'.join(STATS_STATES)}, got {h.state!r}")
         if not isinstance(h.final, bool):
             raise ProtocolError("field", "final must be a bool")
         return StatsMessage(
@@ -265,6 +301,8 @@ def _validate(h: Header) -> Header:
             last_error=_check_str("last_error", h.last_error),
             frames_sent=None if h.frames_sent is None else _check_int("frames_sent", h.frames_sent),
             final=h.final,
+            stream=_check_stream(h.stream),
+            window=_check_int("window", h.window),
         )
     raise ProtocolError("kind", f"not a protocol header: {type(h).__name__}")
 

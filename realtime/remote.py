@@ -51,8 +51,8 @@ import zmq
 from psygnal import Signal
 from zmq.utils.monitor import recv_monitor_message
 
-from .config import free_tcp_address
 from .protocol import (
+    FOREIGN,
     EndOfStream,
     FrameHeader,
     ProtocolError,
@@ -183,8 +183,10 @@ class EngineGateway:
         self.curve: CurveServer | None = None
         if cfg.keys is not None and cfg.allow is not None:
             self.curve = CurveServer(find_secret_file(cfg.keys), cfg.allow)
-        self._worker_in = free_tcp_address()  # gateway PUSH binds, worker PULL connects
-        self._worker_out = free_tcp_address()  # worker PUB binds, gateway SUB connects
+        # gateway PUSH binds -> worker PULL connects; gateway SUB binds <- worker PUB connects
+        # (both on port 0, read back at bind time: see _open)
+        self._worker_in = "tcp://127.0.0.1:0"
+        self._worker_out = "tcp://127.0.0.1:0"
         self.supervisor: EngineSupervisor | None = None
         self.worker: Any = None
         self._stop = threading.Event()
@@ -205,6 +207,7 @@ class EngineGateway:
             self.cfg.stride,
             engine_options=self.cfg.engine_options(),
             exit_on_eos=False,  # serve one client stream after another
+            connect_results=True,  # to the gateway's SUB, bound on a free port
         )
 
     def _start_worker_process(self) -> Any:
@@ -248,7 +251,9 @@ class EngineGateway:
             self.ctx.term()
             raise OSError(f"cannot listen on {c.bind} / {c.results_bind}: {e}") from None
         to_worker.bind(self._worker_in)
-        from_worker.connect(self._worker_out)
+        from_worker.bind(self._worker_out)
+        self._worker_in = to_worker.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._worker_out = from_worker.getsockopt_string(zmq.LAST_ENDPOINT)
         self._pull, self._pub, self._to_worker, self._from_worker = pull, pub, to_worker, from_worker
         self._sockets = [pull, pub, to_worker, from_worker]
         self.bound = True
@@ -494,6 +499,8 @@ class LinkStats:
     downs: int = 0
     auth_failures: int = 0
     first_refused: float | None = None
+    handshake_failures: list[tuple[int, int]] = field(default_factory=list)  # (event, value)
+    advised_at: int = 0  # auth_failures when the user was last told why
     engine_restarts: int = 0  # seen as the engine's counters starting again from zero
     last_stats: StatsMessage | None = None
     final: StatsMessage | None = None
@@ -568,7 +575,10 @@ class RemoteEngineClient:
     """Stand-in for a local `EngineWorker` that forwards to remote engines.
 
     Pulls frames from `in_addr` (the acquisition's PUSH), publishes results and stats on
-    `out_addr` (bind, PUB) like a worker does, so the pipeline and GUI need no changes.
+    `out_addr` (PUB; bound, or connected to the pipeline's SUB with `connect_results`) like
+    a worker does, so the pipeline and GUI need no changes. `stream` is the run's stream id:
+    its stats carry it, and a remote result of any other stream is counted
+    ("remote_foreign") and dropped.
 
     Signals (emitted from the client thread): `engineDied(str)` when an engine falls
     silent for `heartbeat_timeout_s` (it died, or the network dropped),
@@ -587,11 +597,15 @@ class RemoteEngineClient:
         out_addr: str,
         *,
         exit_on_eos: bool = True,
+        stream: str = "",
+        connect_results: bool = False,
     ):
         self.options = options.validate()
         self.in_addr = in_addr
         self.out_addr = out_addr
         self.exit_on_eos = exit_on_eos
+        self.stream = stream
+        self.connect_results = connect_results
         self._setup = options.socket_setup()  # key errors surface here, before any thread
         self.window = options.window_or_guess  # corrected by the first result if not given
         self._window_known = options.window is not None
@@ -681,7 +695,10 @@ class RemoteEngineClient:
         pub.sndhwm = 1000
         links: list[_Link] = []
         try:
-            pub.bind(self.out_addr)
+            if self.connect_results:
+                pub.connect(self.out_addr)
+            else:
+                pub.bind(self.out_addr)
             links = [_Link(ctx, ep, self._setup, hwm=16) for ep in o.endpoints]
             self._links = links
             self.stats.links = [lk.stats for lk in links]
@@ -705,6 +722,7 @@ class RemoteEngineClient:
                         self._take_results(i, lk, pub)
                     self._flush_queue(lk)
                     self._check_heartbeat(lk, now)
+                    self._advise(lk, now)
                     self._check_refused(lk, now)
                 self._publish_released(self.reorderer.poll())
                 if now >= next_stats and any(lk.stats.ups for lk in links):
@@ -813,6 +831,11 @@ class RemoteEngineClient:
             except ProtocolError as e:
                 self._count(self.stats.malformed_remote, e.reason)
                 continue
+            if isinstance(header, ResultHeader) and header.stream != self.stream:
+                self._count(self.stats.malformed_remote, FOREIGN)  # another run's image
+                continue
+            if isinstance(header, StatsMessage) and header.stream not in ("", self.stream):
+                continue  # the engine serves another microscope's stream: alive, not ours
             if isinstance(header, ResultHeader):
                 lk.stats.results += 1
                 if not self._window_known:
@@ -935,18 +958,33 @@ class RemoteEngineClient:
                 lk.stats.auth_failures += 1
                 if lk.stats.first_refused is None:
                     lk.stats.first_refused = time.monotonic()
-                if lk.stats.auth_failures == 1 or lk.stats.auth_failures % 50 == 0:
-                    hint = (
-                        "copy this PC's public .key into the engine's --allow directory and "
-                        "check --server-key is the engine's server.key"
-                        if self.options.curve
-                        else "the engine requires CURVE keys: pass --server-key and --client-key"
-                    )
-                    msg = f"engine at {lk.endpoint} refused the connection ({zmq.Event(e).name}): {hint}"
-                    log.error("%s", msg)
-                    self.authFailed.emit(msg)
+                lk.stats.handshake_failures.append((e, ev["value"]))
+                del lk.stats.handshake_failures[:-20]
+                self._advise(lk, time.monotonic())
             elif e == zmq.EVENT_DISCONNECTED:
                 log.warning("link to engine at %s dropped; ZeroMQ keeps reconnecting", lk.endpoint)
+
+    def _advise(self, lk: _Link, now: float) -> None:
+        """Say why an engine refuses us, once a few attempts show the most specific reason
+        (a keyless engine shows up as a mechanism mismatch only on some attempts), then every
+        50 attempts."""
+        st = lk.stats
+        if st.auth_failures == 0 or st.auth_failures == st.advised_at:
+            return
+        if st.advised_at == 0:
+            if st.auth_failures < 5 and now - (st.first_refused or now) < 1.0:
+                return
+        elif st.auth_failures - st.advised_at < 50:
+            return
+        st.advised_at = st.auth_failures
+        mismatch = [f for f in st.handshake_failures
+                    if f == (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)]
+        auth = [f for f in st.handshake_failures if f[0] == zmq.EVENT_HANDSHAKE_FAILED_AUTH]
+        e, value = (mismatch or auth or st.handshake_failures)[-1]
+        hint = handshake_advice(e, value, curve=self.options.curve)
+        msg = f"engine at {lk.endpoint} refused the connection ({zmq.Event(e).name}): {hint}"
+        log.error("%s", msg)
+        self.authFailed.emit(msg)
 
     # ------------------------------------------------------------------ stats
     def _aggregate_stats(self, *, final: bool) -> StatsMessage:
@@ -987,7 +1025,28 @@ class RemoteEngineClient:
             last_error=last_error,
             frames_sent=self._eos.frames_sent if (final and self._eos is not None) else None,
             final=final,
+            stream=self.stream,
+            window=self.window if self._window_known else 0,
         )
+
+
+def handshake_advice(event: int, value: int, *, curve: bool) -> str:
+    """What the user should do about a failed ZeroMQ handshake with an engine."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        if curve:
+            return ("the engine does not use CURVE (it was started without --keys/--allow): "
+                    "restart it with --keys and --allow, or leave out --server-key/--client-key "
+                    "(an engine without keys listens on loopback only: use an ssh tunnel)")
+        return "the engine requires CURVE keys: pass --server-key and --client-key"
+    if not curve:
+        return "the engine requires CURVE keys: pass --server-key and --client-key"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "the engine does not accept this PC's key: copy this PC's public .key into its --allow directory"
+    # no detail: a wrong server key, or (on some attempts) an engine without CURVE at all
+    return ("either the engine does not use CURVE (started without --keys/--allow: restart it "
+            "with them, or leave out --server-key/--client-key), or --server-key is not its "
+            "server.key (--client-key must be this PC's .key_secret, its public .key in the "
+            "engine's --allow folder)")
 
 
 # ============================================================================ CLI glue

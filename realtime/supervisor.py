@@ -167,7 +167,8 @@ class EngineSupervisor:
         # spawning is inherited by the child and kept across exec.
         old_mask = None
         if self.shield_sigint and hasattr(signal, "pthread_sigmask"):
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            blocked = {signal.SIGINT} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             proc = self._start_worker()
         finally:

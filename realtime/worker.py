@@ -13,6 +13,11 @@ Why it looks like this:
   ``ProtocolError.reason`` and reported in the periodic :class:`StatsMessage`; it never
   crashes the worker and never becomes an image. An engine that raises is counted too
   (``engine_errors``) and restarted on the next frame.
+* Every frame names its run's ``stream``. A worker started for one run (``stream=``) counts
+  frames of any other stream as malformed ("foreign") and drops them; a server worker
+  (``stream=None``) adopts the stream of the first frame it gets, and the next client's
+  stream once the current one ended or fell silent. Results and stats carry the stream, so
+  the receiver can drop what is not its own.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import zmq
 
 from .protocol import (
+    FOREIGN,
     EndOfStream,
     FrameHeader,
     ProtocolError,
@@ -43,7 +49,7 @@ from .protocol import (
 )
 from .window import RollingWindow, StreamContinuity
 
-__all__ = ["EngineWorker", "WorkerStats", "default_compute_threads"]
+__all__ = ["EngineLoadError", "EngineWorker", "WorkerStats", "default_compute_threads", "plan_stateful_feed"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +58,34 @@ EngineSpec = Union[str, Any, Callable[[], Any]]
 SocketSetup = Callable[[zmq.Socket], None]
 
 
+class EngineLoadError(RuntimeError):
+    """The engine could not be loaded or compiled (reported once, through the stats)."""
+
+
 def default_compute_threads() -> int:
     """Half the cores (acquisition, recording and display need the rest), 1 to 4."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def plan_stateful_feed(queued: int, *, per_frame_s: float | None, per_output_s: float | None,
+                       min_output_share: float = 0.8) -> int:
+    """How many of the newest ``queued`` frames a stateful engine ingests before its one output.
+
+    A stateful engine (ConvLSTM) is never reset to catch up: it keeps its state and skips
+    outputs. Feeding every queued frame keeps the most information in the state, but each
+    frame costs ``per_frame_s`` and delays the output. So feed as many as fit while the time
+    per output stays within 1 / ``min_output_share`` of the engine's own cost for one frame and
+    its output: the output rate then stays >= ``min_output_share`` of the engine's capacity
+    whatever the camera rate. Older frames beyond that are skipped (the state jumps over
+    them, as if the camera had been slower). Unknown costs (just started): feed everything.
+    """
+    if queued <= 1 or not per_frame_s or per_frame_s <= 0:
+        return max(1, queued)
+    if not 0 < min_output_share <= 1:
+        raise ValueError(f"min_output_share must be in (0, 1], got {min_output_share}")
+    out_s = max(0.0, per_output_s or 0.0)
+    budget = (per_frame_s + out_s) / min_output_share - out_s
+    return max(1, min(queued, int(budget / per_frame_s + 1e-9)))
 
 
 @dataclass
@@ -80,6 +111,15 @@ class EngineWorker:
     ``socket_setup`` is applied to both sockets before bind/connect (e.g. CURVE keys).
     With ``exit_on_eos`` the worker finishes after the first EndOfStream; otherwise it resets
     and waits for the next stream until :meth:`stop`.
+
+    ``stream``: the run's stream id; frames of other streams are counted "foreign" and
+    dropped (None: adopt each client's stream in turn, see the module docstring).
+    ``connect_results``: connect the result PUB to a subscriber that bound ``out_addr``
+    (the pipeline binds every socket in its own process, on port 0 if asked) instead of
+    binding it here.
+    ``warmup_shape``: the camera's (H, W). An engine running through a compiled backend is
+    compiled, checked (and for "auto" timed) for that shape before the worker says "ready",
+    publishing "preparing" stats meanwhile, so no frame ever waits for a compiler.
     """
 
     def __init__(
@@ -97,6 +137,10 @@ class EngineWorker:
         use_push: bool | None = None,
         result_hwm: int = 100,
         threads: int | None = None,
+        stream: str | None = None,
+        connect_results: bool = False,
+        stream_idle_s: float = 1.0,
+        warmup_shape: tuple[int, int] | None = None,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
@@ -112,6 +156,12 @@ class EngineWorker:
         self.use_push = use_push
         self.result_hwm = result_hwm
         self.threads = default_compute_threads() if threads is None else int(threads)
+        self.expected_stream = stream
+        self.connect_results = connect_results
+        self.warmup_shape = None if warmup_shape is None else (int(warmup_shape[0]), int(warmup_shape[1]))
+        self.stream_idle_s = stream_idle_s
+        self._stream: str | None = stream  # the stream being served now
+        self._stream_seen = 0.0  # monotonic time of its last frame
         self.stats = WorkerStats()
         self._stop_event: Any = threading.Event()
         self._ready_event: Any = threading.Event()
@@ -133,6 +183,8 @@ class EngineWorker:
     def _run_logged(self) -> None:
         try:
             self.run()
+        except EngineLoadError:
+            pass  # reported through startup_error() and the final stats
         except Exception:
             logger.exception("engine worker failed")
 
@@ -199,7 +251,9 @@ class EngineWorker:
     def run(self) -> None:
         """Serve until an EndOfStream (with ``exit_on_eos``) or :meth:`stop`. Blocking."""
         ctx = zmq.Context()
-        pub = ctx.socket(zmq.PUB)
+        # XPUB when connecting: it sees the subscriber's subscription arrive, so "ready" (and a
+        # restarted engine's first stats) are not lost to the slow-joiner effect
+        pub = ctx.socket(zmq.XPUB if self.connect_results else zmq.PUB)
         pull = ctx.socket(zmq.PULL)
         try:
             for s in (pub, pull):
@@ -209,29 +263,76 @@ class EngineWorker:
             pub.setsockopt(zmq.LINGER, 2000)  # let the final stats leave
             pull.setsockopt(zmq.LINGER, 0)
             try:
-                pub.bind(self.out_addr)
+                if self.connect_results:
+                    pub.connect(self.out_addr)
+                else:
+                    pub.bind(self.out_addr)
             except zmq.ZMQError as e:
                 msg = f"cannot publish results on {self.out_addr}: {e}"
                 if e.errno == zmq.EADDRINUSE:
                     msg += " (another livesr running? use a free port, e.g. tcp://127.0.0.1:0)"
                 self._failure.put(msg)
-                raise RuntimeError(msg) from None
+                raise EngineLoadError(msg) from None
             try:
                 engine = self._load_engine()
-            except Exception as e:  # report why, then end: nothing can be computed
-                msg = f"engine {self._engine_label()!r} failed to load: {type(e).__name__}: {e}"
-                logger.error(msg)
+            except Exception as e:  # report why (once: the receiver prints it), then end
+                msg = f"engine {self._engine_label()!r} failed to load: {_first_line(e)}"
+                logger.debug(msg, exc_info=True)
                 self.stats.engine_errors += 1
                 self.stats.last_error = msg
                 self._failure.put(msg)
                 self._announce_failure(pub)
-                raise
+                raise EngineLoadError(msg) from e
             pull.connect(self.in_addr)
+            if self.connect_results:
+                self._await_subscriber(pub)
+            try:
+                self._warm_up(engine, pub)
+            except Exception as e:
+                msg = (f"engine {self._engine_label()!r} failed while compiling for "
+                       f"{self.warmup_shape}: {_first_line(e)}")
+                self.stats.engine_errors += 1
+                self.stats.last_error = msg
+                self._failure.put(msg)
+                self._announce_failure(pub)
+                raise EngineLoadError(msg) from e
             self._serve(engine, pull, pub)
         finally:
             pull.close()
             pub.close()
             ctx.term()
+
+    def _warm_up(self, engine: Any, pub: zmq.Socket) -> None:
+        """Compile / check / time the engine's backend for the camera's frame shape now."""
+        if self.warmup_shape is None or not getattr(engine, "backend_modules", None):
+            return
+        from engines.backends import warm_up  # only engines with backend modules get here
+
+        done = threading.Event()
+
+        def heartbeat() -> None:  # the main thread does not touch `pub` until joined
+            while not done.is_set():
+                pub.send_multipart(encode_stats(self._stats_message("preparing")))
+                done.wait(self.stats_interval_s)
+
+        beat = threading.Thread(target=heartbeat, name="livesr-warmup-heartbeat", daemon=True)
+        beat.start()
+        try:
+            seconds = warm_up(engine, self.warmup_shape)
+        finally:
+            done.set()
+            beat.join()
+        logger.info("engine %s compiled for %s in %.1f s", self._engine_label(), self.warmup_shape,
+                    seconds)
+
+    def _await_subscriber(self, pub: zmq.Socket, timeout_s: float = 5.0) -> None:
+        """Wait (briefly) for the subscriber's subscription to reach our XPUB."""
+        deadline = time.monotonic() + timeout_s
+        while not self._stop_event.is_set() and time.monotonic() < deadline:
+            if pub.poll(50, zmq.POLLIN):
+                pub.recv_multipart()
+                return
+        logger.warning("no subscriber on %s after %.0f s; publishing anyway", self.out_addr, timeout_s)
 
     def _engine_label(self) -> str:
         spec = self.engine_spec
@@ -284,6 +385,8 @@ class EngineWorker:
             last_error=s.last_error,
             frames_sent=s.frames_sent,
             final=final,
+            stream=self._stream or "",
+            window=int(getattr(self, "window", 0) or 0),
         )
 
     @property
@@ -306,6 +409,9 @@ class EngineWorker:
         self._rolling = RollingWindow(self.window)
         self._engine_next_seq: int | None = None
         self._push_all = False
+        self._stateful = self._streaming and bool(getattr(engine, "stateful", False))
+        self._cost_frame_s: float | None = None  # EMA of a stateful engine's cost per frame fed
+        self._cost_output_s: float | None = None  # ... and per output
         self._engine_reset()
 
     def _serve(self, engine: Any, pull: zmq.Socket, pub: zmq.Socket) -> None:
@@ -322,7 +428,9 @@ class EngineWorker:
             if poller.poll(timeout=50):
                 frames, eos = self._drain(pull)
                 if frames:
-                    state = "running"
+                    if state != "running":  # say so at once: a short-lived engine counts too
+                        state = "running"
+                        next_stats = time.monotonic()
                     self._process_batch(frames)
                 if eos is not None:
                     self.stats.frames_sent = eos.frames_sent
@@ -346,6 +454,23 @@ class EngineWorker:
         self._continuity.reset()
         self._rolling.reset()
         self._engine_reset()
+        self._stream = self.expected_stream
+
+    def _own_stream(self, stream: str) -> bool:
+        """Does a frame / EndOfStream of ``stream`` belong to the stream served now?"""
+        now = time.monotonic()
+        if stream == self._stream:
+            self._stream_seen = now
+            return True
+        if self.expected_stream is None and (
+            self._stream is None or now - self._stream_seen > self.stream_idle_s
+        ):
+            if self._stream is not None:
+                logger.info("stream %s silent for %.1f s: serving stream %s now",
+                            self._stream, now - self._stream_seen, stream)
+            self._stream, self._stream_seen = stream, now  # a seq restart resets the window
+            return True
+        return False
 
     # ------------------------------------------------------------------ input
     def _count_malformed(self, reason: str, detail: str) -> None:
@@ -368,6 +493,10 @@ class EngineWorker:
             except ProtocolError as e:
                 self._count_malformed(e.reason, str(e))
                 continue
+            if isinstance(header, (FrameHeader, EndOfStream)) and not self._own_stream(header.stream):
+                self._count_malformed(FOREIGN, f"{header.kind!r} of stream {header.stream!r}, "
+                                               f"serving {self._stream!r}")
+                continue
             if isinstance(header, FrameHeader):
                 self.stats.frames_received += 1
                 frames.append((header, img, t_recv))  # type: ignore[arg-type]
@@ -380,6 +509,7 @@ class EngineWorker:
     # ------------------------------------------------------------------ compute
     def _engine_reset(self) -> None:
         self._engine_next_seq = None
+        self._fed = 0  # frames a stateful engine has been fed since its reset
         if self._streaming:
             self._engine.reset()
 
@@ -408,6 +538,9 @@ class EngineWorker:
             if new_run[a]:
                 self._rolling.reset()
                 self._engine_reset()
+            if self._stateful:
+                self._feed_stateful_run(frames[a:b], [i - a for i in dues], t_start)
+                continue
             # A streaming engine whose state already runs up to this batch keeps it when that
             # is no dearer than a restart (<= window pushes): skipping would cost a full
             # re-warm per output and, for a recurrent net near capacity, never catch up.
@@ -421,6 +554,54 @@ class EngineWorker:
                     if i + 1 < len(frames):
                         self._process_batch(frames[i + 1 :])
                     return
+
+    def _feed_stateful_run(self, run: list, dues: list[int], t_start: int) -> None:
+        """One continuous run of a stateful engine: keep its state, skip outputs (and the oldest
+        frames the engine cannot afford, see plan_stateful_feed), publish the newest due output."""
+        m = plan_stateful_feed(len(run), per_frame_s=self._cost_frame_s,
+                               per_output_s=self._cost_output_s)
+        m = max(m, min(len(run), self.window - self._fed))  # a warm-up is fed in full
+        start = len(run) - m
+        last_due = dues[-1] if dues else None
+        published = False
+        try:
+            if last_due is not None and last_due >= start:
+                h, _, t_recv = run[last_due]
+                out = self._push_frames([img for _, img, _ in run[start:last_due + 1]], True)
+                if out is not None:
+                    self._publish(h, out, t_recv, t_start)
+                    published = True
+                start = last_due + 1
+            if start < len(run):
+                self._push_frames([img for _, img, _ in run[start:]], False)
+        except Exception as e:
+            self._engine_error(e)
+            self._continuity.reset()  # the next frame starts a fresh run on the reset engine
+        if dues and not published:  # the others were counted by the caller
+            self.stats.frames_dropped += 1
+
+    def _push_frames(self, imgs: list, want_output: bool) -> Any:
+        """Feed frames to a stateful engine (push_many when it has one); learn its costs."""
+        eng = self._engine
+        self._fed += len(imgs)
+        t0 = time.perf_counter()
+        many = getattr(eng, "push_many", None)
+        if callable(many):
+            out = many(imgs, output=want_output)
+        else:
+            out = None
+            for img in imgs:
+                out = eng.push(img)
+        cost = getattr(eng, "last_cost", None)
+        ingest_s, output_s = cost if cost is not None else (time.perf_counter() - t0, None)
+        a = 0.3
+        per_frame = ingest_s / len(imgs)
+        self._cost_frame_s = per_frame if self._cost_frame_s is None else (
+            (1 - a) * self._cost_frame_s + a * per_frame)
+        if output_s:
+            self._cost_output_s = output_s if self._cost_output_s is None else (
+                (1 - a) * self._cost_output_s + a * output_s)
+        return out if want_output else None
 
     def _needed(self, i: int, last_due: int | None, end: int) -> bool:
         """Does frame i contribute to the newest due output, or to outputs after this batch?"""
@@ -488,10 +669,17 @@ class EngineWorker:
             dtype="float32",
             timings_ns={"received": t_recv, "start": t_start, "done": t_done, "published": time.time_ns()},
             frames_dropped=self.stats.frames_dropped,
+            stream=h.stream,
         )
         # copy=True: an engine may reuse its output buffer on the next push
         self._pub.send_multipart(encode_result(header, out), copy=True)
         self.stats.outputs += 1
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (torch's errors can run to a page)."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _process_main(worker: EngineWorker) -> None:
@@ -500,11 +688,15 @@ def _process_main(worker: EngineWorker) -> None:
     # Ctrl+C in a terminal reaches the whole process group: the parent decides when we stop
     # (it sends the EndOfStream), so that the queued frames are still processed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal hangs up the whole group too
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if worker.threads >= 1:  # before torch is imported: also caps OpenMP/MKL pools
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(worker.threads))
     try:
         worker.run()
+    except EngineLoadError:
+        raise SystemExit(1) from None  # reported through startup_error() and the final stats
     except Exception:
         logger.exception("engine worker failed")
-        raise SystemExit(1)
+        raise SystemExit(1) from None

@@ -267,14 +267,17 @@ def test_auto_measures_stores_and_reuses(monkeypatch):
     for entry in data.values():
         assert entry["backend"] in ("eager", "jit")
         assert set(entry["timings_ms"]) == {"eager", "jit"}
-        assert entry["backend"] == min(entry["timings_ms"], key=entry["timings_ms"].get)
+        if entry["backend"] == "jit":  # kept eager unless clearly faster
+            assert entry["timings_ms"]["jit"] <= 0.9 * entry["timings_ms"]["eager"]
+            assert entry["iqr_ms"]["jit"][1] < entry["iqr_ms"]["eager"][0]
         assert entry["device"] == bc.device_name("cpu")
+        assert entry["uses"] == 0 and len(entry["history"]) == 1 and entry["rounds"] == 3
     first = {r["target"]: r["backend"] for r in B.backend_reports(eng)}
 
     # a new engine must reuse the remembered choice without timing anything again
     def no_timing(*a, **k):
         raise AssertionError("auto re-timed although a choice was stored")
-    monkeypatch.setattr(B, "_time_call", no_timing)
+    monkeypatch.setattr(B, "time_interleaved", no_timing)
     eng2 = B.apply_backend(TinyEngine(), "auto", "fp32", candidates=("eager", "jit"))
     np.testing.assert_allclose(eng2.reconstruct(stack), ref, rtol=1e-4, atol=1e-5)
     reports = B.backend_reports(eng2)
@@ -301,7 +304,7 @@ def test_corrupt_choices_file_is_ignored_and_rewritten():
     path.write_text("{not json")
     assert bc.load_auto_choices() == {}
     bc.store_auto_choice("k", {"backend": "eager"})
-    assert bc.get_auto_choice("k") == {"backend": "eager"}
+    assert bc.get_auto_choice("k") == {"backend": "eager", "history": [{"backend": "eager"}]}
 
 
 # --------------------------------------------------------------------------- real engines
@@ -322,14 +325,18 @@ def test_real_convgru_and_convlstm_targets_are_accelerated():
     from engines import convlstm
 
     model, norm = convlstm.build_model({"arch": {"hidden": 4}})
-    ref_e = convlstm.ConvLSTMEngine(model=model, norm=norm)
-    lstm = convlstm.ConvLSTMEngine(model=__import__("copy").deepcopy(model), norm=norm)
+    ref_e = convlstm.ConvLSTMEngine(model=model, norm=norm, warmup=3)
+    lstm = convlstm.ConvLSTMEngine(model=__import__("copy").deepcopy(model), norm=norm, warmup=3)
     backend = "onnxruntime" if B.backend_status("onnxruntime") == "ok" else "jit"
     B.apply_backend(lstm, backend, "fp32", on_mismatch="raise")
+    compared = 0
     for f in _stack(6, 12, seed=3):
         a, b = lstm.push(f), ref_e.push(f)
         if b is not None:
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+            compared += 1
+    assert compared == 4
+    assert set(B.backend_calls(lstm)) == {"model.encoder", "model.update", "model.decoder"}
     assert all(n > 0 for n in B.backend_calls(lstm).values())
 
 
@@ -408,3 +415,62 @@ def test_applying_again_replaces_and_eager_fp32_restores():
     B.apply_backend(eng, "eager", "fp32")
     assert "encode" not in vars(eng.model) and B.backend_calls(eng) == {}
     np.testing.assert_allclose(eng.reconstruct(stack), ref, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- auto: reliable ranking
+
+
+def test_pick_backend_keeps_eager_unless_clearly_faster():
+    eager = [10.0, 10.2, 9.9, 10.1, 10.4, 9.8]
+    assert B.pick_backend({"eager": eager, "jit": [8.0, 8.1, 7.9, 8.2, 8.0, 8.1]}) == "jit"
+    # 5 % faster: within the margin
+    assert B.pick_backend({"eager": eager, "jit": [9.5, 9.6, 9.4, 9.5, 9.7, 9.5]}) == "eager"
+    # 20 % faster median, but the spreads overlap (one noisy measurement must not decide)
+    assert B.pick_backend({"eager": eager, "jit": [8.0, 8.0, 8.0, 13.0, 14.0, 15.0]}) == "eager"
+    # the slowest is never picked; without eager the lowest median wins
+    assert B.pick_backend({"eager": eager, "compile": [20.0] * 6}) == "eager"
+    assert B.pick_backend({"jit": [3.0, 3.1], "compile": [2.0, 2.1]}, baseline="eager") == "compile"
+    with pytest.raises(ValueError):
+        B.pick_backend({})
+
+
+def test_time_interleaved_rotates_the_order_every_round():
+    order: list[str] = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    samples = B.time_interleaved(fns, (), torch.device("cpu"), rounds=3, min_rounds=3, budget_s=60)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # warm call, 3 rounds
+
+
+def test_auto_rechecks_a_remembered_choice_after_n_uses(monkeypatch):
+    stack = _stack()
+    timed = []
+    real = B.time_interleaved
+    monkeypatch.setattr(B, "time_interleaved", lambda *a, **k: timed.append(1) or real(*a, **k))
+    monkeypatch.setattr(B, "AUTO_RECHECK_USES", 2)
+    for _ in range(4):
+        B.apply_backend(TinyEngine(), "auto", "fp32", candidates=("eager", "jit"),
+                        auto_reps=3).reconstruct(stack)
+    # measured, reused twice, measured again: 2 targets x 2 measurements
+    assert len(timed) == 4
+    entry = next(iter(bc.load_auto_choices().values()))
+    assert len(entry["history"]) == 2 and entry["uses"] == 0
+
+
+def test_warm_up_builds_every_per_frame_path_before_the_first_real_frame():
+    from engines import convlstm
+
+    model, norm = convlstm.build_model({"arch": {"hidden": 4}})
+    eng = convlstm.ConvLSTMEngine(model=model, norm=norm, warmup=3)
+    B.apply_backend(eng, "jit", "fp32", on_mismatch="raise")
+    seconds = B.warm_up(eng, (12, 10))
+    assert seconds > 0
+    built = {k: set(m._paths) for k, m in eng.backend_modules.items()}
+    assert all(built.values()) and len(built["model.encoder"]) == eng.encode_batch  # 1..4 frames
+    frames = _stack(20, 12)[:, :, :10]
+    eng.push_many(list(frames[:5]))
+    for f in frames[5:]:
+        eng.push(f)
+    eng.push_many(list(frames[:4]))
+    assert {k: set(m._paths) for k, m in eng.backend_modules.items()} == built, "compiled live"
+    assert eng._count == 5 + 15 + 4  # the warm-up left no state behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,28 @@ def test_pipeline_mode_end_to_end(tmp_path, capsys):
     lat = run["latency_acq_to_received_ms"]
     assert lat["n"] == run["outputs_received"] and 0 < lat["p50"] <= lat["p99"] <= lat["max"]
     assert (tmp_path / "pipe.csv").read_text().startswith("# machine: ")
+
+
+def _tree_state(folder):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("extra", [[], ["--pipeline", "--quick", "--seconds", "0.5"]])
+def test_bench_without_out_dir_writes_into_the_current_folder(tmp_path, extra):
+    """Issue 15: `livesr bench` overwrote the repository's benchmarks/results/*."""
+    import os
+    import subprocess
+    import sys
+
+    results = Path(latency.RESULTS_DIR)
+    before = _tree_state(results)
+    argv = extra or ["--engines", "sofi", "--sizes", "16", "--modes", "push", "--reps", "2",
+                     "--warmup", "0", "--threads", "1", "--no-plot"]
+    run = subprocess.run([sys.executable, "-m", "realtime.cli", "bench", *argv], cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    written = sorted(p.name for p in tmp_path.iterdir())
+    stem = "pipeline_cpu" if extra else "latency_cpu"
+    assert written == [f"{stem}.csv", f"{stem}.json"], written
+    assert _tree_state(results) == before

@@ -73,6 +73,26 @@ def test_push_sequence_equals_reconstruct(weights_file):
     assert eng.push(movie[0]) is None
 
 
+def test_push_many_equals_pushing_one_by_one(weights_file):
+    """The worker's catch-up path (batched encoder, one decode) gives the same image."""
+    one, many = (load_engine("convlstm", weights=weights_file) for _ in range(2))
+    assert one.stateful and many.encode_batch > 1
+    movie = _movie(t=11)
+    outs = [one.push(f) for f in movie]
+    assert many.push_many(movie[:2]) is None  # still warming up (warmup=3)
+    assert many.push_many(movie[2:7], output=False) is None  # state only
+    ingest_s, output_s = many.last_cost
+    assert ingest_s > 0 and output_s == 0.0
+    got = many.push_many(list(movie[7:]))
+    np.testing.assert_allclose(got, outs[-1], rtol=1e-5, atol=1e-6)
+    assert many.last_cost[1] > 0
+    with pytest.raises(ValueError, match="at least one frame"):
+        many.push_many([])
+    many.reset()
+    with pytest.raises(ValueError, match="differ in shape"):
+        many.push_many([movie[0], movie[0][:, :6]])
+
+
 def test_engine_step_matches_batched_training_forward(weights_file):
     """The per-frame engine path and the batched forward used in training agree."""
     from engines.nn_common import normalise_frames

@@ -77,7 +77,7 @@ def _bad_messages(rng: random.Random, n: int) -> list[tuple[list[bytes], str]]:
         # truncated: a valid header cut short
         (lambda: [_header()[: rng.randrange(1, len(_header()) - 1)], GOOD_PIXELS], "json"),
         # wrong version / kind
-        (lambda: [_header(version=rng.choice([0, 2, "1", None, 1.0])), GOOD_PIXELS], "version"),
+        (lambda: [_header(version=rng.choice([0, 1, 3, "2", None, 2.0])), GOOD_PIXELS], "version"),
         (lambda: [_header(kind=rng.choice(["frames", "", None, 7, "FRAME"])), GOOD_PIXELS], "kind"),
         # wrong number of parts
         (lambda: [_header()], "parts"),
@@ -88,7 +88,7 @@ def _bad_messages(rng: random.Random, n: int) -> list[tuple[list[bytes], str]]:
         (lambda: [_header(exposure_ms="long"), GOOD_PIXELS], "field"),
         (lambda: [_header(pixel_size_um=-0.1), GOOD_PIXELS], "field"),
         (lambda: [_header(surprise=1), GOOD_PIXELS], "field"),
-        (lambda: [json.dumps({"version": 1, "kind": "frame", "seq": 0}).encode(), GOOD_PIXELS], "field"),
+        (lambda: [json.dumps({"version": PROTOCOL_VERSION, "kind": "frame", "seq": 0}).encode(), GOOD_PIXELS], "field"),
         (lambda: [_header(shape=rng.choice([[16], [16, 16, 1], [0, 16], [-16, 16], "16x16", None, [16.0, 16]])), GOOD_PIXELS], "shape"),
         (lambda: [_header(dtype=rng.choice(["complex64", "object", "<U4", "bool", "uint12", 5])), GOOD_PIXELS], "dtype"),
         # buffer does not match the header: truncated, oversized, absurd shape

@@ -371,3 +371,66 @@ def test_run_gui_makes_a_screenshot_and_exits_cleanly(qtbot, tmp_path):
     assert rc == 0
     img = QtGui.QImage(str(shot))
     assert not img.isNull() and img.width() >= 800 and img.height() >= 500
+
+
+def test_another_runs_results_are_never_displayed(make_window, qtbot, monkeypatch):
+    """Issue 15: a convlstm window once showed "sofi (2x), frames 511-530" of another run."""
+    import time
+
+    import zmq
+
+    from realtime.protocol import ResultHeader, StatsMessage, encode_result, encode_stats, new_stream_id
+
+    win = make_window()
+    titles: list[str] = []
+    real_set_titles = win.views.set_titles
+    monkeypatch.setattr(win.views, "set_titles",
+                        lambda raw=None, sr=None: (titles.append(sr or ""), real_set_titles(raw, sr)))
+    start_and_wait_results(qtbot, win, n=2)
+    ctx = zmq.Context()
+    intruder = ctx.socket(zmq.PUB)
+    intruder.connect(win.pipeline.endpoints.results)
+    other = new_stream_id()
+    foreign_img = np.full((2 * SIZE, 2 * SIZE), 12345.0, np.float32)
+    header = ResultHeader(seq_first=511, seq_last=530, t_acq_ns=time.time_ns(),
+                          shape=foreign_img.shape, engine="other-run", stream=other)
+    counts = []
+    try:
+        for _ in range(60):
+            intruder.send_multipart(encode_result(header, foreign_img))
+            intruder.send_multipart(encode_stats(StatsMessage(engine="other-run", final=True,
+                                                              state="final", stream=other)))
+            qtbot.wait(30)
+            counts.append((win.counters.value("displayed"), win.counters.value("results")))
+            assert not np.array_equal(win.views.sr.item.image, foreign_img)
+        assert win.state == "running"
+    finally:
+        intruder.close(0)
+        ctx.term()
+    stop_and_wait(qtbot, win)
+    assert not any("other-run" in t or "511-530" in t for t in titles), titles
+    assert win.last_metrics.malformed_messages.get("results:foreign", 0) > 0
+    numeric = [(int(d), int(r)) for d, r in counts if d.isdigit() and r.isdigit()]
+    assert numeric and all(d <= r for d, r in numeric), numeric
+
+
+def test_existing_recording_advice_names_controls_that_exist(make_window, qtbot, tmp_path, monkeypatch):
+    """Issue 15: the dialog told the user to 'allow overwrite', a control the window lacks."""
+    path = tmp_path / "old.ome.tif"
+    path.write_bytes(b"an earlier recording")
+    win = make_window()
+    win.controls.record_path.setText(str(path))
+    win.controls.record.setChecked(True)
+    qtbot.mouseClick(win.controls.start_btn, QtCore.Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: bool(win.errors) and win.state == "idle", timeout=START_TIMEOUT_MS)
+    msg = win.errors[-1]
+    assert "exists" in msg and "'...' button" in msg and "allow overwrite" not in msg
+    assert win.controls.browse.text() == "..." and path.read_bytes() == b"an earlier recording"
+    # doing what it says works: choose the file with the button (the dialog confirmed it)
+    monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a, **k: (str(path), "")))
+    qtbot.mouseClick(win.controls.browse, QtCore.Qt.MouseButton.LeftButton)
+    win.errors.clear()
+    start_and_wait_results(qtbot, win, n=2)
+    stop_and_wait(qtbot, win)
+    assert path.read_bytes()[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00")  # a TIFF now

@@ -194,7 +194,9 @@ def test_replay_real_movie_through_sofi_in_a_process(shared_data, tmp_path):
     assert np.isfinite(img).all() and img.max() > 0
 
 
-def test_busy_result_port_is_a_clear_error(make_tcp_addr):
+@pytest.mark.parametrize("which", ["frames", "results"])
+def test_busy_port_is_one_clear_error_at_start(make_tcp_addr, which):
+    """A fixed port held by someone else: start() refuses at once, nothing left running."""
     import zmq
 
     addr = make_tcp_addr()
@@ -202,11 +204,42 @@ def test_busy_result_port_is_a_clear_error(make_tcp_addr):
     squatter = ctx.socket(zmq.PUB)
     squatter.bind(addr)
     try:
-        pipe = Pipeline(_cfg(addresses=Addresses("tcp://127.0.0.1:0", addr)), engine=MeanEngine())
-        rec = Recorder(pipe)
-        pipe.start()
-        assert pipe.wait(30)
-        assert any("another livesr running" in e for e in rec.errors), rec.errors
+        addrs = {"frames": "tcp://127.0.0.1:0", "results": "tcp://127.0.0.1:0", which: addr}
+        pipe = Pipeline(_cfg(addresses=Addresses(**addrs)), engine=MeanEngine())
+        with pytest.raises(PipelineError) as exc:
+            pipe.start()
+        msg = str(exc.value)
+        assert "Address already in use" in msg and addr in msg and "free port" in msg
+        assert "\n" not in msg and pipe.is_finished
     finally:
         squatter.close(linger=0)
         ctx.term()
+
+
+def test_compiled_backend_is_built_before_the_camera_starts():
+    """Issue 15: --backend compile/auto compiled after acquisition started (first output after
+    16-24 s, a 10 s run lasting 30 s). Now: "compiling ..." during start-up, nothing built live."""
+    from engines import convlstm
+    from engines.backends import apply_backend
+
+    model, norm = convlstm.build_model({"arch": {"hidden": 4}})
+    eng = apply_backend(convlstm.ConvLSTMEngine(model=model, norm=norm, warmup=3), "jit", "fp32")
+    pipe = Pipeline(_cfg(size=16, seconds=1.0, backend="jit"), engine=eng)
+    events: list[str] = []
+    built_at_start: dict = {}
+    pipe.status.connect(lambda msg: events.append("status: " + msg))
+
+    def started():
+        events.append("started")
+        built_at_start.update({k: set(m._paths) for k, m in eng.backend_modules.items()})
+
+    pipe.started.connect(started)
+    first_result: list[float] = []
+    pipe.resultReady.connect(lambda h, img: first_result or first_result.append(pipe.metrics().duration_s))
+    m = pipe.run_for(1.0)
+    assert m.errors == [] and m.outputs > 0
+    assert events[0].startswith("status: compiling convlstm with backend 'jit'") and "16x16" in events[0]
+    assert events.index("started") == 1
+    assert all(built_at_start.values())
+    assert {k: set(v._paths) for k, v in eng.backend_modules.items()} == built_at_start
+    assert m.duration_s < 2.0 and first_result[0] < 0.5  # acquisition time, not compile time

@@ -354,6 +354,30 @@ def test_plaintext_client_cannot_use_a_curve_engine(keys):
         gw.close()
 
 
+def test_keys_sent_to_a_keyless_engine_get_the_right_advice(keys):
+    """Issue 15: a client with keys talking to an engine without them was told to copy its key
+    into --allow (the engine has no --allow)."""
+    ep = _engine_endpoint()
+    gw = EngineGateway(EngineServerConfig(bind=ep, engine=MeanEngine(), worker_mode="thread"))
+    gw.start()
+    rig = Rig()
+    opts = RemoteEngineOptions(endpoints=(ep,), server_key=keys["server_public"],
+                               client_key=keys["alice"], window=4)
+    client = RemoteEngineClient(opts, rig.frames_addr, rig.results_addr)
+    refused: list[str] = []
+    client.authFailed.connect(refused.append)
+    client.run_in_thread()
+    try:
+        assert not client.wait_ready(1.5)
+        assert _wait(lambda: bool(refused), 5)
+        assert "does not use CURVE" in refused[0] and "copy this PC's public .key" not in refused[0]
+    finally:
+        client.stop()
+        client.join(5)
+        rig.close()
+        gw.close()
+
+
 def test_engine_cli_refuses_public_bind_without_keys(capsys, tmp_path):
     assert engine_main(["--bind", "tcp://0.0.0.0:5999", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -503,6 +527,9 @@ def test_pipeline_with_a_remote_engine_over_curve(keys, tmp_path):
     assert seqs == sorted(set(seqs)) and len(seqs) == m.outputs_received
     assert all("remote_published" in h.timings_ns for h in results)
     assert m.latency_ms["p50"] > 0
+    # the summary names what the remote really runs (issue 15: it said "sofi", the default)
+    assert m.engine == "mean-stack" and all(h.engine == "mean-stack" for h in results)
+    assert all(h.stream == pipe.stream for h in results)  # the client's stream id flowed through
 
 
 def test_refused_client_gives_up_with_a_clear_error(keys):

@@ -129,6 +129,8 @@ def test_pipeline_survives_its_engine_process_being_killed(tmp_path):
     try:
         assert pipe.wait_started(60)
         assert _wait(lambda: len(results) >= 10, 30)
+        assert _wait(lambda: pipe.metrics().frames_received >= 30, 30)  # its stats arrived
+        reported = pipe.metrics().frames_received
         os.kill(pipe.worker.current._runner.pid, signal.SIGKILL)
         killed_at = pipe.metrics().frames_acquired
         assert _wait(lambda: restarted == [1], 30), died
@@ -150,3 +152,7 @@ def test_pipeline_survives_its_engine_process_being_killed(tmp_path):
     after = [h for h in results if h.seq_last > killed_at]
     assert after and all(h.seq_last - h.seq_first + 1 == WINDOW for h in after)
     assert not pipe.worker.is_alive()
+    # counters span both engine processes (issue 15: "received by engine 2129" vs 2880 outputs)
+    new_worker = pipe._stats.frames_received
+    assert m.frames_received >= reported + new_worker, "the first engine's frames were forgotten"
+    assert m.outputs_received <= m.outputs <= m.frames_received <= m.frames_acquired

@@ -98,3 +98,58 @@ def test_sofi_target_option_gives_a_normalised_sofi_image():
     x, y = next(s for s in (make_sample(k, data) for k in range(40)) if s[1].max() > 0)
     assert x.shape == (4, 8, 8) and y.shape == (16, 16)
     assert y.max() == pytest.approx(1.0) and y.min() >= 0.0
+
+
+# ---------------------------------------------------------------- where training writes (issue 15)
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_train_cli_writes_to_the_user_data_dir_never_into_the_package(tmp_path):
+    """`livesr train` once replaced engines/weights/convgru.pt at its first checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from engines.nn_common import WEIGHTS_DIR
+
+    shipped = {p.name: _sha(p) for p in WEIGHTS_DIR.glob("*.pt")}
+    assert shipped, "the package ships weights"
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    args = ["--model", "convgru", "--steps", "2", "--batch", "2", "--patch", "8", "--frames", "4",
+            "--hidden", "4", "--workers", "0", "--ckpt-every", "1", "--eval-every", "1"]
+    run = subprocess.run([sys.executable, "-m", "realtime.cli", "train", *args], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert {p.name: _sha(p) for p in WEIGHTS_DIR.glob("*.pt")} == shipped
+    runs = list((tmp_path / "data" / "livesr" / "runs").glob("convgru-*"))
+    assert len(runs) == 1
+    assert {"convgru.pt", "ckpt.pt", "log.jsonl"} <= {p.name for p in runs[0].iterdir()}
+    assert f"--weights {runs[0] / 'convgru.pt'}" in run.stdout
+    assert load_engine("convgru", weights=runs[0] / "convgru.pt").window == 4
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]  # nothing in the current folder
+
+
+def test_train_refuses_the_shipped_weights_folder_unless_asked(tmp_path, monkeypatch, capsys):
+    from engines import training
+    from engines.nn_common import WEIGHTS_DIR
+
+    target = WEIGHTS_DIR / "convgru.pt"
+    before = _sha(target)
+    rc = main(["--model", "convgru", "--steps", "1", "--weights-out", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite-shipped" in err and len(err.strip().splitlines()) == 1
+    assert _sha(target) == before
+    # the lead ships new weights with the flag (checked on a stand-in weights folder)
+    fake = tmp_path / "weights"
+    monkeypatch.setattr(training, "WEIGHTS_DIR", fake)
+    cfg = TrainConfig(model="convgru", out=str(tmp_path / "run"), weights_out=str(fake / "convgru.pt"))
+    with pytest.raises(ValueError, match="inside the shipped weights"):
+        training.output_paths(cfg)
+    cfg.overwrite_shipped = True
+    assert training.output_paths(cfg) == (tmp_path / "run", fake / "convgru.pt")
+    cfg.weights_out = None  # default: the weights go into the run folder
+    cfg.overwrite_shipped = False
+    assert training.output_paths(cfg)[1] == tmp_path / "run" / "convgru.pt"

@@ -19,7 +19,7 @@ from conftest import (
     make_mean_engine,
     seq_frame,
 )
-from realtime.protocol import FrameHeader, ResultHeader, encode_frame, encode_result
+from realtime.protocol import PROTOCOL_VERSION, FrameHeader, ResultHeader, encode_frame, encode_result
 from realtime.worker import EngineWorker
 
 
@@ -130,7 +130,7 @@ def test_malformed_messages_are_counted_and_survived(frame_pusher, start_worker)
     good = encode_frame(FrameHeader(seq=0, t_acq_ns=1, shape=(8, 8)), seq_frame(0))
     bad = {
         "json": [b"\xff\xfenot json", b"123"],
-        "version": [good[0].replace(b'"version":1', b'"version":9'), bytes(good[1])],
+        "version": [good[0].replace(f'"version":{PROTOCOL_VERSION}'.encode(), b'"version":9'), bytes(good[1])],
         "kind": [good[0].replace(b'"kind":"frame"', b'"kind":"pizza"'), bytes(good[1])],
         "parts": [good[0]],
         "length": [good[0], bytes(good[1])[:-1]],
@@ -365,3 +365,111 @@ def test_engine_error_inside_a_backlog_restarts_with_the_next_frames():
     # a new run started right after the failing frame: 29, 30, 31
     assert [(h.seq_first, h.seq_last) for h, _ in pub.results] == [(29, 31)]
     assert_outputs_correct(pub.results, 3)
+
+
+# ---------------------------------------------------------------- stateful engines (ConvLSTM)
+from realtime.worker import plan_stateful_feed  # noqa: E402
+
+
+def test_plan_stateful_feed_keeps_the_output_rate_near_capacity():
+    # unknown costs (just started) or nothing queued: feed everything
+    assert plan_stateful_feed(7, per_frame_s=None, per_output_s=None) == 7
+    assert plan_stateful_feed(0, per_frame_s=0.01, per_output_s=0.01) == 1
+    assert plan_stateful_feed(1, per_frame_s=0.05, per_output_s=0.01) == 1
+    # ConvLSTM on a CPU: 80 % of a push ingests the frame, 20 % makes the output; keeping
+    # >= 80 % of its capacity allows one frame per output, >= 50 % two
+    assert plan_stateful_feed(30, per_frame_s=0.019, per_output_s=0.005) == 1
+    assert plan_stateful_feed(30, per_frame_s=0.019, per_output_s=0.005, min_output_share=0.5) == 2
+    # cheap frames (a batched encoder on a GPU), dear outputs: many frames per output
+    assert plan_stateful_feed(30, per_frame_s=0.001, per_output_s=0.008) == 3
+    assert plan_stateful_feed(30, per_frame_s=0.001, per_output_s=0.008, min_output_share=0.25) == 28
+    assert plan_stateful_feed(5, per_frame_s=0.001, per_output_s=0.1) == 5  # never more than queued
+    # the time per output stays within 1/share of the capacity interval
+    for pf, po, share in [(0.02, 0.005, 0.8), (0.003, 0.01, 0.6), (0.01, 0.0, 0.5)]:
+        m = plan_stateful_feed(100, per_frame_s=pf, per_output_s=po, min_output_share=share)
+        assert m * pf + po <= (pf + po) / share + 1e-12
+        assert (m + 1) * pf + po > (pf + po) / share or m == 100
+    with pytest.raises(ValueError):
+        plan_stateful_feed(3, per_frame_s=0.01, per_output_s=0.0, min_output_share=0)
+
+
+class StatefulEngine(CountingEngine):
+    """Like a ConvLSTM: output = mean of every frame since reset (so a reset shows)."""
+
+    stateful = True
+
+    def __init__(self, window=3, frame_cost=0.02, output_cost=0.005):
+        super().__init__(window=window)
+        self.frame_cost, self.output_cost = frame_cost, output_cost
+        self.total = None
+        self.count = 0
+        self.last_cost = None
+
+    def push_many(self, frames, output=True):
+        for f in frames:
+            self.pushed.append(int(f[0, 0]) // 10)
+            self.total = f.astype(np.float64) if self.total is None else self.total + f
+            self.count += 1
+        self.last_cost = (self.frame_cost * len(frames), self.output_cost if output else 0.0)
+        if not output or self.count < self.window:
+            return None
+        return np.kron(self.total / self.count, np.ones((2, 2))).astype(np.float32)
+
+    def push(self, frame):
+        return self.push_many([frame])
+
+    def reset(self):
+        super().reset()
+        self.total, self.count = None, 0
+
+
+def test_stateful_engine_keeps_its_state_through_a_backlog():
+    eng = StatefulEngine(window=3)
+    w, pub = _worker(eng)
+    w._process_batch(_batch(range(5)))  # costs unknown yet: every frame is fed
+    assert eng.pushed == [0, 1, 2, 3, 4] and [h.seq_last for h, _ in pub.results] == [4]
+    resets = eng.resets
+    w._process_batch(_batch(range(5, 40)))  # a long backlog: no reset, newest frame fed
+    assert eng.resets == resets, "a stateful engine was reset to catch up"
+    assert [h.seq_last for h, _ in pub.results] == [4, 39]
+    assert eng.pushed[-1] == 39 and len(eng.pushed) == 6  # 1 frame per output at 80 % capacity
+    assert w.stats.frames_dropped == (3 - 1) + (35 - 1)
+    # the output carries the state of every frame fed since the reset
+    fed = eng.pushed
+    expected = np.mean([seq_frame(s).astype(np.float64) for s in fed], axis=0)
+    np.testing.assert_allclose(pub.results[-1][1], np.kron(expected, np.ones((2, 2))), rtol=1e-6)
+    # keeping up again: every frame fed, every output made
+    for s in range(40, 43):
+        w._process_batch(_batch([s]))
+    assert eng.pushed[-3:] == [40, 41, 42] and [h.seq_last for h, _ in pub.results][-3:] == [40, 41, 42]
+    # a real gap in the stream (lost frames) still restarts it
+    w._process_batch(_batch([50, 51, 52, 53]))
+    assert eng.resets == resets + 1 and pub.results[-1][0].seq_last == 53
+
+
+def test_stateful_engine_feeds_more_frames_when_they_are_cheap():
+    eng = StatefulEngine(window=2, frame_cost=0.001, output_cost=0.008)
+    w, pub = _worker(eng)
+    w._process_batch(_batch(range(3)))
+    w._process_batch(_batch(range(3, 30)))
+    assert eng.pushed[3:] == [27, 28, 29]  # 3 frames fit the budget of one output
+
+
+def test_stateful_engine_in_a_live_pipeline_is_never_rewarmed():
+    """Camera at 100 fps, engine capacity ~40 outputs/s: outputs keep coming, never reset."""
+    from realtime.config import Addresses, PipelineConfig
+    from realtime.pipeline import Pipeline
+
+    class SlowStateful(StatefulEngine):
+        def push_many(self, frames, output=True):
+            time.sleep(0.02 * len(frames) + (0.005 if output else 0))
+            return super().push_many(frames, output)
+
+    eng = SlowStateful(window=5)
+    cfg = PipelineConfig(size=16, fps=100.0, worker_mode="thread", threads=1,
+                         addresses=Addresses("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"))
+    m = Pipeline(cfg, engine=eng).run_for(2.0)
+    assert m.errors == [] and m.frames_received == m.frames_acquired > 100
+    assert eng.resets == 2, "re-warmed while catching up"  # set-up + first frame only
+    # re-warming 5 frames per output would give <= 1 / (5 * 20 ms) = 10 outputs/s
+    assert m.outputs > 2 * 10 * m.duration_s, m
