@@ -95,6 +95,9 @@ class FrameHeader:
     exposure_ms: float = 0.0
     pixel_size_um: float | None = None
     elapsed_ms: float | None = None  # camera's ElapsedTime-ms metadata, when present
+    # MDA stream (position/channel/z, e.g. "p0/c1/z0"; "" in live mode): seq counts frames
+    # of one stream, and frames of different keys never share an engine window
+    stream_key: str = ""
 
     kind = "frame"
 
@@ -111,6 +114,7 @@ class ResultHeader:
     dtype: str = "float32"
     timings_ns: dict[str, int] = field(default_factory=dict)  # received/start/done/published
     frames_dropped: int = 0  # cumulative outputs skipped by the worker to keep up
+    stream_key: str = ""  # the stream the window came from (FrameHeader.stream_key)
 
     kind = "result"
 
@@ -228,6 +232,7 @@ def _validate(h: Header) -> Header:
             exposure_ms=_check_number("exposure_ms", h.exposure_ms),
             pixel_size_um=_check_number("pixel_size_um", h.pixel_size_um, optional=True, positive=True),
             elapsed_ms=_check_number("elapsed_ms", h.elapsed_ms, optional=True),
+            stream_key=_check_str("stream_key", h.stream_key),
         )
     if isinstance(h, ResultHeader):
         first = _check_int("seq_first", h.seq_first)
@@ -243,6 +248,7 @@ def _validate(h: Header) -> Header:
             dtype=_check_dtype(h.dtype),
             timings_ns=_check_int_dict("timings_ns", h.timings_ns),
             frames_dropped=_check_int("frames_dropped", h.frames_dropped),
+            stream_key=_check_str("stream_key", h.stream_key),
         )
     if isinstance(h, EndOfStream):
         return EndOfStream(
