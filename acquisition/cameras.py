@@ -619,8 +619,11 @@ class ReplayCamera(PacedCamera):
 
 # --------------------------------------------------------------------------- factory
 def _set_pixel_size(core: CMMCorePlus, um: float | None) -> None:
-    """Declare the pixel size so `getPixelSizeUm()` reports it (an empty pixel config)."""
+    """Declare the pixel size so `getPixelSizeUm()` reports it (an empty pixel config);
+    a camera that does not know it removes the previous camera's, rather than inherit it."""
     if not um:
+        if PIXEL_CONFIG in core.getAvailablePixelSizeConfigs():
+            core.deletePixelSizeConfig(PIXEL_CONFIG)
         return
     if PIXEL_CONFIG not in core.getAvailablePixelSizeConfigs():
         core.definePixelSizeConfig(PIXEL_CONFIG)

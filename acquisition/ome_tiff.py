@@ -126,13 +126,13 @@ class OmeTiffWriter:
         if self.frames_written == 0:
             self.path.unlink(missing_ok=True)
             return
-        _set_description(self.path, self.ome_xml(extra))
+        _write_description(self.path, self.ome_xml(extra))
 
     def salvage(self, extra: Mapping[str, Any]) -> int:
         """After a failed write: keep every complete page, end the chain, write the XML.
 
-        Returns the number of frames the file holds. Raises only if the file cannot be
-        repaired at all (then the caller reports that too).
+        The compact OME-XML goes in first (in place, so it always fits); the full one
+        replaces it when the file can take it. Returns the number of frames the file holds.
         """
         try:
             self._writer.filehandle.close()  # not writer.close(): it would write more
@@ -149,13 +149,12 @@ class OmeTiffWriter:
                 fh.write(struct.pack("<Q", 0))
             fh.flush()
             os.fsync(fh.fileno())
+        _write_description(self.path, self.ome_xml(extra, compact=True))
         try:
-            _set_description(self.path, self.ome_xml(extra))
-        except OSError as e:  # no room for the full XML: the compact one fits in place
-            log.warning("full OME-XML does not fit (%s); writing the compact one", e)
-            with open(self.path, "r+b") as fh:
-                fh.truncate(self._good_end)
-            _set_description(self.path, self.ome_xml(extra, compact=True))
+            _write_description(self.path, self.ome_xml(extra))
+        except OSError as e:  # no room for the per-plane entries: the compact XML stays
+            log.info("%s keeps the compact OME-XML (the full one does not fit: %s)",
+                        self.path, e)
         return n
 
     def abandon(self) -> None:
@@ -217,11 +216,30 @@ class OmeTiffWriter:
         return xml
 
 
-def _set_description(path: Path, xml: bytes) -> None:
-    """Overwrite page 0's ImageDescription (in place when it fits the placeholder)."""
+def _write_description(path: Path, xml: bytes) -> None:
+    """Put `xml` into page 0's ImageDescription: in place (padded, so the placeholder's room
+    stays usable) when it fits, else appended. An append that fails (no room) is undone:
+    the tag points at the old description again and the file is cut back."""
     import tifffile
 
-    tifffile.tiffcomment(path, comment=xml, pageindex=0)
+    with tifffile.TiffFile(path) as tf:
+        tag = tf.pages.first.tags["ImageDescription"]
+        entry, capacity = tag.offset, tag.count
+    if len(xml) < capacity:
+        tifffile.tiffcomment(path, comment=xml.ljust(capacity - 1, b" "), pageindex=0)
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(entry)
+        saved = fh.read(20)  # a BigTIFF tag entry: code, type, count, value offset
+    try:
+        tifffile.tiffcomment(path, comment=xml, pageindex=0)
+    except OSError:
+        with open(path, "r+b") as fh:
+            fh.seek(entry)
+            fh.write(saved)
+            fh.truncate(size)
+        raise
 
 
 def _interval(delta_t: array, nominal: float | None) -> float | None:

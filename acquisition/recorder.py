@@ -262,7 +262,7 @@ class Recorder:
             kept = f"{self.frames_recorded} frames were written but the file could not be " \
                    f"finished ({_why(e2)})"
         self.error = f"recording stopped at frame {meta.frame} ({why}): {kept}"
-        log.error("%s", self.error)
+        log.info("%s", self.error)  # reported through `failed` and close()
         try:
             self.failed.emit(self.error)
         except Exception:

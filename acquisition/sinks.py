@@ -151,10 +151,8 @@ class SinkSet:
         for sink in self.sinks:
             try:
                 sink.close()
-            except Exception as e:
-                msg = f"{_sink_name(sink)} failed to close: {type(e).__name__}: {e}"
-                log.error("%s", msg)
-                errors.append(msg)
+            except Exception as e:  # the caller reports these
+                errors.append(f"{_sink_name(sink)} failed to close: {e}")
         return errors
 
 

@@ -285,12 +285,13 @@ class AcquisitionThread:
             note = getattr(sink, "set_end_reason", None)
             if callable(note):
                 note(reason)
-        for msg in self.sinks.close():
+        if err:
+            log.error("%s", err)
+        for msg in self.sinks.close():  # listeners of `error` report these
             err = err or msg
         atexit.unregister(self._stop_at_exit)
         if err:
             self.error_message = err
-            log.error("%s", err)
             self._emit(self.error, err)
         self._emit(self.stopped, self.frames_acquired)
 

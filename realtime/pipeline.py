@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 SocketSetup = Callable[[zmq.Socket], None]
 
 
+_STOPS = "; the run stops (--on-recording-failure continue keeps acquiring without recording)"
+_GOES_ON = "; the run goes on WITHOUT recording (--on-recording-failure continue)"
+
+
 class PipelineError(RuntimeError):
     """The pipeline cannot start (bad source, recording file, engine)."""
 
@@ -419,12 +423,11 @@ class Pipeline:
     def _on_recording_failed(self, message: str) -> None:
         """The recorder stopped writing (full disk, ...): stop the run or go on, as configured."""
         if self.config.recording_failure == "stop":
-            self._emit_error(f"{message}; stopping the run (recording_failure='stop')")
+            self._emit_error(f"{message}{_STOPS}")
             self._stop_requested.set()
             self._request_acquisition_stop()
         else:
-            self._emit_error(f"{message}; the run goes on without recording "
-                             "(recording_failure='continue')")
+            self._emit_error(f"{message}{_GOES_ON}")
 
     def _on_acquisition_stopped(self, frames_acquired: int) -> None:
         self._t_end = time.monotonic()
@@ -650,8 +653,7 @@ class Pipeline:
             # a recorder failure comes once as a signal and again from close(): say it once
             if any(r in message for r in self._reported if len(r) > 20):
                 return
-            self._reported.append(message.split("; stopping the run")[0]
-                                  .split("; the run goes on")[0])
+            self._reported.append(message.replace(_STOPS, "").replace(_GOES_ON, ""))
             self._m.errors.append(message)
         logger.error("%s", message)
         self._safe_emit(self.error, message)

@@ -6,14 +6,11 @@ allowed)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -274,22 +271,6 @@ def test_a_file_size_limit_leaves_a_valid_ome_tiff_of_every_frame_written(tmp_pa
     assert f'SizeT="{saved}"' in xml and 'PhysicalSizeX="0.1"' in xml
     assert "write failed at frame" in xml  # the file says why it ends there
     print(f"file-size limit: {saved} frames kept, {proc.stdout.splitlines()[1]}")
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A real 1 MiB tmpfs (needs root, as in the container this project runs in)."""
-    mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("unavailable: mounting a tmpfs needs root (the file-size-limit test "
-                    "covers the OME-TIFF case without it)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"unavailable: cannot mount a tmpfs here ({done.stderr.strip()})")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.mark.parametrize("suffix", [".ome.tif", ".ome.zarr"])
