@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sinks import FrameMeta, StreamInfo
+from acquisition.sinks import FrameMeta, StreamInfo, is_multi_stream
 
-__all__ = ["OmeTiffWriter", "PLACEHOLDER_BYTES", "is_multi_stream"]
+__all__ = ["OmeTiffWriter", "PLACEHOLDER_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +268,3 @@ def _missing_ranges(seqs: array) -> str:
         if b > a + 1:
             out.append(f"{a + 1}" if b == a + 2 else f"{a + 1}-{b - 1}")
     return ",".join(out) or "none"
-
-
-def is_multi_stream(sequence: Any) -> bool:
-    """Does an MDA sequence have more than one position, grid point, channel or z plane?"""
-    sizes = getattr(sequence, "sizes", {}) or {}
-    return any(int(sizes.get(k, 0) or 0) > 1 for k in ("p", "c", "z", "g"))

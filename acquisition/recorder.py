@@ -39,7 +39,7 @@ import numpy as np
 from psygnal import Signal
 
 from acquisition.formats import RECORDING_SUFFIXES, recording_format
-from acquisition.sinks import FrameMeta, StreamInfo
+from acquisition.sinks import FrameMeta, StreamInfo, is_multi_stream
 
 __all__ = ["RECORDING_SUFFIXES", "Recorder", "RecorderError", "recording_format"]
 
@@ -206,8 +206,6 @@ class Recorder:
     def check_sequence(self, sequence: Any) -> None:
         """Raise RecorderError now if this format cannot hold an MDA `sequence`."""
         if self.format == "ome-tiff":
-            from acquisition.ome_tiff import is_multi_stream
-
             if is_multi_stream(sequence):
                 raise RecorderError(f"cannot record this sequence to {self.path.name}: OME-TIFF "
                                     "recording of several positions, channels or z planes is "

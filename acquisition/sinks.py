@@ -33,6 +33,7 @@ __all__ = [
     "SinkSet",
     "StreamInfo",
     "ThreadedSink",
+    "is_multi_stream",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,12 @@ class FrameMeta:
     stream_key: str = ""
     index: Mapping[str, int] = field(default_factory=dict)
     source_range: tuple[int, int] | None = None  # super-resolved images: input seq range
+
+
+def is_multi_stream(sequence: Any) -> bool:
+    """Does an MDA sequence have more than one position, grid point, channel or z plane?"""
+    sizes = getattr(sequence, "sizes", {}) or {}
+    return any(int(sizes.get(k, 0) or 0) > 1 for k in ("p", "c", "z", "g"))
 
 
 @runtime_checkable

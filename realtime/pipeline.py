@@ -328,12 +328,18 @@ class Pipeline:
         sinks = [self.recorder, self.publisher, view]  # the recorder first: it never drops
         name = f"livesr {cfg.source}"
         if cfg.mode == "mda":
+            from acquisition.sinks import is_multi_stream
+
             from .mda import MDASource, load_sequence
 
             try:
                 sequence = None if cfg.sequence is None else load_sequence(cfg.sequence)
                 if sequence is not None and self.recorder is not None:
                     self.recorder.check_sequence(sequence)
+                if sequence is not None and cfg.engine_at and is_multi_stream(sequence):
+                    raise ValueError("a remote engine (--engine-at) serves one stream; this "
+                                     "sequence has several positions, channels or z planes: "
+                                     "run the engine locally")
             except (ValueError, RuntimeError) as e:
                 raise PipelineError(str(e)) from None
             src: Any = MDASource(self.core, sinks=sinks, sequence=sequence, name=name,

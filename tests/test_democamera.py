@@ -42,7 +42,9 @@ def _demo_core(roi: int | None = None):
 
 
 def _livesr(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "realtime.cli", *args], cwd=REPO,
+    # free ports: never the defaults another livesr on this machine may hold
+    free = ["--frames-addr", "tcp://127.0.0.1:0", "--results-addr", "tcp://127.0.0.1:0"]
+    return subprocess.run([sys.executable, "-m", "realtime.cli", *args, *free], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -21,6 +21,7 @@ from realtime.protocol import EndOfStream, FrameHeader, encode_eos, encode_frame
 from realtime.worker import EngineWorker
 
 REPO = Path(__file__).resolve().parents[1]
+FREE = ["--frames-addr", "tcp://127.0.0.1:0", "--results-addr", "tcp://127.0.0.1:0"]
 
 
 def test_stream_key_names_position_channel_z_not_time():
@@ -136,7 +137,7 @@ def test_livesr_mda_cli_on_the_simulated_camera(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "realtime.cli", "mda", str(seq), "--headless", "--size", "16",
          "--window", "4", "--record", str(tmp_path / "s.ome.zarr"), "--json",
-         str(tmp_path / "m.json"), "--worker", "thread"],
+         str(tmp_path / "m.json"), "--worker", "thread", *FREE],
         cwd=REPO, capture_output=True, text=True, timeout=180)
     # the simulated camera has no "Channel" group: the run fails, says why in one line, rc 1
     assert proc.returncode == 1
@@ -146,7 +147,7 @@ def test_livesr_mda_cli_on_the_simulated_camera(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "realtime.cli", "mda", str(seq), "--headless", "--size", "16",
          "--window", "4", "--record", str(tmp_path / "t.ome.tif"), "--save-sr",
-         str(tmp_path / "sr.ome.zarr"), "--json", str(tmp_path / "m.json"), "--worker", "thread"],
+         str(tmp_path / "sr.ome.zarr"), "--json", str(tmp_path / "m.json"), "--worker", "thread", *FREE],
         cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     m = json.loads((tmp_path / "m.json").read_text())
