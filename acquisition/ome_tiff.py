@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sinks import FrameMeta, StreamInfo, is_multi_stream
+from acquisition.sinks import FrameClock, FrameMeta, StreamInfo, is_multi_stream
 
 __all__ = ["OmeTiffWriter", "PLACEHOLDER_BYTES"]
 
@@ -75,7 +75,7 @@ class OmeTiffWriter:
         self._annotations = dict(annotations)
         self._writer = tifffile.TiffWriter(path, bigtiff=True, ome=False, shaped=False)
         self._segments: list[_Segment] = []
-        self._t0_ns: int | None = None
+        self._clock = FrameClock()
         self.frames_written = 0
         self._good_end = 0  # file size after the last complete page
         self._good_ifd_ptr: int | None = None  # where that page's next-IFD offset lives
@@ -87,8 +87,6 @@ class OmeTiffWriter:
         if seg is None or seg.shape != shape or seg.dtype != frame.dtype:
             seg = _Segment(shape=shape, dtype=frame.dtype)
             self._segments.append(seg)
-        if self._t0_ns is None:
-            self._t0_ns = meta.t_acq_ns
         kwargs: dict[str, Any] = {}
         um = self._pixel_um
         if um:
@@ -105,7 +103,7 @@ class OmeTiffWriter:
         fh.flush()  # the page chain on disk stays valid up to this frame
         self._good_end = os.fstat(fh.fileno()).st_size
         self._good_ifd_ptr = getattr(self._writer, "_ifdoffset", None)
-        seg.delta_t_s.append((meta.t_acq_ns - self._t0_ns) / 1e9)
+        seg.delta_t_s.append(self._clock.seconds(meta))
         seg.exposure_ms.append(float(meta.exposure_ms) if meta.exposure_ms else float("nan"))
         seg.seqs.append(int(meta.seq))
         if meta.source_range is not None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sinks import FrameMeta, StreamInfo
+from acquisition.sinks import FrameClock, FrameMeta, StreamInfo
 
 __all__ = ["OmeZarrWriter"]
 
@@ -57,7 +57,7 @@ class OmeZarrWriter:
         self._stream = create_stream(settings)
         self._stream.set_global_metadata(NAMESPACE, self._annotations)
         self._shape = (h, w)
-        self._t0_ns: int | None = None
+        self._clock = FrameClock()
         self._deltas: list[float] = []
         self._recent_nonzero: deque[tuple[int, bool]] = deque(maxlen=256)
         self.frames_written = 0
@@ -89,9 +89,7 @@ class OmeZarrWriter:
                              f"{frame.dtype}, the OME-Zarr holds {self._shape[0]}x{self._shape[1]} "
                              f"{self._info.dtype} (record to .ome.tif to keep a change of "
                              "frame size)")
-        if self._t0_ns is None:
-            self._t0_ns = meta.t_acq_ns
-        dt = (meta.t_acq_ns - self._t0_ns) / 1e9
+        dt = self._clock.seconds(meta)
         fm: dict[str, Any] = {"delta_t": round(dt, 6), "seq": int(meta.seq)}
         if meta.exposure_ms:
             fm["exposure_time"] = float(meta.exposure_ms) / 1000.0

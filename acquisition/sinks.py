@@ -27,6 +27,7 @@ import numpy as np
 from psygnal import Signal
 
 __all__ = [
+    "FrameClock",
     "FrameMeta",
     "FrameSink",
     "SignalSink",
@@ -80,6 +81,30 @@ class FrameMeta:
     stream_key: str = ""
     index: Mapping[str, int] = field(default_factory=dict)
     source_range: tuple[int, int] | None = None  # super-resolved images: input seq range
+
+
+class FrameClock:
+    """Seconds since a stream's first frame, for recordings.
+
+    The source's own clock (``elapsed_ms``: the camera's ElapsedTime-ms, pymmcore-plus's
+    runner_time_ms) when the first frame has one; else the time livesr received the frame
+    (``t_acq_ns``). An MDA listener receives frames in bursts from a relay thread, so only
+    the source's clock gives true frame intervals there.
+    """
+
+    def __init__(self) -> None:
+        self._first: tuple[str, float] | None = None
+
+    def seconds(self, meta: FrameMeta) -> float:
+        if self._first is None:
+            self._first = (("elapsed", float(meta.elapsed_ms)) if meta.elapsed_ms is not None
+                           else ("acq", float(meta.t_acq_ns)))
+        kind, t0 = self._first
+        if kind == "elapsed" and meta.elapsed_ms is not None:
+            return (float(meta.elapsed_ms) - t0) / 1000.0
+        if kind == "acq":
+            return (meta.t_acq_ns - t0) / 1e9
+        return float("nan")  # a frame without the clock the stream started on
 
 
 def is_multi_stream(sequence: Any) -> bool:

@@ -375,10 +375,11 @@ def plot(rows: list[dict[str, Any]], info: dict[str, Any], path: Path) -> None:
     for ax, fmt in zip(axes[0], sorted({r["format"] for r in rows})):
         rs = [r for r in rows if r["format"] == fmt]
         x = np.arange(len(rs))
-        for j, (key, label) in enumerate([("disk_fps", "disk (raw write + fsync)"),
-                                          ("writer_alone_fps", "writer alone"),
-                                          ("pipeline_fps", "acquisition + recording + publishing")]):
-            ax.bar(x + (j - 1) * 0.27, [r[key] for r in rs], 0.27, label=label)
+        bars = [("disk_fps", "disk (raw write + fsync)"), ("writer_alone_fps", "writer alone"),
+                ("source_alone_fps", "camera + publishing, no recording"),
+                ("pipeline_fps", "acquisition + recording + publishing")]
+        for j, (key, label) in enumerate(bars):
+            ax.bar(x + (j - 1.5) * 0.2, [r[key] for r in rs], 0.2, label=label)
         ax.set_xticks(x, [f"{r['size']}²" for r in rs])
         ax.set_yscale("log")
         ax.set_ylabel("frames / s (uint16)")

@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +90,6 @@ class MDASource:
         self._state = "idle"  # idle -> armed -> running -> closed
         self._thread: threading.Thread | None = None
         self._seqs: dict[str, int] = {}
-        self._t0_ns = 0
         self.frames_acquired = 0
         self.frames_after_close = 0  # frames of an MDA that went on after stop()
         self.end_reason: str | None = None
@@ -146,7 +144,6 @@ class MDASource:
 
     # ------------------------------------------------------------------ MDA listener
     def sequenceStarted(self, sequence: Any, meta: Mapping[str, Any] | None = None) -> None:
-        self._t0_ns = _iso_ns((meta or {}).get("datetime")) or time.time_ns()
         if self._state == "armed" and self.info is None:
             try:
                 self._setup(sequence)
@@ -172,16 +169,16 @@ class MDASource:
         seq = int(index["t"]) if "t" in index else self._seqs.get(key, -1) + 1
         self._seqs[key] = seq
         runner_ms = meta.get("runner_time_ms")
-        t_acq = (self._t0_ns + int(float(runner_ms) * 1e6) if runner_ms is not None
-                 else time.time_ns())
         fm = FrameMeta(
             seq=seq,
-            t_acq_ns=t_acq,
+            # latency counts from the frame's arrival here: runner_time_ms mixes the camera's
+            # and the runner's clocks (fine for frame intervals: elapsed_ms, not for latency)
+            t_acq_ns=time.time_ns(),
             frame=self.frames_acquired,
             camera=str(meta.get("camera_device") or self.info.camera),
             exposure_ms=_num(meta.get("exposure_ms")) or self.info.exposure_ms,
             pixel_size_um=_num(meta.get("pixel_size_um")) or self.info.pixel_size_um,
-            elapsed_ms=_num(runner_ms),
+            elapsed_ms=None if runner_ms is None else float(runner_ms),
             stream_key=key,
             index=index,
         )
@@ -330,12 +327,3 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if np.isfinite(f) and f > 0 else None
-
-
-def _iso_ns(text: Any) -> int | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return int(datetime.fromisoformat(text).timestamp() * 1e9)
-    except ValueError:
-        return None

@@ -5,10 +5,12 @@ The CLI and the GUI drive this same class. Why it is built this way:
 * The frame source is the continuous `AcquisitionThread` (``mode="live"``) or an MDA run
   (``mode="mda"``, `realtime.mda`); both feed the same sinks, in this order: the recorder
   (never drops), the ZeroMQ frame publisher (the engine's feed) and the raw view
-  (``frameReady``). ``start()`` only does what can fail fast (open the camera / movie,
-  check the recording file, bind the frame socket, spawn the worker) and returns; loading the engine happens in the worker, and the
-  camera is started by the collector thread only once the worker reports "ready", so the
-  first frames never wait in a queue behind torch's import and latency is honest.
+  (``frameReady``).
+* ``start()`` only does what can fail fast (open the camera / movie, check the recording
+  file, bind the frame socket, spawn the worker) and returns; loading the engine happens in
+  the worker, and the camera is started by the collector thread only once the worker
+  reports "ready", so the first frames never wait in a queue behind torch's import and
+  latency is honest.
 * Every state change a viewer needs is a psygnal signal emitted from a pipeline thread
   (``frameReady``, ``resultReady``, ``metricsUpdated``, ``error``, ``started``,
   ``finished``); a Qt GUI relays them to its own thread. Nothing here blocks the caller
@@ -229,8 +231,7 @@ class Pipeline:
                 m.frames_published = int(self.publisher.frames_published)
             if self.recorder is not None:
                 m.frames_recorded = int(self.recorder.frames_recorded)
-                m.frames_not_recorded = int(self.recorder.frames_not_recorded
-                                            + self.recorder.backlog * self._done_evt.is_set())
+                m.frames_not_recorded = int(self.recorder.frames_not_recorded)
             if self.sr_recorder is not None:
                 m.sr_images_recorded = int(self.sr_recorder.frames_recorded)
             st = self._stats

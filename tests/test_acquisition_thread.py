@@ -289,3 +289,19 @@ def test_a_failing_sink_is_reported_once_and_the_others_keep_every_frame(tmp_pat
     assert "network share gone" in seen.errors[0]
     assert recorder.frames_recorded == 30 and seen.seqs == list(range(30))
     assert tifffile.imread(tmp_path / "r.ome.tif").shape == (30, 16, 16)
+
+
+def test_acquisition_imports_neither_realtime_nor_zmq_nor_torch():
+    """The data flow is acquisition/ -> realtime/: acquisition must stand on its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, acquisition.thread, acquisition.recorder, acquisition.sinks, "
+            "acquisition.cameras, acquisition.ome_tiff, acquisition.ome_zarr; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('realtime', 'zmq', 'torch', 'engines', 'gui')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -284,3 +284,25 @@ def test_a_full_disk_leaves_a_valid_ome_file_of_every_frame_written(small_tmpfs,
         assert livesr["frames_saved"] == saved and "write failed at frame" in livesr["stopped"]
     assert not any(p.name.endswith(".livesr-reserve") for p in small_tmpfs.iterdir())
     print(f"{suffix} on a full 1 MiB tmpfs: {saved} frames kept; " + json.dumps(proc.stdout))
+
+
+@pytest.mark.parametrize("suffix", [".ome.tif", ".ome.zarr"])
+def test_frame_times_come_from_the_source_clock_not_the_arrival_time(tmp_path, suffix):
+    """An MDA listener gets frames in bursts from a relay thread: the recording's times must
+    follow the camera/runner clock (elapsed_ms), 10 ms apart here, not the bursty arrival."""
+    path = tmp_path / f"burst{suffix}"
+    rec = Recorder(path)
+    rec.setup(StreamInfo(shape=(8, 8), dtype="uint16"))
+    for i in range(20):
+        arrival = 5_000_000_000 + (i // 5) * 50_000_000  # 5 frames at once, every 50 ms
+        rec.append(np.full((8, 8), i + 1, np.uint16),
+                   FrameMeta(seq=i, frame=i, t_acq_ns=arrival, elapsed_ms=1000.0 + 10.0 * i))
+    rec.close()
+    if suffix == ".ome.tif":
+        with tifffile.TiffFile(path) as tf:
+            xml = tf.ome_metadata
+        assert 'TimeIncrement="0.01"' in xml and 'DeltaT="0.19"' in xml
+    else:
+        g = zarr.open_group(str(path), mode="r")
+        assert g.attrs["livesr"]["frame_interval_s_measured"] == pytest.approx(0.01)
+        assert g.attrs["ome_writers"]["frame_metadata"][19]["delta_t"] == pytest.approx(0.19)
