@@ -15,6 +15,10 @@ What ome-writers 0.3.2 lacks, and what is done about it here:
 * An unbounded axis is resized (``zarr.json`` rewritten) on every frame and a time chunk
   of more than one frame fails with an IndexError, so frames are one chunk each; this
   caps OME-Zarr at a few hundred frames/s of 512 x 512 here (see benchmarks/throughput.py).
+* An MDA's axes are written as planned: a stopped run would keep its planned time points
+  (zeros after the last frame) and an ``interval: 0`` sequence gets a time scale of 0 s.
+  `finish` cuts the time axis to the time points acquired and writes the measured
+  interval into the scale.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ class OmeZarrWriter:
                                        dtype=info.dtype, overwrite=overwrite, format="ome-zarr")
         self._unbounded = settings.is_unbounded
         self._single_image = len(settings.positions) <= 1 and len(dims) == 3
+        self._positions = max(1, len(settings.positions))
+        self._planned = settings.num_frames  # None for an unbounded time axis
+        self._t_first = bool(dims) and dims[0].name == "t"
+        self._planned_t = dims[0].count if self._t_first else None
         self._stream = create_stream(settings)
         self._stream.set_global_metadata(NAMESPACE, self._annotations)
         self._shape = (h, w)
@@ -108,6 +116,43 @@ class OmeZarrWriter:
         if self.frames_written:
             self._stream.set_global_metadata(NAMESPACE, {**self._annotations, **extra,
                                                          **self._measured()})
+            self._match_what_was_acquired()
+
+    def _image_groups(self) -> list[Any]:
+        import zarr
+
+        root = zarr.open_group(str(self.path), mode="r+")
+        if self._positions == 1:
+            return [root]
+        return [root[str(p)] for p in range(self._positions) if str(p) in root]
+
+    def _match_what_was_acquired(self) -> None:
+        """Make the metadata say what was recorded, where ome-writers says what was planned.
+
+        A stopped MDA leaves its planned time axis (unwritten planes read as zeros): cut it
+        to the time points that hold frames. An ``interval: 0`` sequence gets a time scale
+        of 0 s: put the measured frame interval there.
+        """
+        measured = self._measured().get("frame_interval_s_measured")
+        cut_t = None
+        if self._planned and self.frames_written < self._planned and self._planned_t:
+            per_t = self._planned // self._planned_t
+            cut_t = -(-self.frames_written // per_t)  # time points with at least one frame
+        for group in self._image_groups():
+            ome = dict(group.attrs.get("ome", {}))
+            for ms in ome.get("multiscales", []):
+                names = [a.get("name") for a in ms.get("axes", [])]
+                if "t" not in names:
+                    continue
+                ti = names.index("t")
+                for ds in ms.get("datasets", []):
+                    if cut_t is not None and ti == 0:
+                        arr = group[ds["path"]]
+                        arr.resize((cut_t, *arr.shape[1:]))
+                    for ct in ds.get("coordinateTransformations", []):
+                        if ct.get("type") == "scale" and measured and not ct["scale"][ti]:
+                            ct["scale"][ti] = measured
+            group.attrs["ome"] = ome
 
     def _measured(self) -> dict[str, Any]:
         if len(self._deltas) < 2:

@@ -163,3 +163,24 @@ def test_livesr_mda_cli_on_the_simulated_camera(tmp_path):
     first = sr.attrs["ome_writers"]["frame_metadata"][0]
     assert first["source_seq_last"] - first["source_seq_first"] == 3
     assert f"recording written to {tmp_path / 't.ome.tif'} (30 frames)" in proc.stdout
+
+
+def test_a_stopped_mda_records_what_was_acquired_not_what_was_planned(tmp_path):
+    """5000 planned time points, stopped after ~1.5 s: the OME-Zarr holds the frames that
+    were acquired (not 5000 with zeros after them), and an `interval: 0` sequence gets the
+    measured frame interval as its time scale instead of 0 s."""
+    seq = tmp_path / "long.yaml"
+    seq.write_text("time_plan: {interval: 0, loops: 5000}\n")
+    rec = tmp_path / "stopped.ome.zarr"
+    proc = subprocess.run(
+        [sys.executable, "-m", "realtime.cli", "mda", str(seq), "--headless", "--size", "16",
+         "--seconds", "1.5", "--worker", "thread", "--record", str(rec),
+         "--json", str(tmp_path / "m.json"), *FREE],
+        cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    group = zarr.open_group(str(rec), mode="r")
+    assert 20 < m["frames_recorded"] < 5000
+    assert group["0"].shape == (m["frames_recorded"], 16, 16)
+    scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+    assert scale["scale"][0] == pytest.approx(0.01, rel=0.3)  # the simulator runs at 100 fps
