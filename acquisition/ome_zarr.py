@@ -62,6 +62,9 @@ class OmeZarrWriter:
         self._planned = settings.num_frames  # None for an unbounded time axis
         self._t_first = bool(dims) and dims[0].name == "t"
         self._planned_t = dims[0].count if self._t_first else None
+        # the t scale is a real interval (a live camera's nominal rate, a sequence's interval)
+        self._t_scale_known = bool(info.frame_interval_s if info.sequence is None
+                                   else self._t_first and dims[0].scale)
         self._stream = create_stream(settings)
         self._stream.set_global_metadata(NAMESPACE, self._annotations)
         self._shape = (h, w)
@@ -131,7 +134,8 @@ class OmeZarrWriter:
 
         A stopped MDA leaves its planned time axis (unwritten planes read as zeros): cut it
         to the time points that hold frames. An ``interval: 0`` sequence gets a time scale
-        of 0 s: put the measured frame interval there.
+        of 0 s, a camera without a nominal rate a placeholder of 1 s: put the measured frame
+        interval there.
         """
         measured = self._measured().get("frame_interval_s_measured")
         cut_t = None
@@ -150,7 +154,8 @@ class OmeZarrWriter:
                         arr = group[ds["path"]]
                         arr.resize((cut_t, *arr.shape[1:]))
                     for ct in ds.get("coordinateTransformations", []):
-                        if ct.get("type") == "scale" and measured and not ct["scale"][ti]:
+                        if (ct.get("type") == "scale" and measured
+                                and not (self._t_scale_known and ct["scale"][ti])):
                             ct["scale"][ti] = measured
             group.attrs["ome"] = ome
 

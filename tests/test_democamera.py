@@ -103,6 +103,7 @@ def test_livesr_mda_records_exactly_300_frames_with_the_pixel_size(tmp_path, suf
         data = group["0"][:]
         ct = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
         assert ct[0]["scale"][-2:] == pytest.approx([DEMO_PIXEL_UM, DEMO_PIXEL_UM])
+        assert ct[0]["scale"][0] == pytest.approx(1 / m["fps_acquired"], rel=0.5)  # not 0 s
         assert group.attrs["livesr"]["camera"] == "Camera"
     else:
         with tifffile.TiffFile(rec) as tf:
