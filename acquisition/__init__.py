@@ -1,4 +1,4 @@
-"""Frame sources (simulated, replayed, Micro-Manager), the acquisition thread and the recorder.
+"""Frame sources (simulated, replayed, Micro-Manager), the acquisition thread, sinks, the recorder.
 
 Names are re-exported lazily: ``from acquisition.simulation import ...`` (used to make
 training data) must not pay for importing pymmcore-plus and ZeroMQ.
@@ -20,8 +20,15 @@ _EXPORTS = {
     "SimulatedCamera": "acquisition.cameras",
     "load_replay_stack": "acquisition.cameras",
     "make_core": "acquisition.cameras",
-    "OmeTiffRecorder": "acquisition.recorder",
+    "FrameMeta": "acquisition.sinks",
+    "FrameSink": "acquisition.sinks",
+    "Recorder": "acquisition.recorder",
     "RecorderError": "acquisition.recorder",
+    "SignalSink": "acquisition.sinks",
+    "SinkSet": "acquisition.sinks",
+    "StreamInfo": "acquisition.sinks",
+    "ThreadedSink": "acquisition.sinks",
+    "recording_format": "acquisition.formats",
     "BlinkingScene": "acquisition.simulation",
     "CameraNoise": "acquisition.simulation",
     "SimulationConfig": "acquisition.simulation",
@@ -41,7 +48,16 @@ if TYPE_CHECKING:
         load_replay_stack,
         make_core,
     )
-    from acquisition.recorder import OmeTiffRecorder, RecorderError
+    from acquisition.formats import recording_format
+    from acquisition.recorder import Recorder, RecorderError
+    from acquisition.sinks import (
+        FrameMeta,
+        FrameSink,
+        SignalSink,
+        SinkSet,
+        StreamInfo,
+        ThreadedSink,
+    )
     from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
     from acquisition.thread import AcquisitionThread
 

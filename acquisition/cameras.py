@@ -540,9 +540,9 @@ class ReplayCamera(PacedCamera):
 
     DEFAULT_FPS = 100.0
 
-    def __init__(self, path: str | Path, *, fps: float | None = None, loop: bool = True,
-                 crop: tuple[int, int, int, int] | None = None) -> None:
-        self._stack = load_replay_stack(path)
+    def __init__(self, path: str | Path | ReplayStack, *, fps: float | None = None,
+                 loop: bool = True, crop: tuple[int, int, int, int] | None = None) -> None:
+        self._stack = path if isinstance(path, ReplayStack) else load_replay_stack(path)
         super().__init__()
         if fps is not None and not fps > 0:
             raise ValueError(f"fps must be > 0, got {fps}")
@@ -562,6 +562,17 @@ class ReplayCamera(PacedCamera):
         if crop is not None:
             x, y, w, h = (int(v) for v in crop)
             self.set_roi(x, y, w, h)
+
+    @classmethod
+    def from_array(cls, frames: np.ndarray, *, fps: float, loop: bool = True,
+                   pixel_size_um: float | None = None) -> ReplayCamera:
+        """Replay frames held in memory (benchmarks: a source that is never the bottleneck)."""
+        data = np.ascontiguousarray(frames)
+        if data.ndim != 3 or data.dtype.type not in _SUPPORTED_DTYPES or 0 in data.shape:
+            raise ValueError(f"need (T, H, W) unsigned camera counts, got {data.dtype} {data.shape}")
+        stack = ReplayStack(frames=data, fps=fps, fps_source="given", pixel_size_um=pixel_size_um,
+                            path="<memory>")
+        return cls(stack, fps=fps, loop=loop)
 
     @property
     def stack(self) -> ReplayStack:
@@ -619,8 +630,11 @@ class ReplayCamera(PacedCamera):
 
 # --------------------------------------------------------------------------- factory
 def _set_pixel_size(core: CMMCorePlus, um: float | None) -> None:
-    """Declare the pixel size so `getPixelSizeUm()` reports it (an empty pixel config)."""
+    """Declare the pixel size so `getPixelSizeUm()` reports it (an empty pixel config);
+    a camera that does not know it removes the previous camera's, rather than inherit it."""
     if not um:
+        if PIXEL_CONFIG in core.getAvailablePixelSizeConfigs():
+            core.deletePixelSizeConfig(PIXEL_CONFIG)
         return
     if PIXEL_CONFIG not in core.getAvailablePixelSizeConfigs():
         core.definePixelSizeConfig(PIXEL_CONFIG)
@@ -645,16 +659,27 @@ def _load_python_camera(core: CMMCorePlus | None, label: str, camera: PacedCamer
     return core
 
 
-def make_core(source: str | Path = "sim", *, size: int = 256, fps: float | None = 100.0,
-              loop: bool = True, crop: int | tuple[int, int, int, int] | None = None,
+def make_core(source: str | Path | np.ndarray = "sim", *, size: int = 256,
+              fps: float | None = 100.0, loop: bool = True,
+              crop: int | tuple[int, int, int, int] | None = None,
               mmcore: CMMCorePlus | None = None, **sim_opts: Any) -> CMMCorePlus:
-    """A core with its camera set: ``"sim"``, a ``.tif``/``.tiff`` movie, or a ``.cfg`` file.
+    """A core with its camera set: ``"sim"``, a ``.tif``/``.tiff`` movie, a ``.cfg`` file, or
+    a (T, H, W) array replayed from memory (``pixel_size_um=`` may go with it).
 
     `sim_opts` are `SimulationConfig` fields (``on_ms=...``, ``camera="emccd"`` or a
     `CameraNoise`, ...). For a movie, ``fps=None`` plays it at its recorded rate (100 fps
     when the file does not say). `crop` sets the camera ROI: ``(x, y, width, height)``, or
     an int for a centred square of that side.
     """
+    if isinstance(source, np.ndarray):
+        cam = ReplayCamera.from_array(source, fps=float(fps or ReplayCamera.DEFAULT_FPS),
+                                      loop=loop, pixel_size_um=sim_opts.pop("pixel_size_um", None))
+        if sim_opts:
+            raise TypeError(f"options {sorted(sim_opts)} do not apply to a replay")
+        core = _load_python_camera(mmcore, REPLAY_LABEL, cam)
+        if crop is not None:
+            core.setROI(*_crop_rect(crop, core.getImageWidth(), core.getImageHeight()))
+        return core
     src = str(source)
     suffix = Path(src).suffix.lower()
     if src == "sim":
@@ -718,7 +743,7 @@ def _load_micromanager_config(path: str, mmcore: CMMCorePlus | None) -> CMMCoreP
         core.loadSystemConfiguration(str(p))
     except Exception as exc:
         raise MicroManagerConfigError(
-            f"cannot load Micro-Manager config {str(p)!r}: {exc}") from exc
+            f"cannot load Micro-Manager config {str(p)!r}: {' '.join(str(exc).split())}") from exc
     if not core.getCameraDevice():
         raise MicroManagerConfigError(f"Micro-Manager config {str(p)!r} sets no camera device")
     return core

@@ -1,17 +1,11 @@
-"""Drains the camera's sequence buffer: every frame, in order, to the recorder and the engine.
+"""Drains the camera's sequence buffer: every frame, in order, to the sinks.
 
 Micro-Manager has no per-frame callback for sequence acquisition, so a thread polls
 `getRemainingImageCount()` and pops with `popNextImageAndMD()` until the buffer is empty,
-then sleeps briefly. Each frame goes, in this order:
-
-1. to the recorder (never refused, never waits: the recording is the primary data);
-2. to the engine over a ZeroMQ PUSH socket, without blocking: when the engine is slow and
-   the socket's queue is full the message waits in a bounded backlog here, and only beyond
-   that bound are the oldest unsent frames given up (counted in `publish_drops`; the seq
-   gap tells the engine to restart its window rather than mix non-consecutive frames);
-3. to `frameReady` listeners (the GUI's raw view).
-
-So a slow (or absent) engine can never stall the camera buffer or the recording.
+then sleeps briefly. Each frame goes to the sinks (`acquisition.sinks`) in their order:
+the recorder first (it never refuses and never waits: the recording is the primary data),
+then the frame publisher (the engine's feed, `realtime.publisher`) and the raw view. No
+sink can stall the camera buffer: every ``append`` only queues.
 """
 
 from __future__ import annotations
@@ -20,39 +14,82 @@ import atexit
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-import zmq
 from psygnal import Signal
 from pymmcore_plus import CMMCorePlus
 
-from realtime.protocol import EndOfStream, FrameHeader, encode_eos, encode_frame
+from acquisition.sinks import FrameMeta, FrameSink, SinkSet, StreamInfo
 
-__all__ = ["AcquisitionThread"]
+__all__ = ["AcquisitionThread", "stream_info"]
 
 log = logging.getLogger(__name__)
 
-SocketSetup = Callable[[zmq.Socket], None]
+
+def stream_info(core: CMMCorePlus, *, name: str = "", sequence: Any = None,
+                settings: Mapping[str, Any] | None = None) -> StreamInfo:
+    """What the sinks need to know about the frames `core`'s camera is about to deliver."""
+    cam = core.getCameraDevice()
+    bpp = int(core.getBytesPerPixel())
+    dtype = {1: "uint8", 2: "uint16", 4: "uint32"}.get(bpp, "uint16")
+    py_cam = _python_camera(core, cam)
+    period = getattr(py_cam, "frame_period_s", None)
+    interval = float(period()) if callable(period) else None
+    if interval is None and sequence is not None:
+        t_plan = getattr(sequence, "time_plan", None)
+        step = getattr(t_plan, "interval", None)
+        secs = getattr(step, "total_seconds", None)
+        interval = float(secs()) if callable(secs) and secs() > 0 else None
+    return StreamInfo(
+        shape=(int(core.getImageHeight()), int(core.getImageWidth())),
+        dtype=dtype,
+        camera=cam,
+        exposure_ms=float(core.getExposure()),
+        pixel_size_um=pixel_size_um(core),
+        frame_interval_s=interval,
+        name=name,
+        sequence=sequence,
+        settings=dict(settings or {}),
+    )
+
+
+def pixel_size_um(core: CMMCorePlus) -> float | None:
+    """The core's pixel size (its pixel-size configuration), else the Python camera's."""
+    try:
+        um = float(core.getPixelSizeUm())
+    except Exception:
+        um = 0.0
+    if um > 0:
+        return um
+    cam_um = getattr(_python_camera(core, core.getCameraDevice()), "pixel_size_um", None)
+    return float(cam_um) if cam_um else None
+
+
+def _python_camera(core: CMMCorePlus, label: str) -> Any | None:
+    """The Python camera object behind `label` (UniMMCore), else None."""
+    getter = getattr(core, "_py_camera", None)
+    if getter is None:
+        return None
+    try:
+        return getter(label or None)
+    except Exception:
+        return None
 
 
 class AcquisitionThread:
-    """Runs a continuous (or `max_frames`-long) sequence acquisition and publishes each frame.
+    """Runs a continuous (or `max_frames`-long) sequence acquisition into sinks.
 
     Signals (emitted from the acquisition thread; relay to Qt before touching widgets):
-    ``frameReady(seq, image)``: every frame (do not modify `image`: the recorder and the
-    socket share it); ``stopped(frames_acquired)``: once, when the thread ends for any
-    reason; ``error(message)``: the camera failed or stopped unexpectedly, or recording or
-    publishing failed.
+    ``stopped(frames_acquired)``: once, when the thread ends for any reason;
+    ``error(message)``: the camera failed or stopped unexpectedly, or a sink failed.
 
-    `stop()` stops the sequence, drains what the camera buffer still holds, flushes the
-    publish backlog (up to `linger_ms`), sends an `EndOfStream`, and closes the recorder,
-    so the file is complete when `stop()` returns.
+    `start()` sets every sink up (``StreamInfo`` from the core) and starts the camera.
+    `stop()` stops the sequence, drains what the camera buffer still holds and closes the
+    sinks, so a recording is complete when `stop()` returns.
     """
 
-    frameReady = Signal(int, object)
     stopped = Signal(int)
     error = Signal(str)
 
@@ -60,46 +97,29 @@ class AcquisitionThread:
         self,
         mmcore: CMMCorePlus | None = None,
         *,
-        address: str,
-        recorder: Any | None = None,
+        sinks: Iterable[FrameSink] = (),
         max_frames: int | None = None,
-        sndhwm: int = 1000,
-        publish_backlog: int = 1000,
-        linger_ms: int = 2000,
         poll_interval_s: float = 0.001,
-        context: zmq.Context | None = None,
-        socket_setup: SocketSetup | None = None,
-        stream: str = "",
+        name: str = "",
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
-        if publish_backlog < 1 or sndhwm < 1:
-            raise ValueError("sndhwm and publish_backlog must be >= 1")
         self._core = mmcore or CMMCorePlus.instance()
-        self.address = address
-        self.recorder = recorder
+        self.sinks = SinkSet(sinks, on_error=self._sink_failed)
         self.max_frames = max_frames
-        self._sndhwm = int(sndhwm)
-        self._backlog_max = int(publish_backlog)
-        self._linger_ms = int(linger_ms)
         self._poll_s = float(poll_interval_s)
-        self._own_context = context is None
-        self._context = context
-        self._socket_setup = socket_setup
-        self.stream = stream  # the run's stream id, stamped on every frame and the EOS
-
-        self._sock: zmq.Socket | None = None
+        self._name = name
+        self._settings = dict(settings or {})
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
-        self._backlog: deque[tuple[list, Any]] = deque()
 
         # counters (read from any thread; written only by the acquisition thread)
         self.frames_acquired = 0
-        self.frames_published = 0
-        self.publish_drops = 0
         self.gaps = 0  # frames missing in the camera's ImageNumber sequence
         self.end_reason: str | None = None
         self.error_message: str | None = None
+        self.info: StreamInfo | None = None
 
         self._camera = ""
         self._exposure_ms = 0.0
@@ -109,16 +129,6 @@ class AcquisitionThread:
 
     # ------------------------------------------------------------------ public API
     @property
-    def frames_recorded(self) -> int:
-        """Frames on disk (final once `stop()` returned: the recorder is then closed)."""
-        return int(getattr(self.recorder, "frames_recorded", 0)) if self.recorder else 0
-
-    @property
-    def publish_backlog(self) -> int:
-        """Frames waiting here for the engine's socket to accept them."""
-        return len(self._backlog)
-
-    @property
     def camera(self) -> str:
         return self._camera
 
@@ -126,7 +136,7 @@ class AcquisitionThread:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        """Bind the socket and start the sequence; raises at once if either cannot happen."""
+        """Set the sinks up and start the sequence; raises at once if either cannot happen."""
         if self._thread is not None:
             raise RuntimeError("AcquisitionThread can only be started once")
         core = self._core
@@ -139,60 +149,30 @@ class AcquisitionThread:
         if core.getNumberOfComponents() != 1:
             raise RuntimeError(f"camera {self._camera!r} delivers multi-component (RGB) images; "
                                "livesr needs single-channel frames")
-        self._exposure_ms = float(core.getExposure())
-        self._pixel_um = self._pixel_size()
-        if self._sock is None:
-            self.bind()
-        sock = self._sock
-        assert sock is not None
-
+        self.info = stream_info(core, name=self._name, settings=self._settings)
+        self._exposure_ms = float(self.info.exposure_ms or 0.0)
+        self._pixel_um = self.info.pixel_size_um
+        try:
+            self.sinks.setup(self.info)
+        except Exception as e:
+            self.sinks.close()
+            raise RuntimeError(f"cannot start: {e}") from e
         try:
             if self.max_frames is not None:
                 core.startSequenceAcquisition(self.max_frames, 0, False)
             else:
                 core.startContinuousSequenceAcquisition(0)
         except Exception as e:
-            sock.close(linger=0)
-            self._sock = None
-            self._term_context()
+            self.sinks.close()
             raise RuntimeError(f"camera {self._camera!r} could not start acquiring: {e}") from e
 
         self._thread = threading.Thread(target=self._run, name="livesr-acquisition", daemon=True)
         self._thread.start()
         atexit.register(self._stop_at_exit)
 
-    def bind(self) -> str:
-        """Bind the frame socket now (before `start`) and return the real endpoint.
-
-        With port 0 (``tcp://127.0.0.1:0``) the OS picks a free port; the endpoint read back
-        from ZeroMQ is what engines must connect to (no bind-close-rebind race).
-        """
-        if self._sock is not None:
-            return self.address
-        if self._context is None:
-            self._context = zmq.Context()
-        sock = self._context.socket(zmq.PUSH)
-        try:
-            if self._socket_setup is not None:
-                self._socket_setup(sock)
-            sock.setsockopt(zmq.SNDHWM, self._sndhwm)
-            sock.setsockopt(zmq.LINGER, self._linger_ms)
-            sock.bind(self.address)
-        except zmq.ZMQError as e:
-            sock.close(linger=0)
-            self._term_context()
-            raise RuntimeError(f"cannot bind the frame socket at {self.address}: {e.strerror}") from e
-        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._sock = sock
-        return self.address
-
     def stop(self, timeout: float | None = 30.0) -> int:
-        """Stop, drain, flush, close; returns frames acquired. Safe to call repeatedly."""
+        """Stop, drain, close the sinks; returns frames acquired. Safe to call repeatedly."""
         self._stop_event.set()
-        if self._thread is None and self._sock is not None:  # bound but never started
-            self._sock.close(linger=0)
-            self._sock = None
-            self._term_context()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         return self.frames_acquired
@@ -216,9 +196,7 @@ class AcquisitionThread:
                 if n > 0:
                     for _ in range(n):
                         self._pop_one()
-                    self._flush_backlog()
                     continue
-                self._flush_backlog()
                 if not core.isSequenceRunning():
                     self._drain_camera_buffer()
                     reason, err = self._why_camera_stopped()
@@ -238,26 +216,22 @@ class AcquisitionThread:
     def _pop_one(self) -> None:
         img, md = self._core.popNextImageAndMD()
         t_acq = time.time_ns()
-        seq = self._next_seq + self._count_gap(md.get("ImageNumber"))
+        missing = self._count_gap(md.get("ImageNumber"))
+        if missing:
+            self.sinks.skip(frames=missing)
+        seq = self._next_seq + missing
         self._next_seq = seq + 1
-        self.frames_acquired += 1
-        img = np.ascontiguousarray(img)
-        elapsed = md.get("ElapsedTime-ms")
-        header = FrameHeader(
+        meta = FrameMeta(
             seq=seq,
             t_acq_ns=t_acq,
-            shape=(int(img.shape[0]), int(img.shape[1])),
-            dtype=img.dtype.name,
+            frame=self.frames_acquired,
             camera=self._camera,
             exposure_ms=self._exposure_ms,
             pixel_size_um=self._pixel_um,
-            elapsed_ms=_as_float(elapsed),
-            stream=self.stream,
+            elapsed_ms=_as_float(md.get("ElapsedTime-ms")),
         )
-        if self.recorder is not None:  # first: the recording must hold every frame
-            self.recorder.put(img, seq, t_acq)
-        self._publish(encode_frame(header, img), img)
-        self._emit(self.frameReady, seq, img)
+        self.frames_acquired += 1
+        self.sinks.append(np.ascontiguousarray(img), meta)
 
     def _count_gap(self, image_number: Any) -> int:
         """Frames the camera numbered but we never saw (overwritten in its buffer)."""
@@ -279,39 +253,9 @@ class AcquisitionThread:
         while self._core.getRemainingImageCount() > 0:
             self._pop_one()
 
-    # ------------------------------------------------------------------ publishing
-    def _publish(self, parts: list, img: np.ndarray) -> None:
-        self._backlog.append((parts, img))
-        self._flush_backlog()
-        while len(self._backlog) > self._backlog_max:
-            self._backlog.popleft()  # oldest first: the engine wants the newest frames
-            self.publish_drops += 1
-            if self.publish_drops == 1 or self.publish_drops % 1000 == 0:
-                log.warning("engine too slow: %d frame(s) not published (recording keeps them)",
-                            self.publish_drops)
-
-    def _flush_backlog(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        while self._backlog:
-            parts, _img = self._backlog[0]
-            try:
-                sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._backlog.popleft()
-            self.frames_published += 1
-
-    def _flush_until(self, deadline: float) -> None:
-        while self._backlog and time.monotonic() < deadline:
-            self._flush_backlog()
-            if self._backlog:
-                wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                self._sock.poll(min(wait_ms, 50), zmq.POLLOUT)  # type: ignore[union-attr]
-
     # ------------------------------------------------------------------ ending
     def _why_camera_stopped(self) -> tuple[str, str | None]:
-        cam = self._python_camera()
+        cam = _python_camera(self._core, self._camera)
         n = self.frames_acquired
         failure = getattr(cam, "sequence_error", None)
         if failure:
@@ -337,49 +281,25 @@ class AcquisitionThread:
         except Exception as e:
             err = err or f"stopping camera {self._camera!r} failed: {type(e).__name__}: {e}"
         self.end_reason = reason
-
-        deadline = time.monotonic() + self._linger_ms / 1000.0
-        try:
-            self._flush_until(deadline)
-            if self._backlog:
-                log.warning("%d frame(s) never reached an engine before the stop",
-                            len(self._backlog))
-                self.publish_drops += len(self._backlog)
-                self._backlog.clear()
-            eos = encode_eos(EndOfStream(frames_sent=self.frames_acquired, reason=reason,
-                                       stream=self.stream))
-            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if self._sock.poll(remaining_ms, zmq.POLLOUT):  # type: ignore[union-attr]
-                self._sock.send_multipart(eos, flags=zmq.NOBLOCK)  # type: ignore[union-attr]
-            else:
-                log.warning("end-of-stream not delivered: no engine is reading %s", self.address)
-        except Exception as e:
-            err = err or f"publishing to {self.address} failed: {type(e).__name__}: {e}"
-        finally:
-            if self._sock is not None:
-                self._sock.close(linger=self._linger_ms)  # queued frames still go out
-            self._term_context()
-
-        if self.recorder is not None:
-            try:
-                self.recorder.close()
-            except Exception as e:
-                err = err or f"recording failed: {type(e).__name__}: {e}"
+        for sink in self.sinks.sinks:  # the publisher tells the engine why the stream ended
+            note = getattr(sink, "set_end_reason", None)
+            if callable(note):
+                note(reason)
+        if err:
+            log.error("%s", err)
+        for msg in self.sinks.close():  # listeners of `error` report these
+            err = err or msg
         atexit.unregister(self._stop_at_exit)
-
         if err:
             self.error_message = err
-            log.error("%s", err)
             self._emit(self.error, err)
         self._emit(self.stopped, self.frames_acquired)
 
-    def _term_context(self) -> None:
-        if self._own_context and self._context is not None:
-            self._context.term()  # returns once linger has delivered or expired
-            self._context = None
+    def _sink_failed(self, message: str) -> None:
+        self._emit(self.error, message)
 
     def _stop_at_exit(self) -> None:
-        self.stop(timeout=self._linger_ms / 1000.0 + 5.0)
+        self.stop(timeout=10.0)
 
     # ------------------------------------------------------------------ helpers
     def _emit(self, signal: Any, *args: Any) -> None:
@@ -387,26 +307,6 @@ class AcquisitionThread:
             signal.emit(*args)
         except Exception:  # a broken listener must not stop the acquisition
             log.exception("a %s listener raised", getattr(signal, "name", "signal"))
-
-    def _pixel_size(self) -> float | None:
-        try:
-            um = float(self._core.getPixelSizeUm())
-        except Exception:
-            um = 0.0
-        if um > 0:
-            return um
-        cam_um = getattr(self._python_camera(), "pixel_size_um", None)
-        return float(cam_um) if cam_um else None
-
-    def _python_camera(self) -> Any | None:
-        """The Python camera object behind the current label (UniMMCore), else None."""
-        getter = getattr(self._core, "_py_camera", None)
-        if getter is None:
-            return None
-        try:
-            return getter(self._camera or None)
-        except Exception:
-            return None
 
 
 def _as_float(v: Any) -> float | None:

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     acq = getattr(pipe, "acquisition", None)
     if acq is not None:
         res["camera_buffer_gaps"] = int(acq.gaps)  # frames overwritten before being popped
-        res["publish_drops"] = int(acq.publish_drops)
+        res["publish_drops"] = int(pipe.publisher.publish_drops)
         res["frames_lost"] = res.get("frames_lost", 0) + res["camera_buffer_gaps"] + res["publish_drops"]
     print(json.dumps(res, indent=2, default=str))
     if args.json:

@@ -41,6 +41,24 @@ def default_pipeline_factory(config: Any, mmcore: Any = None) -> Any:
     return Pipeline(config, mmcore=mmcore)
 
 
+def qt_thread_core(cfg: Any) -> Any:
+    """For an MDA run, an empty core made here, on the Qt thread (None otherwise).
+
+    With a QApplication running, pymmcore-plus delivers MDA events as Qt signals, queued to
+    the thread the core was created in; a core created on a helper thread (which has no
+    event loop) would never deliver a frame. Devices are loaded later, off the Qt thread.
+    """
+    if getattr(cfg, "mode", "live") != "mda" or getattr(cfg, "source", "") == "core":
+        return None
+    if str(getattr(cfg, "source", "")).lower().endswith(".cfg"):
+        from pymmcore_plus import CMMCorePlus
+
+        return CMMCorePlus()
+    from pymmcore_plus.experimental.unicore import UniMMCore
+
+    return UniMMCore()
+
+
 def engine_names() -> list[str]:
     """Registered engines (imports the `engines` package, which imports torch: call this
     off the Qt thread, see `MainWindow`)."""

@@ -177,7 +177,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.views.set_origin(*(roi[:2] if roi is not None else (0, 0)))
         self._set_state(STARTING)
         self.show_status(f"Starting {values.engine} ({values.backend}): loading the engine ...")
-        self._run_helper(self._start_in_helper, cfg, "livesr-gui-start")
+        mmcore = self.mmcore if self.mmcore is not None else bridge.qt_thread_core(cfg)
+        self._run_helper(self._start_in_helper, (cfg, mmcore), "livesr-gui-start")
 
     def stop(self) -> None:
         """Stop acquisition and finish the recording, on a helper thread."""
@@ -208,14 +209,15 @@ class MainWindow(QtWidgets.QMainWindow):
         self._helper.start()
 
     # ---- helper-thread bodies (no Qt calls in here) ----
-    def _start_in_helper(self, cfg: Any) -> None:
+    def _start_in_helper(self, arg: tuple[Any, Any]) -> None:
         """Open the camera/movie and recording, spawn the engine worker (fast failures)."""
+        cfg, mmcore = arg
         pipe = None
         # never import on two threads at once: the lister's `import engines` (torch,
         # pydantic...) raced with the camera setup's imports ("partially initialized module")
         self._engine_lister.join()
         try:
-            pipe = self._factory(cfg, self.mmcore)
+            pipe = self._factory(cfg, mmcore)
             bridge.connect_pipeline(pipe, self)
             self.pipeline = pipe
             pipe.start()

@@ -3,6 +3,7 @@
     livesr demo   [options]            simulated blinking sample (GUI if available)
     livesr replay FILE.tif [options]   stream a recorded movie as if it were a camera
     livesr live --config FILE.cfg      a real Micro-Manager camera
+    livesr mda SEQ.yaml [--config FILE.cfg]   a useq MDA sequence, live SR per position/channel/z
     livesr train|evaluate|bench|export|engine|keys ...   (passed to their own modules)
 
 The run commands only map flags onto :class:`realtime.config.PipelineConfig`; everything
@@ -123,8 +124,15 @@ def _add_run_options(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
     e.add_argument("--worker", choices=["process", "thread"], default=d.worker_mode,
                    help="run the engine in its own process (default) or a thread")
     o = p.add_argument_group("output")
-    o.add_argument("--record", type=Path, default=None, metavar="PATH", help="record every frame to an OME-TIFF")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing --record file")
+    o.add_argument("--record", type=Path, default=None, metavar="PATH",
+                   help="record every frame: PATH.ome.tif (OME-TIFF) or PATH.ome.zarr (OME-Zarr)")
+    o.add_argument("--save-sr", type=Path, default=None, metavar="PATH",
+                   help="save every super-resolved image (.ome.tif or .ome.zarr; half the pixel "
+                        "size, source frame range of each image in the metadata)")
+    o.add_argument("--on-recording-failure", choices=["stop", "continue"], default=d.recording_failure,
+                   help="when the recording cannot be written (full disk): stop the run (default), "
+                        "or continue without recording")
+    o.add_argument("--overwrite", action="store_true", help="replace existing --record/--save-sr files")
     o.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the run's metrics as JSON")
     o.add_argument("--frames-addr", default=d.addresses.frames,
                    help="ZeroMQ endpoint this run binds for frames (default %(default)s: a free port)")
@@ -159,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="mm_config", type=Path, required=True, metavar="FILE.cfg",
                    help="Micro-Manager hardware configuration")
     _add_run_options(p)
+    p = sub.add_parser("mda", help="run a useq MDA sequence with live SR",
+                       description="Run a useq-schema MDA sequence (YAML/JSON, as `mmcore run`) and "
+                                   "reconstruct every position/channel/z stream live.")
+    p.add_argument("sequence", type=Path, metavar="SEQUENCE.yaml", help="useq-schema MDASequence file")
+    p.add_argument("--config", dest="mm_config", type=Path, default=None, metavar="FILE.cfg",
+                   help="Micro-Manager hardware configuration (default: the simulated camera)")
+    _add_run_options(p)
     for name, (module, func, what) in PASSTHROUGH.items():
         sub.add_parser(name, help=f"{what} (see `livesr {name} --help`)", add_help=False)
     return parser
@@ -166,15 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """Map parsed flags onto a PipelineConfig (raises ValueError for absurd combinations)."""
+    mode, sequence = "live", None
     if args.command == "demo":
         source, fps = "sim", args.fps if args.fps is not None else 100.0
     elif args.command == "replay":
         source, fps = str(args.file), args.fps
+    elif args.command == "mda":
+        mode, sequence = "mda", args.sequence
+        source = "sim" if args.mm_config is None else str(args.mm_config)
+        fps = args.fps if args.fps is not None else (100.0 if source == "sim" else None)
     else:
         source, fps = str(args.mm_config), args.fps
     seconds = args.seconds
     loop = bool(getattr(args, "loop", False))
-    if seconds is None and args.headless and (args.command != "replay" or loop):
+    if seconds is None and args.headless and args.command != "mda" and (
+            args.command != "replay" or loop):
         seconds = DEMO_HEADLESS_SECONDS
     crop = roi = None
     if isinstance(args.crop, tuple):
@@ -186,7 +207,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         exposure_ms=args.exposure, seconds=seconds, engine=args.engine, window=args.window,
         stride=args.stride, backend=args.backend, device=args.device, precision=args.precision,
         weights=args.weights, worker_mode=args.worker, threads=args.threads, record=args.record,
-        json=args.json, headless=args.headless, overwrite=args.overwrite,
+        save_sr=args.save_sr, recording_failure=args.on_recording_failure, mode=mode,
+        sequence=sequence, json=args.json, headless=args.headless, overwrite=args.overwrite,
         addresses=Addresses(frames=args.frames_addr, results=args.results_addr),
         engine_at=tuple(args.engine_at or ()), server_key=args.server_key,
         client_key=args.client_key,
@@ -290,12 +312,14 @@ def _run_headless(cfg: PipelineConfig) -> int:
     _say(metrics.summary(errors=False))
     if cfg.json is not None and pipe.json_written is not None:
         _say(f"metrics written to {pipe.json_written}")
-    if cfg.record is not None:
-        if cfg.record.is_file():
-            _say(f"recording written to {cfg.record} ({metrics.frames_recorded} frames)")
-        else:
-            _say(f"livesr: no recording was written to {cfg.record}", err=True)
-            return 1
+    recording_missing = False
+    for rec in (pipe.recorder, pipe.sr_recorder):
+        if rec is not None:
+            ok = rec.error is None and rec.path.exists()
+            _say(rec.summary_line() if ok else f"livesr: {rec.summary_line()}", err=not ok)
+            recording_missing = recording_missing or not rec.path.exists()
+    if recording_missing:
+        return 1
     return 1 if metrics.errors else 0
 
 
@@ -373,15 +397,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         _refuse(args.command, str(e))
     if args.command == "replay" and not args.file.is_file():
         _refuse(args.command, f"no such movie file: {args.file}")
-    if args.command == "live" and not args.mm_config.is_file():
+    if args.command in ("live", "mda") and args.mm_config is not None and not args.mm_config.is_file():
         _refuse(args.command, f"no such Micro-Manager config: {args.mm_config}")
+    if args.command == "mda":
+        from .mda import load_sequence
+
+        try:
+            load_sequence(args.sequence)
+        except ValueError as e:
+            _refuse(args.command, str(e))
     if not cfg.headless:
         problem = _gui_problem()
         if problem is None:
             return _run_gui(cfg, args.seconds)
         print(f"livesr: GUI unavailable: {problem}; running headless", file=sys.stderr)
         cfg = cfg.replace(headless=True)
-        if cfg.seconds is None and (cfg.source_kind != "replay" or cfg.loop):
+        if cfg.seconds is None and cfg.mode != "mda" and (cfg.source_kind != "replay" or cfg.loop):
             cfg = cfg.replace(seconds=DEMO_HEADLESS_SECONDS)
     return _run_headless(cfg)
 

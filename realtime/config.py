@@ -136,11 +136,17 @@ class PipelineConfig:
     """Everything one live run needs: source, engine, outputs.
 
     ``source`` is what ``acquisition.cameras.make_core`` understands: "sim" for the simulated
-    camera, a TIFF path to replay a recorded movie, or a Micro-Manager ``.cfg`` path.
+    camera, a TIFF path to replay a recorded movie, or a Micro-Manager ``.cfg`` path; or
+    "core" for the core given to the pipeline, as it is (an MDA run the caller drives).
+    ``mode`` "live" acquires continuously; "mda" takes its frames from a pymmcore-plus MDA
+    run: of ``sequence`` (a useq-schema YAML/JSON file) when given, else of whatever MDA
+    the caller runs with the listener connected (`realtime.mda.LiveSR`).
     """
 
     # source
     source: str = "sim"
+    mode: str = "live"  # "live" | "mda"
+    sequence: Path | None = None  # useq MDASequence file (mode "mda")
     size: int = 256  # simulated camera: H = W = size pixels
     fps: float | None = 100.0  # simulated / replay frame rate; None = the movie's own rate
     loop: bool = False  # replay: loop the movie instead of stopping at its end
@@ -159,7 +165,11 @@ class PipelineConfig:
     worker_mode: str = "process"  # "process" (default, own GIL) | "thread" (tests)
     threads: int | None = None  # engine compute threads; None = half the cores (1..4)
     # outputs
-    record: Path | None = None  # OME-TIFF of every acquired frame
+    record: Path | None = None  # every acquired frame: *.ome.tif (OME-TIFF) or *.ome.zarr
+    save_sr: Path | None = None  # every super-resolved image, same formats
+    # when the recording cannot be written (full disk, ...): "stop" the run, or "continue"
+    # acquiring and reconstructing without recording (the live view goes on)
+    recording_failure: str = "stop"
     json: Path | None = None  # metrics summary
     overwrite: bool = False  # replace an existing recording file
     headless: bool = False
@@ -172,8 +182,10 @@ class PipelineConfig:
     engine_ready_timeout_s: float = 120.0  # loading torch + weights in a fresh process
 
     def __post_init__(self) -> None:
-        if self.record is not None and not isinstance(self.record, Path):
-            self.record = Path(self.record)
+        for k in ("record", "save_sr", "sequence"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, Path):
+                setattr(self, k, Path(v))
         if self.json is not None and not isinstance(self.json, Path):
             self.json = Path(self.json)
         if self.roi is not None and not isinstance(self.roi, tuple):
@@ -215,6 +227,25 @@ class PipelineConfig:
             problems.append(f"worker_mode must be 'process' or 'thread', got {self.worker_mode!r}")
         if not self.engine:
             problems.append("engine name is empty")
+        if self.mode not in ("live", "mda"):
+            problems.append(f"mode must be 'live' or 'mda', got {self.mode!r}")
+        if self.sequence is not None and self.mode != "mda":
+            problems.append("a sequence needs mode 'mda'")
+        if self.mode == "mda" and len(self.engine_at) > 1:
+            problems.append("an MDA run cannot be shared between several remote engines "
+                            "(one --engine-at)")
+        if self.recording_failure not in ("stop", "continue"):
+            problems.append(f"recording_failure must be 'stop' or 'continue', got "
+                            f"{self.recording_failure!r}")
+        for k in ("record", "save_sr"):
+            path = getattr(self, k)
+            if path is not None:
+                from acquisition.formats import recording_format  # stdlib only
+
+                try:
+                    recording_format(path)
+                except ValueError as e:
+                    problems.append(str(e))
         for ep in self.engine_at:
             if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):
                 problems.append(f"engine_at entries must look like tcp://HOST:PORT, got {ep!r}")
@@ -252,9 +283,9 @@ class PipelineConfig:
 
     @property
     def source_kind(self) -> str:
-        """"sim", "replay" (a TIFF movie) or "mm" (a Micro-Manager .cfg)."""
-        if self.source == "sim":
-            return "sim"
+        """"sim", "replay" (a TIFF movie), "mm" (a Micro-Manager .cfg) or "core" (as given)."""
+        if self.source in ("sim", "core"):
+            return self.source
         return "mm" if self.source.lower().endswith(".cfg") else "replay"
 
     def engine_options(self) -> dict[str, Any]:
@@ -272,7 +303,7 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("record", "json", "server_key", "client_key"):
+        for k in ("record", "save_sr", "sequence", "json", "server_key", "client_key"):
             d[k] = None if d[k] is None else str(d[k])
         d["engine_at"] = list(self.engine_at)
         return d

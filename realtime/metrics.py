@@ -36,6 +36,8 @@ class PipelineMetrics:
         default_factory=lambda: {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "max": float("nan")}
     )
     frames_recorded: int | None = None  # None when not recording
+    frames_not_recorded: int | None = None  # acquired after the recording failed (None: off)
+    sr_images_recorded: int | None = None  # --save-sr images on disk (None: off)
     malformed_messages: dict[str, int] = field(default_factory=dict)  # by ProtocolError.reason
     engine_errors: int = 0
     engine: str = ""
@@ -69,6 +71,10 @@ class PipelineMetrics:
         for a front end that printed each one as it happened)."""
         lat = self.latency_ms
         rec = "off" if self.frames_recorded is None else f"{self.frames_recorded}"
+        if self.frames_not_recorded:
+            rec += f"  (NOT recorded: {self.frames_not_recorded})"
+        if self.sr_images_recorded is not None:
+            rec += f"   super-resolved images saved {self.sr_images_recorded}"
         bad = sum(self.malformed_messages.values())
         lines = [
             f"engine            {self.engine}",

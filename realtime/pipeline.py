@@ -1,11 +1,16 @@
-"""One live run: camera -> acquisition thread (+ recorder) -> engine worker -> results collector.
+"""One live run: frame source -> sinks (recorder, publisher, raw view) -> engine worker -> results.
 
 The CLI and the GUI drive this same class. Why it is built this way:
 
-* ``start()`` only does what can fail fast (open the camera / movie, create the recording
-  file, spawn the worker) and returns; loading the engine happens in the worker, and the
-  camera is started by the collector thread only once the worker reports "ready", so the
-  first frames never wait in a queue behind torch's import and latency is honest.
+* The frame source is the continuous `AcquisitionThread` (``mode="live"``) or an MDA run
+  (``mode="mda"``, `realtime.mda`); both feed the same sinks, in this order: the recorder
+  (never drops), the ZeroMQ frame publisher (the engine's feed) and the raw view
+  (``frameReady``).
+* ``start()`` only does what can fail fast (open the camera / movie, check the recording
+  file, bind the frame socket, spawn the worker) and returns; loading the engine happens in
+  the worker, and the camera is started by the collector thread only once the worker
+  reports "ready", so the first frames never wait in a queue behind torch's import and
+  latency is honest.
 * Every state change a viewer needs is a psygnal signal emitted from a pipeline thread
   (``frameReady``, ``resultReady``, ``metricsUpdated``, ``error``, ``started``,
   ``finished``); a Qt GUI relays them to its own thread. Nothing here blocks the caller
@@ -20,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -36,6 +42,10 @@ __all__ = ["Pipeline", "PipelineError"]
 logger = logging.getLogger(__name__)
 
 SocketSetup = Callable[[zmq.Socket], None]
+
+
+_STOPS = "; the run stops (--on-recording-failure continue keeps acquiring without recording)"
+_GOES_ON = "; the run goes on WITHOUT recording (--on-recording-failure continue)"
 
 
 class PipelineError(RuntimeError):
@@ -91,9 +101,13 @@ class Pipeline:
         self._metrics_interval_s = metrics_interval_s
 
         self.core: Any = None
-        self.acquisition: Any = None
+        self.acquisition: Any = None  # the frame source (AcquisitionThread or MDASource)
         self.worker: EngineWorker | None = None
         self.recorder: Any = None
+        self.publisher: Any = None
+        self.sr_recorder: Any = None  # --save-sr: the super-resolved images
+        self._sr_setup = False
+        self._reported: list[str] = []
         self.latency = LatencyTracker()
         self._lock = threading.Lock()
         self._m = PipelineMetrics(engine=self._engine_label())
@@ -106,6 +120,7 @@ class Pipeline:
         self._started_evt = threading.Event()
         self._done_evt = threading.Event()
         self._stop_requested = threading.Event()
+        self._stopped_by_caller = False  # stop() was called (Ctrl-C, a signal, --seconds, the GUI)
         self._acq_ended = threading.Event()
         self._acq_started = False
         self._stop_thread: threading.Thread | None = None
@@ -151,8 +166,10 @@ class Pipeline:
         try:
             self.core = self._make_core(cfg)
             self.recorder = self._make_recorder(cfg)
-            self.acquisition = self._make_acquisition(cfg, cfg.addresses.frames)
-            self.endpoints = Addresses(frames=self._bind_frames(), results=self._bind_results())
+            self.sr_recorder = self._make_sr_recorder(cfg)
+            self.publisher = self._make_publisher(cfg.addresses.frames)
+            self.acquisition = self._make_source(cfg)
+            self.endpoints = Addresses(frames=self.publisher.address, results=self._bind_results())
             if cfg.engine_at:  # remote engine(s): a client stands where the worker would
                 self.worker = self._remote_client(cfg, self.endpoints)
                 self.worker.run_in_thread()
@@ -165,13 +182,6 @@ class Pipeline:
             raise PipelineError(_describe(e)) from e
         self._collector = threading.Thread(target=self._collect, name="livesr-results", daemon=True)
         self._collector.start()
-
-    def _bind_frames(self) -> str:
-        """Bind the acquisition's frame socket now; the real endpoint (port 0 resolved)."""
-        try:
-            return self.acquisition.bind()
-        except RuntimeError as e:
-            raise PipelineError(f"{e}{_PORT_HINT}") from None
 
     def _bind_results(self) -> str:
         """Bind the collector's SUB socket (workers connect their PUB to it)."""
@@ -218,6 +228,7 @@ class Pipeline:
         (``finished`` has been emitted); otherwise at once (``finished`` comes later).
         """
         self._stop_requested.set()
+        self._stopped_by_caller = True
         if self._collector is None:
             return self.metrics()
         self._request_acquisition_stop()
@@ -262,9 +273,13 @@ class Pipeline:
             acq = self.acquisition
             if acq is not None:
                 m.frames_acquired = int(acq.frames_acquired)
-                m.frames_published = int(acq.frames_published)
+            if self.publisher is not None:
+                m.frames_published = int(self.publisher.frames_published)
             if self.recorder is not None:
-                m.frames_recorded = int(getattr(self.recorder, "frames_recorded", 0))
+                m.frames_recorded = int(self.recorder.frames_recorded)
+                m.frames_not_recorded = int(self.recorder.frames_not_recorded)
+            if self.sr_recorder is not None:
+                m.sr_images_recorded = int(self.sr_recorder.frames_recorded)
             st, base = self._stats, self._base
             if st is not None:
                 m.frames_received = base.frames_received + st.frames_received
@@ -300,9 +315,15 @@ class Pipeline:
         return str(getattr(e, "name", getattr(e, "__name__", type(e).__name__)))
 
     def _make_core(self, cfg: PipelineConfig) -> Any:
-        from acquisition.cameras import make_core  # lazy: the GUI may list configs without it
+        if cfg.source == "core":  # the caller's core, as it is (an MDA the user runs)
+            if self._mmcore is None:
+                raise PipelineError("source 'core' needs mmcore= (the core the MDA runs on)")
+            core = self._mmcore
+        else:
+            from acquisition.cameras import make_core  # lazy: the GUI may list configs without it
 
-        core = make_core(cfg.source, size=cfg.size, fps=cfg.fps, loop=cfg.loop, crop=cfg.roi, mmcore=self._mmcore)
+            core = make_core(cfg.source, size=cfg.size, fps=cfg.fps, loop=cfg.loop, crop=cfg.roi,
+                             mmcore=self._mmcore)
         if cfg.crop is not None:
             w, h = int(core.getImageWidth()), int(core.getImageHeight())
             if cfg.crop > min(w, h):
@@ -316,28 +337,83 @@ class Pipeline:
                 raise PipelineError(why)
         return core
 
+    def _run_settings(self, cfg: PipelineConfig) -> dict[str, Any]:
+        """The livesr settings a recording carries as annotations."""
+        keys = ("mode", "source", "engine", "window", "stride", "backend", "device", "precision",
+                "weights", "sequence")
+        d = cfg.to_dict()
+        return {"livesr_version": _version(), **{k: d[k] for k in keys if d.get(k) is not None}}
+
     def _make_recorder(self, cfg: PipelineConfig) -> Any:
         if cfg.record is None:
             return None
-        from acquisition.recorder import OmeTiffRecorder
+        from acquisition.recorder import Recorder
 
-        meta: dict[str, Any] = {"name": f"livesr {cfg.source}"}
-        if cfg.fps:
-            meta["fps"] = float(cfg.fps)
         try:
-            return OmeTiffRecorder(cfg.record, metadata=meta, overwrite=cfg.overwrite)
+            rec = Recorder(cfg.record, overwrite=cfg.overwrite)  # settings come with StreamInfo
         except FileExistsError:
             raise RecordingExistsError(cfg.record) from None
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        rec.failed.connect(self._on_recording_failed)
+        return rec
 
-    def _make_acquisition(self, cfg: PipelineConfig, address: str) -> Any:
-        from acquisition.thread import AcquisitionThread
+    def _make_sr_recorder(self, cfg: PipelineConfig) -> Any:
+        if cfg.save_sr is None:
+            return None
+        from acquisition.recorder import Recorder
 
-        acq = AcquisitionThread(mmcore=self.core, address=address, recorder=self.recorder,
-                                socket_setup=self._socket_setup, stream=self.stream)
-        acq.frameReady.connect(self._on_frame)
-        acq.error.connect(self._on_acquisition_error)
-        acq.stopped.connect(self._on_acquisition_stopped)
-        return acq
+        if cfg.record is not None and Path(cfg.save_sr).resolve() == Path(cfg.record).resolve():
+            raise PipelineError("--save-sr and --record must be different files")
+        try:
+            return Recorder(cfg.save_sr, overwrite=cfg.overwrite,
+                            annotations={"content": "super-resolved"})
+        except FileExistsError:
+            raise PipelineError(f"file {cfg.save_sr} exists; choose another name or pass "
+                                "--overwrite") from None
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+
+    def _make_publisher(self, address: str) -> Any:
+        from .publisher import FramePublisher
+
+        try:
+            return FramePublisher(address, socket_setup=self._socket_setup, stream=self.stream)
+        except RuntimeError as e:
+            raise PipelineError(f"{e}{_PORT_HINT}") from None
+
+    def _make_source(self, cfg: PipelineConfig) -> Any:
+        from acquisition.sinks import SignalSink
+
+        view = SignalSink()
+        view.frameReady.connect(self._on_frame)
+        sinks = [self.recorder, self.publisher, view]  # the recorder first: it never drops
+        name = f"livesr {cfg.source}"
+        if cfg.mode == "mda":
+            from acquisition.sinks import is_multi_stream
+
+            from .mda import MDASource, load_sequence
+
+            try:
+                sequence = None if cfg.sequence is None else load_sequence(cfg.sequence)
+                if sequence is not None and self.recorder is not None:
+                    self.recorder.check_sequence(sequence)
+                if sequence is not None and cfg.engine_at and is_multi_stream(sequence):
+                    raise ValueError("a remote engine (--engine-at) serves one stream; this "
+                                     "sequence has several positions, channels or z planes: "
+                                     "run the engine locally")
+            except (ValueError, RuntimeError) as e:
+                raise PipelineError(str(e)) from None
+            src: Any = MDASource(self.core, sinks=sinks, sequence=sequence, name=name,
+                                 settings=self._run_settings(cfg))
+        else:
+            from acquisition.thread import AcquisitionThread
+
+            src = AcquisitionThread(mmcore=self.core, sinks=sinks, name=name,
+                                    settings=self._run_settings(cfg))
+        src.error.connect(self._on_acquisition_error)
+        src.stopped.connect(self._on_acquisition_stopped)
+        return src
 
     def _remote_client(self, cfg: PipelineConfig, addrs: Any) -> Any:
         """RemoteEngineClient: forwards frames to `livesr engine` servers, results back."""
@@ -395,15 +471,20 @@ class Pipeline:
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(5)
-        if self.acquisition is not None:
-            self.acquisition.stop()  # closes a bound, never started frame socket
         self._close_results_socket()
-        if self.recorder is not None:
-            try:
-                self.recorder.close()
-            except Exception as e:
-                logger.warning("closing the recording after a failed start: %s", e)
+        self._close_unstarted_sinks()
         self._done_evt.set()
+
+    def _close_unstarted_sinks(self) -> None:
+        """Sinks the source never started (and so will not close): no file, no socket left."""
+        for sink in (self.recorder, self.sr_recorder if not self._sr_setup else None,
+                     self.publisher):
+            if sink is None:
+                continue
+            try:
+                sink.close()
+            except Exception as e:
+                logger.warning("closing %s after a failed start: %s", getattr(sink, "name", sink), e)
 
     # ================================================================== acquisition callbacks
     def _on_frame(self, seq: int, img: np.ndarray) -> None:
@@ -413,6 +494,15 @@ class Pipeline:
     def _on_acquisition_error(self, message: str) -> None:
         self._emit_error(message)
 
+    def _on_recording_failed(self, message: str) -> None:
+        """The recorder stopped writing (full disk, ...): stop the run or go on, as configured."""
+        if self.config.recording_failure == "stop":
+            self._emit_error(f"{message}{_STOPS}")
+            self._stop_requested.set()
+            self._request_acquisition_stop()
+        else:
+            self._emit_error(f"{message}{_GOES_ON}")
+
     def _on_acquisition_stopped(self, frames_acquired: int) -> None:
         self._t_end = time.monotonic()
         self._acq_ended.set()
@@ -421,11 +511,13 @@ class Pipeline:
 
     def _request_acquisition_stop(self) -> None:
         """Stop the camera on a helper thread: AcquisitionThread.stop() joins and closes the file."""
-        if self._stop_thread is not None or not self._acq_started:
-            return
-        acq = self.acquisition
-        self._stop_thread = threading.Thread(target=acq.stop, name="livesr-stop-acquisition", daemon=True)
-        self._stop_thread.start()
+        with self._lock:
+            if self._stop_thread is not None or not self._acq_started:
+                return
+            acq = self.acquisition
+            self._stop_thread = threading.Thread(target=acq.stop, name="livesr-stop-acquisition",
+                                                 daemon=True)
+            self._stop_thread.start()
 
     # ================================================================== collector
     def _collect(self) -> None:
@@ -582,6 +674,8 @@ class Pipeline:
                 self._dropped_seen = max(self._dropped_seen,
                                          self._base.frames_dropped + header.frames_dropped)
             self._out_rate.tick(time.monotonic())
+            if self.sr_recorder is not None:
+                self._record_sr(header, img)
             self._safe_emit(self.resultReady, header, img)
             return None
         if isinstance(header, StatsMessage):
@@ -602,6 +696,36 @@ class Pipeline:
         self._count_local_malformed("unexpected_kind", f"{header.kind!r} message on the results socket")
         return None
 
+    def _record_sr(self, header: ResultHeader, img: np.ndarray) -> None:
+        """--save-sr: every result, with half the pixel size and its source frame range."""
+        from acquisition.sinks import FrameMeta, StreamInfo
+
+        rec = self.sr_recorder
+        n = rec.frames_queued
+        try:
+            if not self._sr_setup:
+                self._sr_setup = True
+                info = getattr(self.acquisition, "info", None)
+                px = getattr(info, "pixel_size_um", None)
+                raw_h = info.shape[0] if info is not None else header.shape[0]
+                up = max(1, round(header.shape[0] / raw_h))  # 2 for every engine today
+                interval = getattr(info, "frame_interval_s", None)
+                rec.setup(StreamInfo(
+                    shape=tuple(header.shape), dtype="float32",
+                    camera=getattr(info, "camera", ""),
+                    exposure_ms=getattr(info, "exposure_ms", None),
+                    pixel_size_um=px / up if px else None,
+                    frame_interval_s=interval * self.config.stride if interval else None,
+                    name=f"livesr {header.engine} super-resolved",
+                    settings={**getattr(info, "settings", {}), "upsample": up}))
+            rec.append(np.array(img), FrameMeta(
+                seq=n, frame=n, t_acq_ns=header.t_acq_ns, stream_key=header.stream_key,
+                source_range=(header.seq_first, header.seq_last)))
+        except Exception as e:
+            if getattr(rec, "error", None) is None and not getattr(self, "_sr_failed", False):
+                self._sr_failed = True
+                self._emit_error(f"saving the super-resolved images failed: {_describe(e)}")
+
     def _finish(self) -> None:
         """Close everything (idempotent paths) and publish the final metrics."""
         try:
@@ -609,11 +733,8 @@ class Pipeline:
                 self._request_acquisition_stop()
                 if self._stop_thread is not None:
                     self._stop_thread.join(60.0)
-            elif self.recorder is not None:
-                try:
-                    self.recorder.close()
-                except Exception as e:
-                    self._emit_error(f"closing the recording failed: {_describe(e)}")
+            else:
+                self._close_unstarted_sinks()
             worker = self.worker
             if worker is not None:
                 worker.stop()
@@ -625,6 +746,11 @@ class Pipeline:
                         worker.join(5.0)
             if self._t_start is not None and self._t_end is None:
                 self._t_end = time.monotonic()
+            if self.sr_recorder is not None and self._sr_setup:
+                try:
+                    self.sr_recorder.close()
+                except Exception as e:
+                    self._emit_error(f"saving the super-resolved images: {_describe(e)}")
         except Exception as e:
             logger.exception("pipeline shutdown failed")
             self._emit_error(f"shutdown failed: {_describe(e)}")
@@ -653,8 +779,12 @@ class Pipeline:
             self._emit_error("no frame was acquired")
         elif m.outputs == 0 and m.outputs_received == 0 and not m.engine_errors:
             need = f"{window} consecutive frames" if window else "more frames"
-            self._emit_error(f"no output: the engine needs {need} per output and received "
-                             f"{m.frames_received} of the {m.frames_acquired} acquired")
+            text = (f"no output: the engine needs {need} per output and received "
+                    f"{m.frames_received} of the {m.frames_acquired} acquired")
+            if self._stopped_by_caller and window and m.frames_acquired < window:
+                self._emit_warning(text + " before the run was stopped")  # as asked, if early
+            else:
+                self._emit_error(text)
         if (cfg.fps and cfg.source_kind != "mm" and m.duration_s >= 2.0
                 and 0 < m.fps_acquired < LOW_RATE_SHARE * cfg.fps):
             self._emit_warning(self._low_rate_message(m.fps_acquired))
@@ -687,8 +817,10 @@ class Pipeline:
     def _emit_error(self, message: str) -> None:
         """Tell the user once (the same text twice is said once); listeners print it."""
         with self._lock:
-            if message in self._m.errors:
+            # a recorder failure comes once as a signal and again from close(): say it once
+            if message in self._m.errors or any(r in message for r in self._reported if len(r) > 20):
                 return
+            self._reported.append(message.replace(_STOPS, "").replace(_GOES_ON, ""))
             self._m.errors.append(message)
         logger.debug("%s", message)
         self._safe_emit(self.error, message)
@@ -723,6 +855,15 @@ class _StatsBase:
         self.engine_errors += st.engine_errors
         for k, v in st.malformed.items():
             self.malformed[k] = self.malformed.get(k, 0) + v
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("livesr")
+    except Exception:
+        return "unknown"
 
 
 def _describe(e: BaseException) -> str:

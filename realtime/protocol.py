@@ -118,6 +118,9 @@ class FrameHeader:
     pixel_size_um: float | None = None
     elapsed_ms: float | None = None  # camera's ElapsedTime-ms metadata, when present
     stream: str = ""  # the run's stream id (new_stream_id)
+    # MDA stream (position/channel/z, e.g. "p0/c1/z0"; "" in live mode): seq counts frames
+    # of one stream, and frames of different keys never share an engine window
+    stream_key: str = ""
 
     kind = "frame"
 
@@ -135,6 +138,7 @@ class ResultHeader:
     timings_ns: dict[str, int] = field(default_factory=dict)  # received/start/done/published
     frames_dropped: int = 0  # cumulative outputs skipped by the worker to keep up
     stream: str = ""  # stream id of the frames it was computed from
+    stream_key: str = ""  # the stream the window came from (FrameHeader.stream_key)
 
     kind = "result"
 
@@ -262,6 +266,7 @@ def _validate(h: Header) -> Header:
             pixel_size_um=_check_number("pixel_size_um", h.pixel_size_um, optional=True, positive=True),
             elapsed_ms=_check_number("elapsed_ms", h.elapsed_ms, optional=True),
             stream=_check_stream(h.stream),
+            stream_key=_check_str("stream_key", h.stream_key),
         )
     if isinstance(h, ResultHeader):
         first = _check_int("seq_first", h.seq_first)
@@ -278,6 +283,7 @@ def _validate(h: Header) -> Header:
             timings_ns=_check_int_dict("timings_ns", h.timings_ns),
             frames_dropped=_check_int("frames_dropped", h.frames_dropped),
             stream=_check_stream(h.stream),
+            stream_key=_check_str("stream_key", h.stream_key),
         )
     if isinstance(h, EndOfStream):
         return EndOfStream(

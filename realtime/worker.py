@@ -412,6 +412,8 @@ class EngineWorker:
         self._stateful = self._streaming and bool(getattr(engine, "stateful", False))
         self._cost_frame_s: float | None = None  # EMA of a stateful engine's cost per frame fed
         self._cost_output_s: float | None = None  # ... and per output
+        self._stream_key = ""
+        self._parked: dict[str, dict[str, Any]] = {}  # other streams' window state
         self._engine_reset()
 
     def _serve(self, engine: Any, pull: zmq.Socket, pub: zmq.Socket) -> None:
@@ -451,6 +453,7 @@ class EngineWorker:
         pub.send_multipart(encode_stats(self._stats_message("final", final=True)))
 
     def _new_stream(self) -> None:
+        self._parked.clear()
         self._continuity.reset()
         self._rolling.reset()
         self._engine_reset()
@@ -471,6 +474,39 @@ class EngineWorker:
             self._stream, self._stream_seen = stream, now  # a seq restart resets the window
             return True
         return False
+
+    # ------------------------------------------------------------------ MDA streams
+    #: what one stream (an MDA position / channel / z) owns: its window and engine state
+    _STREAM_STATE = ("_engine", "_continuity", "_rolling", "_engine_next_seq", "_push_all", "_fed")
+
+    def _select_stream(self, key: str) -> None:
+        """Make `key`'s window the current one (the single-stream code below then runs on
+        it unchanged); a stream seen for the first time gets a fresh window and, for a
+        streaming engine, its own engine copy, so frames of different streams never mix."""
+        if key == self._stream_key:
+            return
+        self._parked[self._stream_key] = {a: getattr(self, a) for a in self._STREAM_STATE}
+        state = self._parked.pop(key, None)
+        if state is None:
+            state = {"_engine": self._engine_for_new_stream(), "_continuity": StreamContinuity(),
+                     "_rolling": RollingWindow(self.window), "_engine_next_seq": None,
+                     "_push_all": False, "_fed": 0}
+        for a, v in state.items():
+            setattr(self, a, v)
+        self._stream_key = key
+        if state["_engine_next_seq"] is None:
+            self._engine_reset()
+
+    def _engine_for_new_stream(self) -> Any:
+        if not self._streaming:
+            return self._engine  # reconstruct() keeps no state: one engine serves all
+        import copy
+
+        try:
+            return copy.deepcopy(self._engine)
+        except Exception as e:  # e.g. a compiled backend that cannot be copied
+            logger.info("engine copy failed (%s); loading another one", e)
+            return self._load_engine()
 
     # ------------------------------------------------------------------ input
     def _count_malformed(self, reason: str, detail: str) -> None:
@@ -514,7 +550,16 @@ class EngineWorker:
             self._engine.reset()
 
     def _process_batch(self, frames: list[tuple[FrameHeader, np.ndarray, int]]) -> None:
-        """Feed one drained batch; publish the newest due output of each continuous run in it."""
+        """Feed one drained batch, stream by stream (MDA positions/channels/z never mix)."""
+        groups: dict[str, list[tuple[FrameHeader, np.ndarray, int]]] = {}
+        for f in frames:
+            groups.setdefault(f[0].stream_key, []).append(f)
+        for key, group in groups.items():
+            self._select_stream(key)
+            self._process_stream_batch(group)
+
+    def _process_stream_batch(self, frames: list[tuple[FrameHeader, np.ndarray, int]]) -> None:
+        """Feed one stream's frames; publish the newest due output of each continuous run."""
         t_start = time.time_ns()
         W, K = self.window, self.stride
         # 1. plan: run membership and due outputs (headers only, no pixels touched)
@@ -552,7 +597,7 @@ class EngineWorker:
                     self._continuity.reset()
                     self._rolling.reset()
                     if i + 1 < len(frames):
-                        self._process_batch(frames[i + 1 :])
+                        self._process_stream_batch(frames[i + 1 :])
                     return
 
     def _feed_stateful_run(self, run: list, dues: list[int], t_start: int) -> None:
@@ -670,6 +715,7 @@ class EngineWorker:
             timings_ns={"received": t_recv, "start": t_start, "done": t_done, "published": time.time_ns()},
             frames_dropped=self.stats.frames_dropped,
             stream=h.stream,
+            stream_key=h.stream_key,
         )
         # copy=True: an engine may reuse its output buffer on the next push
         self._pub.send_multipart(encode_result(header, out), copy=True)

@@ -7,6 +7,8 @@ Other owners may add fixtures here; keep additions additive.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 import uuid
 from collections import deque
@@ -229,3 +231,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"unavailable: shared data folder {SHARED_DATA} not found")
     return SHARED_DATA
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 1 MiB tmpfs (needs root, as in the container this project runs in)."""
+    mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("unavailable: mounting a tmpfs needs root (the file-size-limit test "
+                    "covers the OME-TIFF case without it)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"unavailable: cannot mount a tmpfs here ({done.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

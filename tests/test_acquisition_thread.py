@@ -1,4 +1,5 @@
-"""The acquisition thread with real UniMMCore cameras, real ZeroMQ sockets and a real recorder."""
+"""The acquisition thread with real UniMMCore cameras, real sinks: the recorder, the ZeroMQ
+frame publisher (real sockets) and the raw view."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import zmq
 from pymmcore_plus.experimental.unicore import UniMMCore
 
 from acquisition.cameras import SimulatedCamera, make_core
-from acquisition.recorder import OmeTiffRecorder
+from acquisition.recorder import Recorder
 from acquisition.simulation import SimulationConfig
+from acquisition.sinks import SignalSink
 from acquisition.thread import AcquisitionThread
 from realtime.protocol import EndOfStream, FrameHeader, decode
+from realtime.publisher import FramePublisher
 
 
 class Puller:
@@ -51,14 +54,14 @@ class Puller:
 
 
 class Frames:
-    """Collects frameReady copies (what the GUI's raw view would show)."""
+    """Collects the raw view's frames (what the GUI would show) and the thread's signals."""
 
-    def __init__(self, thread: AcquisitionThread) -> None:
+    def __init__(self, thread: AcquisitionThread, view: SignalSink) -> None:
         self.seqs: list[int] = []
         self.images: list[np.ndarray] = []
         self.stopped: list[int] = []
         self.errors: list[str] = []
-        thread.frameReady.connect(self._frame)
+        view.frameReady.connect(self._frame)
         thread.stopped.connect(self.stopped.append)
         thread.error.connect(self.errors.append)
 
@@ -67,10 +70,17 @@ class Frames:
         self.images.append(img.copy())
 
 
+def acquisition(core, *sinks, **kwargs) -> tuple[AcquisitionThread, Frames]:
+    """A thread feeding `sinks` then a raw view, and what that view saw."""
+    view = SignalSink()
+    thread = AcquisitionThread(core, sinks=[*sinks, view], **kwargs)
+    return thread, Frames(thread, view)
+
+
 def test_every_frame_is_published_in_order_with_its_header(free_tcp_addr):
     core = make_core("sim", size=32, fps=200.0)
-    thread = AcquisitionThread(core, address=free_tcp_addr)
-    seen = Frames(thread)
+    pub = FramePublisher(free_tcp_addr)
+    thread, seen = acquisition(core, pub)
     puller = Puller(free_tcp_addr)
     try:
         thread.start()
@@ -84,7 +94,7 @@ def test_every_frame_is_published_in_order_with_its_header(free_tcp_addr):
     print(f"acquisition thread: {n} frames in ~0.5 s ({rate:.0f} fps, camera set to 200)")
     assert [h.seq for h, _ in puller.frames] == list(range(n))
     assert puller.eos is not None and puller.eos.frames_sent == n
-    assert thread.frames_published == n and thread.publish_drops == 0 and thread.gaps == 0
+    assert pub.frames_published == n and pub.publish_drops == 0 and thread.gaps == 0
     h0 = puller.frames[0][0]
     assert h0.camera == "SimCamera" and h0.shape == (32, 32) and h0.dtype == "uint16"
     assert h0.pixel_size_um == pytest.approx(0.1) and h0.exposure_ms == pytest.approx(5.0)
@@ -102,10 +112,9 @@ def test_recording_keeps_every_frame_when_the_engine_never_reads(ipc_addr, tmp_p
     """A connected PULL that never reads: the socket queue fills, frames pile up in the
     backlog and the oldest are given up for publishing, but the recording loses none."""
     core = make_core("sim", size=64, fps=400.0)
-    recorder = OmeTiffRecorder(tmp_path / "rec.ome.tif", metadata={"pixel_size_um": 0.1})
-    thread = AcquisitionThread(core, address=ipc_addr, recorder=recorder,
-                               sndhwm=5, publish_backlog=10, linger_ms=200)
-    seen = Frames(thread)
+    recorder = Recorder(tmp_path / "rec.ome.tif")
+    pub = FramePublisher(ipc_addr, sndhwm=5, backlog=10, linger_ms=200)
+    thread, seen = acquisition(core, recorder, pub)
     puller = Puller(ipc_addr, rcvhwm=5)  # connected, never reads during the run
     try:
         thread.start()
@@ -114,11 +123,11 @@ def test_recording_keeps_every_frame_when_the_engine_never_reads(ipc_addr, tmp_p
     finally:
         puller.close()
     n = thread.frames_acquired
-    print(f"never-reading engine: acquired {n}, published {thread.frames_published}, "
-          f"not published {thread.publish_drops}, recorded {thread.frames_recorded}")
+    print(f"never-reading engine: acquired {n}, published {pub.frames_published}, "
+          f"not published {pub.publish_drops}, recorded {recorder.frames_recorded}")
     assert n >= 80
-    assert thread.publish_drops > 0  # the bound was reached: the test did exercise it
-    assert thread.frames_recorded == n == recorder.frames_recorded
+    assert pub.publish_drops > 0  # the bound was reached: the test did exercise it
+    assert recorder.frames_recorded == n
     data = tifffile.imread(tmp_path / "rec.ome.tif")
     assert data.shape == (n, 64, 64)
     np.testing.assert_array_equal(data, np.stack(seen.images))
@@ -129,8 +138,9 @@ def test_recording_and_publishing_keep_up_with_a_slow_reader(free_tcp_addr, tmp_
     """An engine that reads slowly (5 ms per frame, camera at 400 fps) gets every frame in
     order eventually (backlog, no drops) and the recording has all of them."""
     core = make_core("sim", size=32, fps=400.0)
-    recorder = OmeTiffRecorder(tmp_path / "rec.ome.tif")
-    thread = AcquisitionThread(core, address=free_tcp_addr, recorder=recorder, linger_ms=10_000)
+    recorder = Recorder(tmp_path / "rec.ome.tif")
+    pub = FramePublisher(free_tcp_addr, linger_ms=10_000)
+    thread, _ = acquisition(core, recorder, pub)
     puller = Puller(free_tcp_addr)
     reader = threading.Thread(target=puller.receive_until_eos, kwargs={"timeout_s": 20.0,
                                                                         "delay_s": 0.005})
@@ -144,18 +154,17 @@ def test_recording_and_publishing_keep_up_with_a_slow_reader(free_tcp_addr, tmp_
         puller.close()
     n = thread.frames_acquired
     print(f"slow engine: acquired {n}, received {len(puller.frames)}, "
-          f"recorded {thread.frames_recorded}")
-    assert thread.frames_recorded == n >= 50
+          f"recorded {recorder.frames_recorded}")
+    assert recorder.frames_recorded == n >= 50
     assert [h.seq for h, _ in puller.frames] == list(range(n))
     assert puller.eos is not None and puller.eos.frames_sent == n
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "rec.ome.tif"),
                                   np.stack([im for _, im in puller.frames]))
 
 
-def test_max_frames_ends_the_acquisition_by_itself(free_tcp_addr):
+def test_max_frames_ends_the_acquisition_by_itself():
     core = make_core("sim", size=16, fps=500.0)
-    thread = AcquisitionThread(core, address=free_tcp_addr, max_frames=25, linger_ms=100)
-    seen = Frames(thread)
+    thread, seen = acquisition(core, max_frames=25)
     thread.start()
     assert thread.join(10.0)
     assert thread.frames_acquired == 25 and seen.stopped == [25] and seen.errors == []
@@ -167,8 +176,7 @@ def test_a_replay_played_once_ends_normally(free_tcp_addr, tmp_path):
     movie = np.arange(7 * 12 * 10, dtype=np.uint16).reshape(7, 12, 10)
     tifffile.imwrite(tmp_path / "m.tif", movie, imagej=True, metadata={"axes": "TYX"})
     core = make_core(tmp_path / "m.tif", fps=300.0, loop=False)
-    thread = AcquisitionThread(core, address=free_tcp_addr, linger_ms=2000)
-    seen = Frames(thread)
+    thread, seen = acquisition(core, FramePublisher(free_tcp_addr))
     puller = Puller(free_tcp_addr)
     try:
         thread.start()
@@ -196,14 +204,13 @@ class FailingCamera(SimulatedCamera):
         return super().next_image(buffer)
 
 
-def test_a_failing_camera_reports_an_error_and_leaves_a_valid_recording(free_tcp_addr, tmp_path):
+def test_a_failing_camera_reports_an_error_and_leaves_a_valid_recording(tmp_path):
     core = UniMMCore()
     core.loadPyDevice("Flaky", FailingCamera(fail_after=6))
     core.initializeDevice("Flaky")
     core.setCameraDevice("Flaky")
-    recorder = OmeTiffRecorder(tmp_path / "rec.ome.tif")
-    thread = AcquisitionThread(core, address=free_tcp_addr, recorder=recorder, linger_ms=100)
-    seen = Frames(thread)
+    recorder = Recorder(tmp_path / "rec.ome.tif")
+    thread, seen = acquisition(core, recorder)
     thread.start()
     assert thread.join(10.0)
     assert len(seen.errors) == 1
@@ -213,32 +220,88 @@ def test_a_failing_camera_reports_an_error_and_leaves_a_valid_recording(free_tcp
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "rec.ome.tif"), np.stack(seen.images))
 
 
-def test_start_fails_clearly_when_the_address_is_taken(free_tcp_addr):
-    core = make_core("sim", size=16)
-    first = AcquisitionThread(core, address=free_tcp_addr, linger_ms=0)
-    first.start()
+def test_the_publisher_fails_clearly_when_the_address_is_taken(free_tcp_addr):
+    first = FramePublisher(free_tcp_addr, linger_ms=0)
     try:
-        other = AcquisitionThread(make_core("sim", size=16), address=free_tcp_addr)
         with pytest.raises(RuntimeError, match="cannot bind the frame socket"):
-            other.start()
+            FramePublisher(free_tcp_addr)
     finally:
-        first.stop()
-    assert first.frames_acquired >= 0 and not first.is_alive()
+        first.close()
 
 
-def test_start_needs_a_camera(free_tcp_addr):
+def test_start_needs_a_camera():
     with pytest.raises(RuntimeError, match="no camera"):
-        AcquisitionThread(UniMMCore(), address=free_tcp_addr).start()
+        AcquisitionThread(UniMMCore()).start()
 
 
-def test_a_broken_frame_listener_does_not_stop_acquisition(free_tcp_addr):
+def test_a_sink_that_fails_at_setup_stops_the_start_and_leaves_no_file(tmp_path):
+    class Refuses:
+        def setup(self, info):
+            raise OSError("read-only file system")
+
+        def append(self, frame, meta): ...
+        def skip(self, *, frames=1): ...
+        def close(self): ...
+
+    core = make_core("sim", size=16)
+    recorder = Recorder(tmp_path / "r.ome.tif")
+    with pytest.raises(RuntimeError, match="read-only file system"):
+        AcquisitionThread(core, sinks=[recorder, Refuses()]).start()
+    assert not core.isSequenceRunning() and not (tmp_path / "r.ome.tif").exists()
+
+
+def test_a_broken_frame_listener_does_not_stop_acquisition():
     core = make_core("sim", size=16, fps=500.0)
-    thread = AcquisitionThread(core, address=free_tcp_addr, max_frames=20, linger_ms=0)
+    thread, seen = acquisition(core, max_frames=20)
+    view = thread.sinks.sinks[-1]
 
     def broken(seq: int, img: np.ndarray) -> None:
         raise ValueError("bug in a viewer")
 
-    thread.frameReady.connect(broken)
+    view.frameReady.connect(broken)
     thread.start()
     assert thread.join(10.0)
     assert thread.frames_acquired == 20 and thread.error_message is None
+    assert seen.seqs == list(range(20))
+
+
+def test_a_failing_sink_is_reported_once_and_the_others_keep_every_frame(tmp_path):
+    class Breaks:
+        name = "flaky sink"
+        calls = 0
+
+        def setup(self, info): ...
+        def skip(self, *, frames=1): ...
+        def close(self): ...
+
+        def append(self, frame, meta):
+            Breaks.calls += 1
+            if meta.frame == 3:
+                raise RuntimeError("network share gone")
+
+    core = make_core("sim", size=16, fps=500.0)
+    recorder = Recorder(tmp_path / "r.ome.tif")
+    thread, seen = acquisition(core, recorder, Breaks(), max_frames=30)
+    thread.start()
+    assert thread.join(10.0)
+    assert Breaks.calls == 4  # taken out after its first failure
+    assert len(seen.errors) == 1 and "flaky sink" in seen.errors[0]
+    assert "network share gone" in seen.errors[0]
+    assert recorder.frames_recorded == 30 and seen.seqs == list(range(30))
+    assert tifffile.imread(tmp_path / "r.ome.tif").shape == (30, 16, 16)
+
+
+def test_acquisition_imports_neither_realtime_nor_zmq_nor_torch():
+    """The data flow is acquisition/ -> realtime/: acquisition must stand on its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, acquisition.thread, acquisition.recorder, acquisition.sinks, "
+            "acquisition.cameras, acquisition.ome_tiff, acquisition.ome_zarr; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('realtime', 'zmq', 'torch', 'engines', 'gui')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

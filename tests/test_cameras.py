@@ -176,6 +176,15 @@ def write_movie(path: Path, n: int = 12, shape=(20, 24), fps: float | None = 50.
     return data
 
 
+def test_a_camera_without_a_pixel_size_does_not_inherit_the_previous_one(tmp_path):
+    movie = np.zeros((5, 8, 8), np.uint16)
+    tifffile.imwrite(tmp_path / "plain.tif", movie, photometric="minisblack")  # no pixel size
+    core = make_core("sim", size=16)
+    assert core.getPixelSizeUm() == pytest.approx(0.1)
+    make_core(tmp_path / "plain.tif", mmcore=core)
+    assert core.getPixelSizeUm() == 0.0  # unknown, not the simulator's 0.1
+
+
 def test_replay_reads_rate_and_pixel_size_from_the_file(tmp_path):
     data = write_movie(tmp_path / "m.tif", fps=40.0)
     stack = load_replay_stack(tmp_path / "m.tif")
@@ -212,6 +221,7 @@ def test_replay_of_the_shared_movie_plays_all_frames_cropped(shared_data):
     assert cam.stack.fps == pytest.approx(85.1, rel=0.01)  # from the NIS-Elements timestamps
     assert cam.pixel_size_um == pytest.approx(0.16)
     core = make_core(path, fps=1000.0, loop=False, crop=(10, 20, 64, 48))
+    assert core.getPixelSizeUm() == pytest.approx(0.16)  # the core reports the file's pixel size
     frames, metas = acquire(core, timeout=20.0)
     assert len(frames) == truth.shape[0] == 100
     np.testing.assert_array_equal(np.stack(frames), truth[:, 20:68, 10:74])

@@ -35,6 +35,10 @@ def parse(*argv):
         (["replay", "x.tif", "--loop", "--once"], "not allowed with"),
         (["live"], "--config"),
         (["frobnicate"], "invalid choice"),
+        (["demo", "--record", "x.h5"], "name it *.ome.tif (OME-TIFF) or *.ome.zarr"),
+        (["demo", "--save-sr", "sr.png"], "cannot tell the recording format"),
+        (["demo", "--on-recording-failure", "ignore"], "invalid choice"),
+        (["mda", "no-such-sequence.yaml"], "no such MDA sequence file"),
     ],
 )
 def test_absurd_values_are_clear_argparse_errors(argv, words, capsys):
@@ -73,6 +77,21 @@ def test_defaults():
     assert looped.loop and looped.seconds == cli.DEMO_HEADLESS_SECONDS
     live = parse("live", "--config", "scope.cfg", "--headless")
     assert live.source == "scope.cfg" and live.source_kind == "mm"
+
+
+def test_mda_and_recording_flags_map_onto_config(tmp_path):
+    seq = tmp_path / "s.yaml"
+    seq.write_text("time_plan: {interval: 0, loops: 5}\n")
+    cfg = parse("mda", str(seq), "--config", "scope.cfg", "--headless", "--engine", "convlstm",
+                "--record", str(tmp_path / "r.ome.zarr"), "--save-sr", str(tmp_path / "sr.ome.tif"),
+                "--on-recording-failure", "continue")
+    assert (cfg.mode, cfg.sequence, cfg.source, cfg.engine) == ("mda", seq, "scope.cfg", "convlstm")
+    assert cfg.seconds is None and cfg.fps is None  # until the sequence ends, at its pace
+    assert cfg.record == tmp_path / "r.ome.zarr" and cfg.save_sr == tmp_path / "sr.ome.tif"
+    assert cfg.recording_failure == "continue"
+    sim = parse("mda", str(seq), "--headless")
+    assert sim.source == "sim" and sim.mode == "mda" and sim.recording_failure == "stop"
+    assert parse("demo").mode == "live" and parse("demo").save_sr is None
 
 
 def test_passthrough_hands_over_the_remaining_argv(monkeypatch):

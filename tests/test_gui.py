@@ -434,3 +434,22 @@ def test_existing_recording_advice_names_controls_that_exist(make_window, qtbot,
     start_and_wait_results(qtbot, win, n=2)
     stop_and_wait(qtbot, win)
     assert path.read_bytes()[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00")  # a TIFF now
+
+
+def test_an_mda_sequence_runs_in_the_window_to_its_end(make_window, qtbot, tmp_path):
+    """`livesr mda SEQ.yaml` with the window: frames and SR shown, the run ends by itself
+    when the sequence does, and the recording holds every frame."""
+    import tifffile
+
+    seq = tmp_path / "seq.yaml"
+    seq.write_text("time_plan: {interval: 0, loops: 60}\n")
+    rec = tmp_path / "mda.ome.tif"
+    win = make_window(small_config(mode="mda", sequence=seq, record=rec))
+    qtbot.mouseClick(win.controls.start_btn, QtCore.Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: win.state == "idle" and win.last_metrics is not None,
+                    timeout=START_TIMEOUT_MS)
+    assert not win.errors, win.errors
+    m = win.last_metrics
+    assert m.frames_acquired == m.frames_recorded == 60 and m.outputs_received > 0
+    assert win.views.raw.item.image is not None and win.views.sr.item.image is not None
+    assert tifffile.imread(rec).shape == (60, SIZE, SIZE)
