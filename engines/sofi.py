@@ -259,6 +259,10 @@ class SofiEngine(EngineBase):
         self._lag: int | None = None if lag == AUTO else int(lag)
         self._lag_reason = "fixed" if lag != AUTO else "not decided yet"
         self._noise: Any = None
+        if lag == AUTO:  # its first live decision should not pay numpy's lazy imports (~50 ms)
+            from .blinking import warm_up
+
+            warm_up()
         self._reset_stream()
 
     @property
@@ -302,7 +306,7 @@ class SofiEngine(EngineBase):
             self._noise = None
             self._lag_reason = f"auto: lag 0 (a {t}-frame window is too short to test the camera noise)"
             return 0
-        noise = background_noise_correlation(frames.detach().to("cpu").numpy())
+        noise = background_noise_correlation(frames.detach().to("cpu").numpy(), max_pixels=4096)
         self._noise = noise
         if noise.correlated:
             self._lag_reason = (f"auto: lag 1 (neighbouring dark pixels correlate {noise.lag0:.2f} at lag 0, "
@@ -403,16 +407,25 @@ class SofiEngine(EngineBase):
         dt = torch.float64 if self.output_dtype == "float64" else torch.float32
         out = torch.zeros((2 * h, 2 * w), device=dev, dtype=dt)
         # real pixels: mean over the pairs that exist (interior rows/cols have both)
-        real_sum = torch.zeros((h, w), device=dev, dtype=num[SHIFT_H].dtype)
+        real_sum = self._scratch("real_sum", (h, w), num[SHIFT_H].dtype, dev).zero_()
         real_sum[1:h - 1, :] = num[SHIFT_V2]
         real_sum[:, 1:w - 1] += num[SHIFT_H2]
-        torch.mul(real_sum, self._real_weights(h, w, dev, real_sum.dtype) * (scale / f4), out=out[0::2, 0::2])
+        real_sum.mul_(self._real_weights(h, w, dev, real_sum.dtype))
+        torch.mul(real_sum, scale / f4, out=out[0::2, 0::2])
         torch.mul(num[SHIFT_H], scale / f1, out=out[0::2, 1::2][:, : w - 1])
         torch.mul(num[SHIFT_V], scale / f1, out=out[1::2, 0::2][: h - 1, :])
         torch.mul(num[SHIFT_D] + num[SHIFT_A], 0.5 * scale / f2, out=out[1::2, 1::2][: h - 1, : w - 1])
         if self.clip_negative:
             out.clamp_(min=0.0)
         return out
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dt: torch.dtype, dev: torch.device) -> torch.Tensor:
+        """A reusable work buffer (allocating ~MB arrays per frame costs page faults, not just time)."""
+        bufs = self.__dict__.setdefault("_bufs", {})
+        b = bufs.get(name)
+        if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dt or b.device != dev:
+            b = bufs[name] = torch.empty(shape, dtype=dt, device=dev)
+        return b
 
     def _real_weights(self, h: int, w: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
         """1 / (number of pairs) per real pixel: 1/2 inside, 1 on edges, corners (no pair) 0."""
@@ -439,12 +452,13 @@ class SofiEngine(EngineBase):
         # time origin moves one frame back per push: m_k <- sum_j C(k,j) (-1)^(k-j) m_j
         self._shift = _binomial_shift(self.bleach_order + 1, -1.0)
         self._consts: dict[str, Any] | None = None
+        self._plan: _StreamPlan | None = None
 
     def reset(self) -> None:
+        """Forget the frames and sums. An "auto" lag chosen for this frame shape is kept: it is a
+        property of the camera, and re-deciding on every catch-up restart would cost each time."""
         super().reset()
         self._reset_stream()
-        if self.lag_setting == AUTO:
-            self._lag, self._lag_reason, self._noise = None, "not decided yet", None
 
     def _ordered_ring(self) -> torch.Tensor:
         """The ring's frames oldest first."""
@@ -460,18 +474,24 @@ class SofiEngine(EngineBase):
         t = torch.arange(-(n - 1), 1, device=frames.device, dtype=frames.dtype)
         k = self.bleach_order + 1
         powers = torch.stack([t**j for j in range(k)], dim=1)  # (n, K)
-        self._moments = torch.einsum("tk,thw->khw", powers, frames)
-        self._pairs = _product_sums(frames, self._stream_lag or 0)
+        moments = torch.einsum("tk,thw->khw", powers, frames)
+        pairs = _product_sums(frames, self._stream_lag or 0)
+        if self._moments is None:
+            self._moments, self._pairs = moments, pairs
+        else:  # in place: the stream plan holds views of these buffers
+            self._moments.copy_(moments)
+            for s_, v in pairs.items():
+                self._pairs[s_].copy_(v)
         self._since_resync = 0
 
-    def _add_pairs(self, early: torch.Tensor, late: torch.Tensor, sign: float) -> None:
-        """Pair products of one frame pair (the same frame twice at lag 0)."""
-        if self._stream_lag:
-            for s, a, b in self._regions:
-                self._pairs[s].addcmul_(early[a], late[b], value=sign).addcmul_(early[b], late[a], value=sign)
-        else:
-            for s, a, b in self._regions:
-                self._pairs[s].addcmul_(early[a], early[b], value=sign)
+    def _stream_lag_for(self, h: int, w: int) -> int:
+        cache = self.__dict__.setdefault("_lag_by_shape", {})
+        if self.lag_setting != AUTO:
+            return int(self.lag_setting)
+        if (h, w) not in cache:
+            cache[(h, w)] = (self._decide_lag(self._ordered_ring()), self._lag_reason, self._noise)
+        lag, self._lag_reason, self._noise = cache[(h, w)]
+        return lag
 
     def push(self, frame: Any) -> np.ndarray | None:
         x = self._frame_tensor(frame)
@@ -483,38 +503,31 @@ class SofiEngine(EngineBase):
                 self._offset = float(x.mean())
                 self._ring = torch.zeros((T, h, w), device=self.device, dtype=self.compute_dtype)
                 self._regions = _pair_regions(h, w)
-            ring = self._ring
-            slot = ring[self._head]
+            plan = self._plan
+            slot = self._ring[self._head]
             if self._n >= T:  # running sums exist: take the oldest frame out, move the time origin
-                assert self._moments is not None
-                lag = self._stream_lag or 0
-                self._add_pairs(slot, ring[(self._head + lag) % T], -1.0)
-                m = self._moments
-                t_old = -(T - 1.0)
-                for k in range(m.shape[0]):
-                    m[k].add_(slot, alpha=-(t_old**k))
-                S = self._shift  # in place, highest moment first (it needs the old lower ones)
-                for i in range(m.shape[0] - 1, 0, -1):
-                    for j in range(i):
-                        m[i].add_(m[j], alpha=float(S[i, j]))
+                assert plan is not None
+                plan.add_pairs(self._head, (self._head + plan.lag) % T, -1.0)
+                plan.drop_and_shift(slot)
             torch.sub(x, self._offset, out=slot)
             self._head = (self._head + 1) % T
             self._n += 1
             if self._n < T:
                 return None
             if self._n == T:  # first full window: decide the lag, build the sums from the ring
-                self._stream_lag = self._decide_lag(self._ordered_ring())
+                self._stream_lag = self._stream_lag_for(h, w)
                 self._lag = self._stream_lag
                 self._resync()
+                self._plan = plan = _StreamPlan(self, h, w)
             else:
-                assert self._moments is not None
-                self._moments[0].add_(slot)
-                lag = self._stream_lag or 0
-                self._add_pairs(ring[(self._head - 1 - lag) % T], slot, +1.0)
+                assert plan is not None
+                plan.moments[0].add_(slot)
+                newest = (self._head - 1) % T
+                plan.add_pairs((newest - plan.lag) % T, newest, +1.0)
                 self._since_resync += 1
                 if self._since_resync >= self.resync_every:
                     self._resync()
-            return self._to_output(self._image_from_sums(h, w))
+            return self._to_output(plan.image())
 
     def _stream_constants(self) -> dict[str, Any]:
         """Basis matrices for the window (depend only on T, order and lag): computed once."""
@@ -544,32 +557,100 @@ class SofiEngine(EngineBase):
                 "w_newest": basis_at(u[T - lag:] + lag),  # (lag, K), oldest of those first
                 "w_oldest": basis_at(u[:lag] - lag),
             })
-        self._consts = {name: (torch.from_numpy(v).to(self.device, self.compute_dtype)
-                               if isinstance(v, np.ndarray) else v) for name, v in consts.items()}
-        return self._consts
+        self._consts = consts
+        return consts
 
-    def _image_from_sums(self, h: int, w: int) -> torch.Tensor:
-        assert self._moments is not None and self._ring is not None
-        T, lag = self.window, self._stream_lag or 0
-        k = self.bleach_order + 1
-        consts = self._stream_constants()
-        a = torch.einsum("ij,jhw->ihw", consts["a_from_m"], self._moments)  # orthonormal trend coefficients
-        if lag == 0:
-            g = a
+
+
+class _StreamPlan:
+    """Views and constants for one stream's per-frame work, built once (at the first full window).
+
+    Why: at 128 x 128 the per-frame arithmetic is ~1 ms, and creating the ~100 tensor views it
+    touches (ring slot x pair region, trend coefficient x region) cost about as much again.
+    """
+
+    def __init__(self, eng: SofiEngine, h: int, w: int) -> None:
+        assert eng._ring is not None and eng._moments is not None
+        self.eng, self.h, self.w = eng, h, w
+        self.T, self.lag, self.k = eng.window, eng._stream_lag or 0, eng.bleach_order + 1
+        dt, dev = eng.compute_dtype, eng.device
+        ring, regions = eng._ring, eng._regions
+        self.moments = [eng._moments[i] for i in range(self.k)]
+        self.slot_views = [[(ring[i][a], ring[i][b]) for _, a, b in regions] for i in range(self.T)]
+        self.pair_bufs = [eng._pairs[s] for s, _, _ in regions]
+        c = eng._stream_constants()
+        t_old = -(self.T - 1.0)
+        self.drop_weights = [-(t_old**i) for i in range(self.k)]
+        S = eng._shift
+        self.shift_terms = [(i, j, float(S[i, j])) for i in range(self.k - 1, 0, -1) for j in range(i)]
+        self.a = torch.empty((self.k, h, w), dtype=dt, device=dev)
+        self.a_from_m = c["a_from_m"]
+        if self.lag:
+            self.f = torch.empty((self.k, h, w), dtype=dt, device=dev)
+            self.g = torch.empty((self.k, h, w), dtype=dt, device=dev)
+            self.f_from_m, self.half_N = c["f_from_m"], c["half_N"]
+            self.w_newest, self.w_oldest = c["w_newest"], c["w_oldest"]
+            self.ring_slots = [ring[i] for i in range(self.T)]
+        g = self.g if self.lag else self.a
+        self.nums = {s: torch.empty_like(eng._pairs[s]) for s, _, _ in regions}
+        # per shift: (pair sum, output buffer, [(a_first, g_second, g_first, a_second) per trend term])
+        self.terms = [(eng._pairs[s], self.nums[s], [(self.a[j][a], g[j][b], g[j][a], self.a[j][b])
+                                                     for j in range(self.k)]) for s, a, b in regions]
+
+    def add_pairs(self, early: int, late: int, sign: float) -> None:
+        """Pair products of ring slots (early, late) (the same slot twice at lag 0)."""
+        ev, lv = self.slot_views[early], self.slot_views[late]
+        if self.lag:
+            for buf, (e_a, e_b), (l_a, l_b) in zip(self.pair_bufs, ev, lv):
+                buf.addcmul_(e_a, l_b, value=sign).addcmul_(e_b, l_a, value=sign)
         else:
-            ring, head = self._ring, self._head  # head = the oldest slot (the ring is full)
-            oldest = ring[[(head + j) % T for j in range(lag)]]
-            newest = ring[[(head - lag + j) % T for j in range(lag)]]
-            f = torch.einsum("ij,jhw->ihw", consts["f_from_m"], self._moments)
-            f -= torch.einsum("tk,thw->khw", consts["w_newest"], newest)
-            f -= torch.einsum("tk,thw->khw", consts["w_oldest"], oldest)
-            g = f - torch.einsum("ij,jhw->ihw", consts["half_N"], a)
+            for buf, (e_a, e_b) in zip(self.pair_bufs, ev):
+                buf.addcmul_(e_a, e_b, value=sign)
+
+    def drop_and_shift(self, oldest: torch.Tensor) -> None:
+        """Remove the oldest frame's moments, then move the time origin one frame back (in place,
+        highest moment first: it needs the old lower ones)."""
+        m = self.moments
+        for i, wgt in enumerate(self.drop_weights):
+            m[i].add_(oldest, alpha=wgt)
+        for i, j, c in self.shift_terms:
+            m[i].add_(m[j], alpha=c)
+
+    def image(self) -> torch.Tensor:
+        eng, T, lag, k = self.eng, self.T, self.lag, self.k
+        _combine(self.a_from_m, self.moments, self.a)  # orthonormal trend coefficients per pixel
+        if lag:
+            f, head, slots = self.f, eng._head, self.ring_slots  # head = the oldest slot (ring full)
+            _combine(self.f_from_m, self.moments, f)
+            for j in range(lag):  # h drops the newest lag frames, e the oldest lag frames
+                newest, oldest = slots[(head - lag + j) % T], slots[(head + j) % T]
+                for i in range(k):
+                    f[i].add_(newest, alpha=-float(self.w_newest[j, i])).add_(oldest, alpha=-float(self.w_oldest[j, i]))
+            _combine(self.half_N, self.a, self.g, alpha=-1.0, add_to=f)
         num = {}
-        for s, ra, rb in self._regions:
-            v = self._pairs[s].clone()
-            for j in range(k):
-                v.addcmul_(a[j][ra], g[j][rb], value=-1.0)
+        for (s, _, _), (pairs, out, terms) in zip(eng._regions, self.terms):
+            a0, g0, g0a, a0b = terms[0]
+            torch.addcmul(pairs, a0, g0, value=-1.0, out=out)
+            if lag:
+                out.addcmul_(g0a, a0b, value=-1.0)
+            for a_f, g_s, g_f, a_s in terms[1:]:
+                out.addcmul_(a_f, g_s, value=-1.0)
                 if lag:
-                    v.addcmul_(g[j][ra], a[j][rb], value=-1.0)
-            num[s] = v.mul_(0.5) if lag else v
-        return self._assemble(num, 1.0 / (T - lag - k), h, w)
+                    out.addcmul_(g_f, a_s, value=-1.0)
+            num[s] = out.mul_(0.5) if lag else out
+        return eng._assemble(num, 1.0 / (T - lag - k), self.h, self.w)
+
+
+def _combine(mat: np.ndarray, x: Any, out: torch.Tensor, alpha: float = 1.0,
+             add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] = add_to[i] + alpha * sum_j mat[i, j] x[j] (a few axpys: einsum is slow on CPU here)."""
+    for i in range(mat.shape[0]):
+        if add_to is None:
+            torch.mul(x[0], alpha * float(mat[i, 0]), out=out[i])
+        else:
+            torch.add(add_to[i], x[0], alpha=alpha * float(mat[i, 0]), out=out[i])
+        for j in range(1, mat.shape[1]):
+            c = alpha * float(mat[i, j])
+            if c != 0.0:
+                out[i].add_(x[j], alpha=c)
+    return out

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import Addresses, PipelineConfig
+from .config import Addresses, PipelineConfig, SofiOptions, add_sofi_arguments
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -121,6 +121,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
                    help="engine compute threads (default: half the cores, 1-4)")
     e.add_argument("--worker", choices=["process", "thread"], default=d.worker_mode,
                    help="run the engine in its own process (default) or a thread")
+    add_sofi_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--record", type=Path, default=None, metavar="PATH", help="record every frame to an OME-TIFF")
     o.add_argument("--overwrite", action="store_true", help="replace an existing --record file")
@@ -188,7 +189,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         json=args.json, headless=args.headless, overwrite=args.overwrite,
         addresses=Addresses(frames=args.frames_addr, results=args.results_addr),
         engine_at=tuple(args.engine_at or ()), server_key=args.server_key,
-        client_key=args.client_key,
+        client_key=args.client_key, sofi=SofiOptions.from_args(args),
     )
     return cfg.validate()
 
@@ -239,6 +240,8 @@ def _run_headless(cfg: PipelineConfig) -> int:
 
     pipe = Pipeline(cfg)
     pipe.error.connect(lambda msg: print(f"livesr: {msg}", file=sys.stderr))
+    pipe.warning.connect(lambda msg: print(f"livesr: warning: {msg}", file=sys.stderr))
+    pipe.blinkingChecked.connect(lambda check: print(f"livesr: blinking check: {check.get('message')}", file=sys.stderr))
     try:
         pipe.start()
     except PipelineError as e:

@@ -31,9 +31,12 @@ from .metrics import LatencyTracker, PipelineMetrics, RateMeter
 from .protocol import ProtocolError, ResultHeader, StatsMessage, decode
 from .worker import EngineWorker
 
-__all__ = ["Pipeline", "PipelineError"]
+__all__ = ["BLINKING_PREFIX", "Pipeline", "PipelineError"]
 
 logger = logging.getLogger(__name__)
+
+#: ResultHeader.info keys of the worker's blinking check (the rest is the engine's output_info())
+BLINKING_PREFIX = "blinking_check."
 
 SocketSetup = Callable[[zmq.Socket], None]
 
@@ -58,6 +61,8 @@ class Pipeline:
     finished = Signal(object)  # final PipelineMetrics: the run is over, files are closed
     engineDied = Signal(str)  # the engine process died (it is being restarted) / went silent
     engineRestarted = Signal(int)  # ... and is back: outputs resume on fresh windows (count)
+    warning = Signal(str)  # something the user should know that does not stop the run
+    blinkingChecked = Signal(object)  # the blinking check's report (dict): first one, and when "ok" flips
 
     def __init__(
         self,
@@ -93,6 +98,7 @@ class Pipeline:
         self._acq_ended = threading.Event()
         self._acq_started = False
         self._stop_thread: threading.Thread | None = None
+        self._last_engine_warning = ""
 
     # ================================================================== public API
     @property
@@ -144,13 +150,38 @@ class Pipeline:
         )
         self._collector.start()
 
+    def camera_pixel_size(self) -> tuple[float | None, str]:
+        """The camera pixel in the sample (um) as the core reports it, and where that came from.
+
+        ``core.getPixelSizeUm()`` is the Micro-Manager pixel-size configuration (a replayed
+        movie's metadata sets it); 0 means unknown -> (None, why).
+        """
+        try:
+            um = float(self.core.getPixelSizeUm()) if self.core is not None else 0.0
+        except Exception as e:  # a device adapter that cannot say
+            return None, f"core.getPixelSizeUm() failed ({type(e).__name__})"
+        if not um > 0:
+            return None, "the core reports 0 (no pixel-size configuration)"
+        where = "from file metadata (core pixel size)" if self.config.source_kind == "replay" else \
+            "from core pixel-size config"
+        return um, where
+
+    def _engine_options(self, cfg: PipelineConfig) -> dict[str, Any]:
+        if cfg.engine != "sofi" or self._engine_override is not None:
+            return cfg.engine_options()
+        um, where = self.camera_pixel_size()
+        if um is None and cfg.sofi.pixel_size_um is None:
+            self._warn(f"SOFI: the camera's pixel size is unknown ({where}); assuming the default 0.1 um: "
+                       "pass --pixel-size-um for a correct PSF width")
+        return cfg.engine_options(um, where)
+
     def _start_local_worker(self, cfg: PipelineConfig, addrs: Any) -> None:
         self.worker = EngineWorker(
             self._engine_override if self._engine_override is not None else cfg.engine,
             addrs.frames,
             addrs.results,
             cfg.stride,
-            engine_options=cfg.engine_options(),
+            engine_options=self._engine_options(cfg),
             threads=cfg.threads,
             socket_setup=self._socket_setup,
         )
@@ -230,7 +261,9 @@ class Pipeline:
                 m.duration_s = (self._t_end or time.monotonic()) - self._t_start
             return PipelineMetrics(**{**m.__dict__, "latency_ms": dict(m.latency_ms),
                                       "malformed_messages": dict(m.malformed_messages),
-                                      "errors": list(m.errors)})
+                                      "errors": list(m.errors), "warnings": list(m.warnings),
+                                      "engine_info": dict(m.engine_info),
+                                      "blinking_check": None if m.blinking_check is None else dict(m.blinking_check)})
 
     # ================================================================== setup
     def _engine_label(self) -> str:
@@ -472,6 +505,8 @@ class Pipeline:
             with self._lock:
                 self._m.outputs_received += 1
                 self._m.frames_dropped_by_engine = max(self._m.frames_dropped_by_engine, header.frames_dropped)
+            if header.info:
+                self._adopt_info(header.info)
             self._out_rate.tick(time.monotonic())
             self._safe_emit(self.resultReady, header, img)
             return None
@@ -523,7 +558,32 @@ class Pipeline:
             self._safe_emit(self.metricsUpdated, final)
             self._safe_emit(self.finished, final)
 
+    def _adopt_info(self, info: dict[str, Any]) -> None:
+        """Keep the newest engine info and blinking check; tell the user when something changed."""
+        prefix = BLINKING_PREFIX
+        engine_info = {k: v for k, v in info.items() if not k.startswith(prefix)}
+        check = {k[len(prefix):]: v for k, v in info.items() if k.startswith(prefix)}
+        with self._lock:
+            self._m.engine_info = engine_info
+            prev = self._m.blinking_check
+            if check:
+                self._m.blinking_check = check
+        if check and (prev is None or prev.get("ok") != check.get("ok")):
+            logger.info("blinking check: %s", check.get("message"))  # the user reads it via blinkingChecked
+            self._safe_emit(self.blinkingChecked, dict(check))
+        text = engine_info.get("warning")
+        if isinstance(text, str) and text and text != self._last_engine_warning:
+            self._warn(f"{engine_info.get('engine', self._engine_label())}: {text}")
+        if isinstance(text, str):
+            self._last_engine_warning = text
+
     # ================================================================== helpers
+    def _warn(self, message: str) -> None:
+        logger.info("warning: %s", message)  # the user reads it via the warning signal
+        with self._lock:
+            self._m.warnings.append(message)
+        self._safe_emit(self.warning, message)
+
     def _emit_error(self, message: str) -> None:
         logger.error("%s", message)
         with self._lock:

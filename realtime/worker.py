@@ -9,6 +9,12 @@ Why it looks like this:
   outputs it skipped (``frames_dropped``). Frames are never dropped in transit (PUSH/PULL)
   and an output is only ever computed from consecutive frames of one stream: a sequence gap
   or a shape change restarts the window and the engine.
+* Every engine's input is also watched by the blinking check (``engines.blinking``): the newest
+  ``blinking_frames`` frames are copied into a small ring and, every ``blinking_every`` frames,
+  assessed on ``blinking_pixels`` pixels (~8 ms, inline: on a helper thread its many small numpy
+  calls held the GIL against the engine's and made outputs ~10x later). Its latest report rides
+  on every result's ``info`` as ``blinking_check.*`` keys next to the engine's own
+  ``output_info()``, and is logged at the first report and whenever ``ok`` flips.
 * Everything on the input socket is untrusted: a malformed message is counted by
   ``ProtocolError.reason`` and reported in the periodic :class:`StatsMessage`; it never
   crashes the worker and never becomes an image. An engine that raises is counted too
@@ -97,6 +103,10 @@ class EngineWorker:
         use_push: bool | None = None,
         result_hwm: int = 100,
         threads: int | None = None,
+        blinking_check: bool = True,
+        blinking_frames: int = 32,
+        blinking_every: int = 50,
+        blinking_pixels: int = 4096,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
@@ -112,6 +122,10 @@ class EngineWorker:
         self.use_push = use_push
         self.result_hwm = result_hwm
         self.threads = default_compute_threads() if threads is None else int(threads)
+        self.blinking_check = bool(blinking_check)
+        self.blinking_frames = int(blinking_frames)
+        self.blinking_every = int(blinking_every)
+        self.blinking_pixels = int(blinking_pixels)  # 16 x 16 tiles spread over the frame: ~8 ms a check
         self.stats = WorkerStats()
         self._stop_event: Any = threading.Event()
         self._ready_event: Any = threading.Event()
@@ -306,6 +320,15 @@ class EngineWorker:
         self._rolling = RollingWindow(self.window)
         self._engine_next_seq: int | None = None
         self._push_all = False
+        self._info_fn = getattr(engine, "output_info", None)
+        self._monitor: Any = None
+        if self.blinking_check:
+            from engines.blinking import BlinkingMonitor, warm_up  # numpy only
+
+            warm_up()
+            n = max(self.blinking_frames, 10)
+            self._monitor = BlinkingMonitor(frames=n, every=max(1, self.blinking_every), first=min(20, n),
+                                            max_pixels=self.blinking_pixels)
         self._engine_reset()
 
     def _serve(self, engine: Any, pull: zmq.Socket, pub: zmq.Socket) -> None:
@@ -346,6 +369,38 @@ class EngineWorker:
         self._continuity.reset()
         self._rolling.reset()
         self._engine_reset()
+        self._reset_monitor()
+
+    # ------------------------------------------------------------------ blinking check
+    def _reset_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.reset()
+
+    def _watch(self, img: np.ndarray) -> None:
+        """Feed the blinking check one frame (it runs when due); log its first report and flips of ``ok``."""
+        mon = self._monitor
+        if mon is None or img.ndim != 2 or min(img.shape) < 4:
+            return
+        try:
+            report = mon.add(img)
+        except Exception as e:  # the check must never stop the engine
+            logger.warning("blinking check failed: %s: %s", type(e).__name__, e)
+            return
+        if report is not None and mon.changed:  # (`livesr engine` logs INFO; a local run shows it via the pipeline)
+            logger.info("blinking check: %s", report.message)
+
+    def _result_info(self) -> dict[str, Any]:
+        """The engine's output_info() plus the latest blinking check, for ResultHeader.info."""
+        info: dict[str, Any] = {}
+        if callable(self._info_fn):
+            try:
+                info.update(self._info_fn())
+            except Exception as e:  # never lose an image over its description
+                info["info_error"] = f"{type(e).__name__}: {e}"[:200]
+        mon = self._monitor
+        if mon is not None and mon.report is not None:
+            info.update({f"blinking_check.{k}": v for k, v in mon.report.as_dict().items()})
+        return info
 
     # ------------------------------------------------------------------ input
     def _count_malformed(self, reason: str, detail: str) -> None:
@@ -408,6 +463,7 @@ class EngineWorker:
             if new_run[a]:
                 self._rolling.reset()
                 self._engine_reset()
+                self._reset_monitor()
             # A streaming engine whose state already runs up to this batch keeps it when that
             # is no dearer than a restart (<= window pushes): skipping would cost a full
             # re-warm per output and, for a recurrent net near capacity, never catch up.
@@ -434,6 +490,7 @@ class EngineWorker:
         h, img, t_recv = frames[i]
         is_output = i == last_due
         out = None
+        self._watch(img)
         try:
             if self._streaming:
                 if not self._needed(i, last_due, end):
@@ -488,6 +545,7 @@ class EngineWorker:
             dtype="float32",
             timings_ns={"received": t_recv, "start": t_start, "done": t_done, "published": time.time_ns()},
             frames_dropped=self.stats.frames_dropped,
+            info=self._result_info(),
         )
         # copy=True: an engine may reuse its output buffer on the next push
         self._pub.send_multipart(encode_result(header, out), copy=True)
