@@ -98,7 +98,7 @@ class Pipeline:
         self._acq_ended = threading.Event()
         self._acq_started = False
         self._stop_thread: threading.Thread | None = None
-        self._last_engine_warning = ""
+        self._engine_warnings: set[str] = set()
 
     # ================================================================== public API
     @property
@@ -572,10 +572,11 @@ class Pipeline:
             logger.info("blinking check: %s", check.get("message"))  # the user reads it via blinkingChecked
             self._safe_emit(self.blinkingChecked, dict(check))
         text = engine_info.get("warning")
-        if isinstance(text, str) and text and text != self._last_engine_warning:
-            self._warn(f"{engine_info.get('engine', self._engine_label())}: {text}")
-        if isinstance(text, str):
-            self._last_engine_warning = text
+        if isinstance(text, str) and text:  # each kind once a run (its numbers change per window)
+            kind = text.split(":", 1)[0]
+            if kind not in self._engine_warnings:
+                self._engine_warnings.add(kind)
+                self._warn(f"{self._engine_label()}: {text}")
 
     # ================================================================== helpers
     def _warn(self, message: str) -> None:

@@ -15,6 +15,8 @@ import pytest
 import torch
 from scipy.special import erf
 
+from benchmarks.sofi_checks import global_share, ring_z
+from engines.metrics import sublattice_ratio
 from engines.psf import Optics
 from engines.sofi import SAMPLE_OFFSET_INPUT_PX, SofiEngine
 
@@ -222,12 +224,13 @@ def test_clip_negative_is_max_zero_of_raw():
 
 
 def test_psf_mode_uses_the_optics_and_reports_the_fit_only_as_a_check():
-    """Default: the optical FWHM sets the factors; the fit is computed and reported, never used."""
+    """distance_factor="psf": the optical FWHM sets the factors; the fit is computed and reported, never used."""
     rng = np.random.default_rng(0)
     stack = blinking_movie(rng.uniform(-2, 21, (300, 2)), 100, 20, seed=5, on=0.1, photons=300.0, fwhm_px=3.0)
-    eng = SofiEngine(100, optics=Optics(psf_fwhm_nm=300.0, pixel_size_um=0.1, pixel_size_source="test"))
+    eng = SofiEngine(100, distance_factor="psf",
+                     optics=Optics(psf_fwhm_nm=300.0, pixel_size_um=0.1, pixel_size_source="test"))
     out = eng.reconstruct(stack)
-    ref = SofiEngine(100, psf_fwhm_px=3.0).reconstruct(stack)
+    ref = SofiEngine(100, distance_factor="psf", psf_fwhm_px=3.0).reconstruct(stack)
     np.testing.assert_array_equal(out, ref)
     info = eng.output_info()
     assert info["psf_fwhm_px"] == pytest.approx(3.0) and info["psf_source"] == "--psf-fwhm-nm 300"
@@ -236,6 +239,10 @@ def test_psf_mode_uses_the_optics_and_reports_the_fit_only_as_a_check():
     assert info["psf_fit_fwhm_px"] == pytest.approx(3.0, rel=0.15)  # the check agrees with the optics
     assert info["psf_fit"] == "check: agrees with the optics"
     assert info["bleach_correction"] == "quadratic" and info["lag"] == 0 and info["lag_choice"] == "auto"
+    default = SofiEngine(100, optics=Optics(psf_fwhm_nm=300.0, pixel_size_um=0.1))
+    default.reconstruct(stack)  # the default ("data") refines the optics with the fit, which agrees
+    assert default.output_info()["psf_fit"] == "used"
+    assert default.last_fwhm_px == pytest.approx(info["psf_fit_fwhm_px"], abs=1e-4)
     assert all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in info.items())
 
 
@@ -251,7 +258,7 @@ def test_unphysical_fit_is_rejected_with_a_warning(caplog):
     assert eng.last_fwhm_px == 1.5 and info["psf_fit_fwhm_px"] == pytest.approx(3.0, rel=0.15)
     assert "PSF fit rejected" in info["warning"] and "outside 0.7-1.5x" in info["warning"]
     assert any("PSF fit rejected" in r.getMessage() for r in caplog.records)
-    np.testing.assert_array_equal(out, SofiEngine(100, psf_fwhm_px=1.5).reconstruct(stack))
+    np.testing.assert_array_equal(out, SofiEngine(100, distance_factor="psf", psf_fwhm_px=1.5).reconstruct(stack))
     inside = SofiEngine(100, distance_factor="data", psf_fwhm_px=2.6)
     inside.reconstruct(stack)
     assert inside.output_info()["psf_fit"] == "used" and inside.output_info()["warning"] == ""
@@ -304,22 +311,6 @@ def test_sample_geometry_single_emitter():
     out = SofiEngine(200).reconstruct(stack)
     assert np.unravel_index(np.argmax(out), out.shape) == (10, 15)
     assert SAMPLE_OFFSET_INPUT_PX == 0.25
-
-
-def sublattice_ratio(out: np.ndarray, mean: np.ndarray, margin: int = 2) -> float:
-    """max/min of the four 2x2 sub-lattice means of SOFI over bright input pixels.
-
-    Bright = the 3x3-smoothed mean image above its 80th percentile (smoothed so that the
-    selection does not favour the sub-lattice that samples pixel centres).
-    """
-    from scipy.ndimage import uniform_filter
-
-    m = uniform_filter(mean.astype(np.float64), 3)
-    bright = m > np.percentile(m, 80)
-    bright[:margin] = bright[-margin:] = False
-    bright[:, :margin] = bright[:, -margin:] = False
-    vals = [out[a::2, b::2][bright].mean() for a in (0, 1) for b in (0, 1)]
-    return max(vals) / min(vals)
 
 
 def test_uniform_blinking_field_has_no_checkerboard():
@@ -647,19 +638,6 @@ def test_lag_cumulants_remove_correlated_camera_noise():
     assert indep.lag == 0
 
 
-def ring_z(out: np.ndarray, mean: np.ndarray) -> float:
-    """(mean of SOFI on the ring - mean on the background) / SD of SOFI on the background.
-
-    Ring = input pixels whose mean intensity is in the top 20 %, background = bottom 50 %;
-    output pixels without a pair (last row/column) excluded. A visible ring gives z >> 1.
-    """
-    ring = np.kron(mean > np.percentile(mean, 80), np.ones((2, 2), bool))
-    bg = np.kron(mean < np.percentile(mean, 50), np.ones((2, 2), bool))
-    for m in (ring, bg):
-        m[-1] = m[:, -1] = False
-    return float((out[ring].mean() - out[bg].mean()) / out[bg].std())
-
-
 @pytest.mark.skipif(not DONUT.exists(), reason=f"unavailable: {DONUT} not present")
 def test_static_donut_with_automatic_lag_shows_no_ring():
     """The real negative control through the live default (20-frame windows, lag "auto"): lag 1 is
@@ -679,25 +657,6 @@ def test_static_donut_with_automatic_lag_shows_no_ring():
     assert max(z_auto) < 2.0, max(z_auto)
     assert ring_z(np.mean(outs, 0), mean) < 1.0
     assert max(z_old) > 3.0  # the criterion does see the ring the former engine drew
-
-
-def global_share(stack: np.ndarray, order: int) -> float:
-    """Fraction of SOFI's neighbour cross-cumulant on the brightest 20 % of pixels that is carried
-    by the one time course the whole field shares (its frame-mean fluctuation): the bleaching trend.
-
-    Computed on the residuals SOFI cumulates (``engines.trend.detrend``, the engine's basis).
-    """
-    from engines.trend import detrend
-
-    r = detrend(stack, order)
-    m = stack.astype(np.float64).mean(0)
-    g = r.reshape(len(r), -1).mean(1)
-    g /= np.linalg.norm(g)
-    a = np.tensordot(g, r, 1)
-    mh = 0.5 * (m[:, :-1] + m[:, 1:])
-    bright = mh > np.percentile(mh, 80)
-    cum = (r[:, :, :-1] * r[:, :, 1:]).sum(0)
-    return float((a[:, :-1] * a[:, 1:])[bright].sum() / cum[bright].sum())
 
 
 @pytest.mark.skipif(not NUCLEUS.exists(), reason=f"unavailable: {NUCLEUS} not present")
