@@ -284,6 +284,7 @@ class BlinkingMonitor:
     """
 
     def __init__(self, frames: int = 50, every: int = 50, first: int = 20, **check: Any) -> None:
+        """``check``: keyword arguments for :func:`assess_blinking` (e.g. ``max_pixels``)."""
         if not (MIN_FRAMES <= first <= frames) or every < 1:
             raise ValueError(f"need {MIN_FRAMES} <= first <= frames and every >= 1, got {first}, {frames}, {every}")
         self.frames, self.every, self.first = int(frames), int(every), int(first)
@@ -298,9 +299,12 @@ class BlinkingMonitor:
 
     def add(self, frame: Any) -> BlinkingReport | None:
         """Store one frame; run the check when due and return its fresh report (else None)."""
-        if not self.store(frame):
-            return None
+        return self.evaluate() if self.store(frame) else None
+
+    def evaluate(self) -> BlinkingReport:
+        """Run the check on the newest frames now (``store`` says when it is due)."""
         self.update(assess_blinking(self.snapshot(), **self._check))
+        assert self.report is not None
         return self.report
 
     def store(self, frame: Any) -> bool:

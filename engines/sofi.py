@@ -446,31 +446,39 @@ class SofiEngine(EngineBase):
 
     # ------------------------------------------------------------------ streaming
     def _reset_stream(self) -> None:
+        """Forget every frame and sum, and drop the buffers (a new frame shape)."""
         self._ring: torch.Tensor | None = None
-        self._n = 0             # frames pushed since reset
-        self._head = 0          # ring slot of the next frame (= the oldest once full)
-        self._offset = 0.0
         self._moments: torch.Tensor | None = None  # (K, H, W): sum_t t^k x, t = 0 for the newest
         self._pairs: dict[tuple[int, int], torch.Tensor] = {}
         self._regions: list[tuple[tuple[int, int], tuple[slice, slice], tuple[slice, slice]]] = []
-        self._since_resync = 0
         self._stream_lag: int | None = None
         # time origin moves one frame back per push: m_k <- sum_j C(k,j) (-1)^(k-j) m_j
         self._shift = _binomial_shift(self.bleach_order + 1, -1.0)
         self._consts: dict[str, Any] | None = None
         self._plan: _StreamPlan | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        """Forget the frames (the buffers stay: a worker catching up restarts often, and
+        re-allocating ~10 MB each time costs more in page faults than the restart itself)."""
+        self._n = 0             # frames pushed since reset
+        self._head = 0          # ring slot of the next frame (= the oldest once full)
+        self._offset = 0.0
+        self._since_resync = 0
 
     def reset(self) -> None:
         """Forget the frames and sums. An "auto" lag chosen for this frame shape is kept: it is a
         property of the camera, and re-deciding on every catch-up restart would cost each time."""
         super().reset()
-        self._reset_stream()
+        self._restart()
 
     def _ordered_ring(self) -> torch.Tensor:
         """The ring's frames oldest first."""
         assert self._ring is not None
         if self._n < self.window:
             return self._ring[: self._n]
+        if self._head == 0:  # (the first full window after a reset)
+            return self._ring
         return torch.roll(self._ring, -self._head, dims=0)
 
     def _resync(self) -> None:
@@ -504,9 +512,12 @@ class SofiEngine(EngineBase):
         h, w = int(x.shape[0]), int(x.shape[1])
         T = self.window
         with torch.inference_mode():
-            if self._ring is None:
+            if self._ring is not None and tuple(self._ring.shape[1:]) != (h, w):
+                self._reset_stream()  # a new frame shape after reset(): new buffers
+            if self._n == 0:
                 self._frame_shape = (h, w)
                 self._offset = float(x.mean())
+            if self._ring is None:
                 self._ring = torch.zeros((T, h, w), device=self.device, dtype=self.compute_dtype)
                 self._regions = _pair_regions(h, w)
             plan = self._plan
@@ -521,10 +532,14 @@ class SofiEngine(EngineBase):
             if self._n < T:
                 return None
             if self._n == T:  # first full window: decide the lag, build the sums from the ring
-                self._stream_lag = self._stream_lag_for(h, w)
-                self._lag = self._stream_lag
+                lag = self._stream_lag_for(h, w)
+                if lag != self._stream_lag:
+                    self._moments, self._pairs, self._plan, self._consts = None, {}, None, None
+                self._stream_lag = self._lag = lag
                 self._resync()
-                self._plan = plan = _StreamPlan(self, h, w)
+                if self._plan is None:
+                    self._plan = _StreamPlan(self, h, w)
+                plan = self._plan
             else:
                 assert plan is not None
                 plan.moments[0].add_(slot)

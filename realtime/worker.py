@@ -11,10 +11,11 @@ Why it looks like this:
   or a shape change restarts the window and the engine.
 * Every engine's input is also watched by the blinking check (``engines.blinking``): the newest
   ``blinking_frames`` frames are copied into a small ring and, every ``blinking_every`` frames,
-  assessed on ``blinking_pixels`` pixels (~8 ms, inline: on a helper thread its many small numpy
-  calls held the GIL against the engine's and made outputs ~10x later). Its latest report rides
-  on every result's ``info`` as ``blinking_check.*`` keys next to the engine's own
-  ``output_info()``, and is logged at the first report and whenever ``ok`` flips.
+  assessed on ``blinking_pixels`` pixels (~5-10 ms) in the loop's first idle moment (no frame
+  queued; at the latest ``CHECK_MAX_WAIT_FRAMES`` frames later). Not on a helper thread: its many small numpy calls held the GIL against the engine's
+  and made outputs ~10x later. Its latest report rides on every result's ``info`` as
+  ``blinking_check.*`` keys next to the engine's own ``output_info()``, and is logged at the
+  first report and whenever ``ok`` flips.
 * Everything on the input socket is untrusted: a malformed message is counted by
   ``ProtocolError.reason`` and reported in the periodic :class:`StatsMessage`; it never
   crashes the worker and never becomes an image. An engine that raises is counted too
@@ -56,6 +57,10 @@ logger = logging.getLogger(__name__)
 #: An engine name for ``engines.load_engine``, an engine object, or a zero-argument factory.
 EngineSpec = Union[str, Any, Callable[[], Any]]
 SocketSetup = Callable[[zmq.Socket], None]
+
+
+#: a due blinking check waits for an idle moment at most this many frames
+CHECK_MAX_WAIT_FRAMES = 10
 
 
 def default_compute_threads() -> int:
@@ -104,8 +109,8 @@ class EngineWorker:
         result_hwm: int = 100,
         threads: int | None = None,
         blinking_check: bool = True,
-        blinking_frames: int = 32,
-        blinking_every: int = 50,
+        blinking_frames: int = 24,
+        blinking_every: int = 100,
         blinking_pixels: int = 4096,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
@@ -322,6 +327,9 @@ class EngineWorker:
         self._push_all = False
         self._info_fn = getattr(engine, "output_info", None)
         self._monitor: Any = None
+        self._check_due = False
+        self._check_waited = 0
+        self._check_info: tuple[Any, dict[str, Any]] = (None, {})
         if self.blinking_check:
             from engines.blinking import BlinkingMonitor, warm_up  # numpy only
 
@@ -347,6 +355,8 @@ class EngineWorker:
                 if frames:
                     state = "running"
                     self._process_batch(frames)
+                if self._check_due and eos is None and not poller.poll(0):
+                    self._run_check()  # only while no frame waits: it never delays a queued frame
                 if eos is not None:
                     self.stats.frames_sent = eos.frames_sent
                     logger.info("end of stream (%s) after %d frames sent", eos.reason, eos.frames_sent)
@@ -375,18 +385,30 @@ class EngineWorker:
     def _reset_monitor(self) -> None:
         if self._monitor is not None:
             self._monitor.reset()
+            self._check_due = False
 
     def _watch(self, img: np.ndarray) -> None:
-        """Feed the blinking check one frame (it runs when due); log its first report and flips of ``ok``."""
+        """Copy one frame into the blinking check's ring (cheap); note when a check is due."""
         mon = self._monitor
         if mon is None or img.ndim != 2 or min(img.shape) < 4:
             return
+        if mon.store(img):
+            self._check_due, self._check_waited = True, 0
+        elif self._check_due:  # never idle (a camera faster than the engine): run it anyway, late
+            self._check_waited += 1
+            if self._check_waited >= CHECK_MAX_WAIT_FRAMES:
+                self._run_check()
+
+    def _run_check(self) -> None:
+        """Run the due blinking check; log its first report and every flip of ``ok``."""
+        self._check_due = False
+        mon = self._monitor
         try:
-            report = mon.add(img)
+            report = mon.evaluate()
         except Exception as e:  # the check must never stop the engine
             logger.warning("blinking check failed: %s: %s", type(e).__name__, e)
             return
-        if report is not None and mon.changed:  # (`livesr engine` logs INFO; a local run shows it via the pipeline)
+        if mon.changed:  # (`livesr engine` logs INFO; a local run shows it via the pipeline)
             logger.info("blinking check: %s", report.message)
 
     def _result_info(self) -> dict[str, Any]:
@@ -399,7 +421,9 @@ class EngineWorker:
                 info["info_error"] = f"{type(e).__name__}: {e}"[:200]
         mon = self._monitor
         if mon is not None and mon.report is not None:
-            info.update({f"blinking_check.{k}": v for k, v in mon.report.as_dict().items()})
+            if self._check_info[0] is not mon.report:  # flattened once per report
+                self._check_info = (mon.report, {f"blinking_check.{k}": v for k, v in mon.report.as_dict().items()})
+            info.update(self._check_info[1])
         return info
 
     # ------------------------------------------------------------------ input

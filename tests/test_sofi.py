@@ -427,6 +427,19 @@ def test_streaming_reset_and_shape_change_lose_nothing():
     np.testing.assert_allclose(out, eng.reconstruct(a[2:6]), rtol=1e-5, atol=1e-6 * _scale(out))
     eng.reset()
     assert [eng.push(f) is None for f in b[:4]] == [True, True, True, False]
+    eng.reset()  # same shape again (buffers kept): a restart equals batch on the new frames only
+    for f in b[5:8]:
+        eng.push(f)
+    out = eng.push(b[8])
+    np.testing.assert_allclose(out, eng.reconstruct(b[5:9]), rtol=1e-5, atol=1e-6 * _scale(out))
+    for lag in (0, 1):  # and with a lag, after a reset in the middle of a wrapped ring
+        kw = dict(distance_factor="psf", clip_negative=False, lag=lag, bleach_order=1, output_dtype="float64")
+        eng = SofiEngine(5, **kw)
+        for f in a[:7]:
+            eng.push(f)
+        eng.reset()
+        n = _check_stream(eng, a[3:12], SofiEngine(5, **kw), rtol=1e-9)
+        assert n == 5
 
 
 def test_streaming_does_not_alias_caller_buffer():
