@@ -262,6 +262,7 @@ class SofiEngine(EngineBase):
         self.last_fit_fwhm_px: float | None = None  # optical-equivalent FWHM fitted to the last output
         self._fit_status = "not run"
         self._warning = ""
+        self._warned = False
         self._lag: int | None = None if lag == AUTO else int(lag)
         self._lag_reason = "fixed" if lag != AUTO else "not decided yet"
         self._noise: Any = None
@@ -398,8 +399,9 @@ class SofiEngine(EngineBase):
         return optical
 
     def _set_fit_status(self, status: str, warning: str) -> None:
-        if status != self._fit_status and warning:
-            logger.warning("sofi: %s", warning)
+        if status != self._fit_status and warning:  # once at WARNING; flapping near a bound at DEBUG
+            logger.log(logging.DEBUG if self._warned else logging.WARNING, "sofi: %s", warning)
+            self._warned = True
         self._fit_status, self._warning = status, warning
 
     def _assemble(self, num: dict[tuple[int, int], torch.Tensor], scale: float, h: int, w: int) -> torch.Tensor:
