@@ -1,6 +1,7 @@
 """Reconstruction engines behind one API: ``load_engine(name, ...)`` -> :class:`Engine`.
 
-Why a lazy registry (name -> "module:factory"): importing ``engines`` must stay cheap and must
+Why a lazy registry (name -> "module:factory"): importing ``engines`` must stay cheap (numpy
+only: the blinking check and the optics run in processes that never load torch) and must
 not fail because one engine's module (or its weights, or an optional dependency) is missing;
 ``load_engine("convgru")`` imports ``engines.convgru`` only when asked.
 
@@ -13,18 +14,35 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import Engine, EngineBase
+from .blinking import BlinkingReport, assess_blinking
+from .psf import Optics
+
+if TYPE_CHECKING:  # torch-based: imported on first use (see __getattr__), not by `import engines`
+    from .base import Engine, EngineBase
 
 __all__ = [
+    "BlinkingReport",
     "Engine",
     "EngineBase",
     "EngineUnavailableError",
+    "Optics",
+    "assess_blinking",
     "available_engines",
     "load_engine",
     "register_engine",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``Engine`` / ``EngineBase`` live in ``engines.base``, which imports torch: load it on demand,
+    so that ``import engines`` (and ``engines.assess_blinking``) stays numpy-only."""
+    if name in ("Engine", "EngineBase"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # name -> "module:factory"; modules are imported only by load_engine
 _REGISTRY: dict[str, str] = {

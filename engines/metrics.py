@@ -29,6 +29,7 @@ __all__ = [
     "evaluate_image",
     "li_threshold",
     "pearson",
+    "sublattice_ratio",
     "tpr_tnr",
 ]
 
@@ -362,3 +363,28 @@ def evaluate_image(pred: np.ndarray, gt: np.ndarray, pixel_nm: float, *, max_shi
         "shift_y": dy,
         "shift_x": dx,
     }
+
+
+# --------------------------------------------------------------------------- SOFI sub-lattices
+def sublattice_ratio(sr: np.ndarray, mean: np.ndarray, *, percentile: float = 80.0, margin: int = 2) -> float:
+    """max / min of the four 2x2 sub-lattice means of a 2x image over the bright input pixels.
+
+    SOFI's four output classes (real pixel, two d=1 virtual pixels, the diagonal one) are each
+    divided by their own distance factor; a wrong PSF width leaves a checkerboard, i.e. a ratio
+    above 1. Bright = the 3x3-smoothed mean (widefield) image above its ``percentile``: smoothed,
+    so that the selection does not favour the sub-lattice sampling pixel centres. ``margin``
+    input pixels at each border are left out (the border classes lack pairs).
+    """
+    out = _as_2d_float(sr, "sr")
+    m = ndimage.uniform_filter(_as_2d_float(mean, "mean"), 3)
+    if out.shape != (2 * m.shape[0], 2 * m.shape[1]):
+        raise ValueError(f"sr must be twice the mean image's shape, got {out.shape} vs {m.shape}")
+    bright = m > np.percentile(m, percentile)
+    bright[:margin] = bright[m.shape[0] - margin:] = False
+    bright[:, :margin] = bright[:, m.shape[1] - margin:] = False
+    if not bright.any():
+        raise ValueError("no bright pixels inside the margin")
+    vals = [out[a::2, b::2][bright].mean() for a in (0, 1) for b in (0, 1)]
+    if min(vals) <= 0:
+        return float("inf")
+    return float(max(vals) / min(vals))

@@ -26,7 +26,12 @@ SIGNALS = {
     "status": "on_status",
     "started": "on_started",
     "finished": "on_finished",
+    "warning": "on_warning",
+    "blinkingChecked": "on_blinking_checked",
 }
+
+#: ResultHeader.info keys of the worker's blinking check (realtime.pipeline.BLINKING_PREFIX)
+BLINKING_PREFIX = "blinking_check."
 
 
 def default_config() -> Any:
@@ -193,3 +198,39 @@ def result_title(header: Any) -> str:
     first, last = getattr(header, "seq_first", None), getattr(header, "seq_last", None)
     span = f", frames {first}-{last}" if first is not None and last is not None else ""
     return f"{engine} (2x){span}"
+
+
+def engine_info_text(info: dict[str, Any] | None) -> str:
+    """One short line of what the engine used (SOFI: PSF width and where it came from, lag, bleaching)."""
+    if not info:
+        return ""
+    parts = []
+    px = info.get("psf_fwhm_px")
+    if isinstance(px, (int, float)):
+        pix = info.get("pixel_size_um")
+        parts.append(f"PSF {px:.2f} px ({info.get('psf_source')}; pixel {pix} um, {info.get('pixel_size_source')})")
+        fit = info.get("psf_fit_fwhm_px")
+        if isinstance(fit, (int, float)):
+            parts.append(f"fit {fit:.2f} px: {info.get('psf_fit')}")
+    if "lag" in info:
+        parts.append(f"lag {info.get('lag')} ({info.get('lag_choice')})")
+    if "bleach_correction" in info:
+        parts.append(f"bleaching correction {info.get('bleach_correction')}")
+    if info.get("warning"):
+        parts.append(f"warning: {info['warning']}")
+    return " | ".join(parts)
+
+
+def split_info(info: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine info, blinking check) from a ResultHeader.info."""
+    info = info or {}
+    engine = {k: v for k, v in info.items() if not k.startswith(BLINKING_PREFIX)}
+    check = {k[len(BLINKING_PREFIX):]: v for k, v in info.items() if k.startswith(BLINKING_PREFIX)}
+    return engine, check
+
+
+def blinking_banner_text(check: dict[str, Any] | None) -> str | None:
+    """The warning to show over the super-resolved view, or None when the check passed / has not run."""
+    if not check or check.get("ok") is not False:
+        return None
+    return f"Not super-resolution: {check.get('message', 'no independent blinking detected')}"

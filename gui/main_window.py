@@ -74,6 +74,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._metrics = LatestSlot[Any]()
         self._messages = MessageQueue()
         self._statuses = MessageQueue()  # progress notes from the pipeline ("compiling ...")
+        self._notes = MessageQueue()  # warnings and check reports: the message area, not error dialogs
         self._lifecycle = MessageQueue()  # "started", "start_failed", "stopped"
         self.acq_rate = RateMeter()
         self.out_rate = RateMeter()
@@ -103,6 +104,15 @@ class MainWindow(QtWidgets.QMainWindow):
         self.latency_plot = LatencyPlot()
         self.fps_plot = FpsPlot()
         self.counters = CountersWidget()
+        # what the engine used (PSF, lag, bleaching) and, when the data cannot support it, a warning
+        self.blinking_banner = QtWidgets.QLabel(objectName="blinking_banner")
+        self.blinking_banner.setWordWrap(True)
+        self.blinking_banner.setStyleSheet("background: #b71c1c; color: white; padding: 4px; font-weight: bold;")
+        self.blinking_banner.hide()
+        self.engine_info_label = QtWidgets.QLabel(objectName="engine_info")
+        self.engine_info_label.setWordWrap(True)
+        self.engine_info_label.setStyleSheet("color: #9e9e9e;")
+        self._last_info: dict | None = None
         self.message_area = QtWidgets.QPlainTextEdit(objectName="messages")
         self.message_area.setReadOnly(True)
         self.message_area.setMaximumBlockCount(500)
@@ -115,8 +125,15 @@ class MainWindow(QtWidgets.QMainWindow):
         prow.addWidget(self.fps_plot, 1)
         plots.setMinimumHeight(180)
 
+        view_box = QtWidgets.QWidget()
+        vcol = QtWidgets.QVBoxLayout(view_box)
+        vcol.setContentsMargins(0, 0, 0, 0)
+        vcol.addWidget(self.blinking_banner)
+        vcol.addWidget(self.views, 1)
+        vcol.addWidget(self.engine_info_label)
+
         left = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
-        left.addWidget(self.views)
+        left.addWidget(view_box)
         left.addWidget(plots)
         left.addWidget(self.message_area)
         left.setStretchFactor(0, 5)
@@ -272,6 +289,11 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def on_status(self, message: str) -> None:
         self._statuses.put(str(message))
+    def on_warning(self, message: str) -> None:
+        self._notes.put(f"Warning: {message}")
+
+    def on_blinking_checked(self, check: Any) -> None:
+        self._notes.put(f"Blinking check: {check.get('message') if isinstance(check, dict) else check}")
 
     # ================================================================ Qt-thread side
     def _refresh(self) -> None:
@@ -284,6 +306,8 @@ class MainWindow(QtWidgets.QMainWindow):
             self.show_error(msg)
         for msg in self._statuses.drain():
             self.show_status(msg)
+        for msg in self._notes.drain():
+            self._append_message(msg)
         item = self._frame.take()
         if item is not None:
             seq, img = item
@@ -299,6 +323,7 @@ class MainWindow(QtWidgets.QMainWindow):
             if t_acq:
                 self.latency.add((time.time_ns() - int(t_acq)) / 1e6)
             self._last_header = header
+            self._last_info = getattr(header, "info", None) or self._last_info
         m = self._metrics.take()
         if m is not None:
             self.last_metrics = m
@@ -314,6 +339,7 @@ class MainWindow(QtWidgets.QMainWindow):
         if self._last_header is not None:  # a title change re-lays out: only at plot rate
             self.views.set_titles(sr=bridge.result_title(self._last_header))
             self._last_header = None
+            self._show_info(self._last_info)
         p50, p99 = self.latency.percentiles()
         running = self.state == RUNNING
         t = now - self._t0
@@ -346,6 +372,19 @@ class MainWindow(QtWidgets.QMainWindow):
                 + ("-" if math.isnan(p50) else f"{p50:.0f} ms"),
                 log_it=False,
             )
+
+    def _show_info(self, info: dict | None) -> None:
+        """The engine-info line under the views and the blinking warning banner over them."""
+        engine, check = bridge.split_info(info)
+        text = bridge.engine_info_text(engine)
+        if text != self.engine_info_label.text():
+            self.engine_info_label.setText(text)
+        banner = bridge.blinking_banner_text(check)
+        if banner is None:
+            self.blinking_banner.hide()
+        elif banner != self.blinking_banner.text() or self.blinking_banner.isHidden():
+            self.blinking_banner.setText(banner)
+            self.blinking_banner.show()
 
     def _drain_lifecycle(self) -> None:
         for kind, info in self._lifecycle.drain():
@@ -410,6 +449,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.fps_plot.clear_data()
         self.n_frames_seen = self.n_displayed = self.seq_gaps = 0
         self._last_seq = None
+        self._last_info = None
+        self._show_info(None)
         self.last_metrics = None
         self._t0 = time.monotonic()
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import BACKEND_CHOICES, Addresses, PipelineConfig
+from .config import BACKEND_CHOICES, Addresses, PipelineConfig, SofiOptions, add_sofi_arguments
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -123,6 +123,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
                    help="engine compute threads (default: half the cores, 1-4)")
     e.add_argument("--worker", choices=["process", "thread"], default=d.worker_mode,
                    help="run the engine in its own process (default) or a thread")
+    add_sofi_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--record", type=Path, default=None, metavar="PATH",
                    help="record every frame: PATH.ome.tif (OME-TIFF) or PATH.ome.zarr (OME-Zarr)")
@@ -211,7 +212,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         sequence=sequence, json=args.json, headless=args.headless, overwrite=args.overwrite,
         addresses=Addresses(frames=args.frames_addr, results=args.results_addr),
         engine_at=tuple(args.engine_at or ()), server_key=args.server_key,
-        client_key=args.client_key,
+        client_key=args.client_key, sofi=SofiOptions.from_args(args),
     )
     return cfg.validate()
 
@@ -288,6 +289,8 @@ def _run_headless(cfg: PipelineConfig) -> int:
     pipe = Pipeline(cfg)
     pipe.error.connect(lambda msg: _say(f"livesr: {msg}", err=True))
     pipe.status.connect(lambda msg: _say(f"livesr: {msg}", err=True))
+    pipe.warning.connect(lambda msg: _say(f"livesr: warning: {msg}", err=True))
+    pipe.blinkingChecked.connect(lambda check: _say(f"livesr: blinking check: {check.get('message')}", err=True))
     try:
         pipe.start()
     except RecordingExistsError as e:

@@ -7,6 +7,8 @@ nothing else; the GUI edits the same objects.
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import re
 import socket
@@ -24,6 +26,8 @@ __all__ = [
     "PipelineConfig",
     "available_memory_bytes",
     "canonical_backend",
+    "SofiOptions",
+    "add_sofi_arguments",
     "free_tcp_address",
     "memory_problem",
     "output_problem",
@@ -132,6 +136,100 @@ class Addresses:
 
 
 @dataclass
+class SofiOptions:
+    """What SOFI needs to know about the microscope and the camera (see ``engines.psf``, ``engines.sofi``).
+
+    Every field is optional: without them SOFI uses NA 1.4 / 600 nm, the pixel size the camera
+    (Micro-Manager pixel-size configuration, or the movie's metadata) reports, else 0.1 um, lag
+    "auto" and a quadratic bleaching correction, and says so in every result's ``info``.
+    """
+
+    psf_fwhm_nm: float | None = None  # PSF FWHM in the sample; excludes na / wavelength_nm
+    na: float | None = None  # objective numerical aperture (FWHM = 0.51 lambda / NA)
+    wavelength_nm: float | None = None  # emission wavelength
+    pixel_size_um: float | None = None  # overrides what the camera reports
+    lag: int | str = "auto"  # time lag of the cumulants in frames, or "auto"
+    bleach_order: int = 2  # per-pixel polynomial trend removed in each window; 0 = no correction
+
+    def problems(self) -> list[str]:
+        out = []
+        for name, lo, hi in (("psf_fwhm_nm", 0.0, 10_000.0), ("na", 0.0, 1.7), ("wavelength_nm", 150.0, 2_000.0),
+                             ("pixel_size_um", 0.0, 100.0)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or not lo < v <= hi):
+                out.append(f"{name} must be in ({lo:g}, {hi:g}], got {v!r}")
+        if self.psf_fwhm_nm is not None and (self.na is not None or self.wavelength_nm is not None):
+            out.append("give --psf-fwhm-nm or --na/--wavelength-nm, not both")
+        if self.lag != "auto" and (isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 0):
+            out.append(f"lag must be 'auto' or an integer >= 0 frames, got {self.lag!r}")
+        if isinstance(self.bleach_order, bool) or not isinstance(self.bleach_order, int) or not 0 <= self.bleach_order <= 3:
+            out.append(f"bleach_order must be 0 (off) .. 3, got {self.bleach_order!r}")
+        return out
+
+    def engine_options(self, pixel_size_um: float | None = None, pixel_size_source: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for the sofi engine; ``pixel_size_um`` is what the camera reported
+        (used unless this config overrides it)."""
+        if self.pixel_size_um is not None:
+            pixel_size_um, pixel_size_source = self.pixel_size_um, "--pixel-size-um"
+        optics = {"psf_fwhm_nm": self.psf_fwhm_nm, "na": self.na, "wavelength_nm": self.wavelength_nm,
+                  "pixel_size_um": pixel_size_um, "pixel_size_source": pixel_size_source if pixel_size_um else None}
+        return {"optics": {k: v for k, v in optics.items() if v is not None},
+                "lag": self.lag, "bleach_order": self.bleach_order}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SofiOptions:
+        return cls(psf_fwhm_nm=args.psf_fwhm_nm, na=args.na, wavelength_nm=args.wavelength_nm,
+                   pixel_size_um=args.pixel_size_um, lag=args.lag,
+                   bleach_order=0 if args.no_bleach_correction else args.bleach_order)
+
+
+def _lag_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lag must be 'auto' or an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"lag must be >= 0 frames, got {v}")
+    return v
+
+
+def _positive_arg(name: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {text!r}")
+        return v
+
+    parse.__name__ = name
+    return parse
+
+
+def add_sofi_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SOFI flags, shared by every run command and `livesr engine` (validated by SofiOptions)."""
+    d = SofiOptions()
+    g = parser.add_argument_group("SOFI optics and corrections (see README: SOFI on your camera)")
+    g.add_argument("--psf-fwhm-nm", type=_positive_arg("--psf-fwhm-nm"), default=None, metavar="NM",
+                   help="PSF FWHM in the sample, if measured (else from --na/--wavelength-nm)")
+    g.add_argument("--na", type=_positive_arg("--na"), default=None, help="objective NA (default 1.4)")
+    g.add_argument("--wavelength-nm", type=_positive_arg("--wavelength-nm"), default=None, metavar="NM",
+                   help="emission wavelength (default 600)")
+    g.add_argument("--pixel-size-um", type=_positive_arg("--pixel-size-um"), default=None, metavar="UM",
+                   help="camera pixel in the sample (default: what the camera/file reports, else 0.1)")
+    g.add_argument("--lag", type=_lag_arg, default=d.lag, metavar="{auto,0,1,2,...}",
+                   help="time lag of the cumulants in frames (default auto: 1 if the camera correlates "
+                        "neighbouring pixels' noise)")
+    g.add_argument("--bleach-order", type=int, choices=[1, 2, 3], default=d.bleach_order,
+                   help="per-pixel polynomial trend removed in each window (default %(default)s)")
+    g.add_argument("--no-bleach-correction", action="store_true", help="do not remove bleaching trends")
+
+
+@dataclass
 class PipelineConfig:
     """Everything one live run needs: source, engine, outputs.
 
@@ -180,6 +278,8 @@ class PipelineConfig:
     client_key: Path | None = None  # this PC's .key_secret (CURVE)
     # timeouts
     engine_ready_timeout_s: float = 120.0  # loading torch + weights in a fresh process
+    # SOFI optics and corrections (used when engine == "sofi")
+    sofi: SofiOptions = field(default_factory=SofiOptions)
 
     def __post_init__(self) -> None:
         for k in ("record", "save_sr", "sequence"):
@@ -262,8 +362,10 @@ class PipelineConfig:
             defaults = {f.name: f.default for f in fields(self)}
             chosen = [k for k in ("engine", "backend", "device", "precision", "weights", "threads")
                       if getattr(self, k) != defaults[k]]
+            if self.sofi != SofiOptions():
+                chosen.append("SOFI optics/corrections")
             if chosen:
-                flags = ", ".join("--" + k for k in chosen)
+                flags = ", ".join(k if " " in k else "--" + k for k in chosen)
                 problems.append(f"{flags} cannot be sent to a remote engine (--engine-at): the "
                                 "remote runs what `livesr engine` was started with; leave them "
                                 "out here, or restart the remote with them")
@@ -277,6 +379,7 @@ class PipelineConfig:
             why = memory_problem(h, w, self.window, rendered_px=self.size * self.size)
             if why:
                 problems.append(why)
+        problems += self.sofi.problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -288,21 +391,28 @@ class PipelineConfig:
             return self.source
         return "mm" if self.source.lower().endswith(".cfg") else "replay"
 
-    def engine_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``engines.load_engine(name, **options)``."""
-        return {
+    def engine_options(self, pixel_size_um: float | None = None, pixel_size_source: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``engines.load_engine(name, **options)``.
+
+        For "sofi" they include the optics and corrections; ``pixel_size_um`` is the camera's
+        (the pipeline reads it from the core before the engine starts).
+        """
+        opts = {
             "backend": self.backend,
             "device": self.device,
             "precision": self.precision,
             "weights": self.weights,
             "window": self.window,
         }
+        if self.engine == "sofi":
+            opts.update(self.sofi.engine_options(pixel_size_um, pixel_size_source))
+        return opts
 
     def replace(self, **changes: Any) -> PipelineConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(self)  # (sofi becomes a nested dict)
         for k in ("record", "save_sr", "sequence", "json", "server_key", "client_key"):
             d[k] = None if d[k] is None else str(d[k])
         d["engine_at"] = list(self.engine_at)

@@ -44,6 +44,10 @@ class PipelineMetrics:
     duration_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # the run went on, but not as asked
+    # the newest result's ResultHeader.info: what the engine used (SOFI: PSF width and source, lag,
+    # bleaching correction) and the worker's blinking check ({"ok": bool, statistics, "message"})
+    engine_info: dict[str, Any] = field(default_factory=dict)
+    blinking_check: dict[str, Any] | None = None
 
     @property
     def output_fraction(self) -> float:
@@ -89,6 +93,15 @@ class PipelineMetrics:
             f"malformed msgs    {bad}" + (f"  {self.malformed_messages}" if bad else ""),
             f"engine errors     {self.engine_errors}",
         ]
+        info = self.engine_info
+        if isinstance(info.get("psf_fwhm_px"), (int, float)):
+            lines.append(f"psf               {info['psf_fwhm_px']:.2f} px FWHM ({info.get('psf_source')}; "
+                         f"pixel {info.get('pixel_size_um')} um, {info.get('pixel_size_source')})")
+            lines.append(f"corrections       lag {info.get('lag')} ({info.get('lag_reason')}), "
+                         f"bleaching {info.get('bleach_correction')}")
+        bc = self.blinking_check
+        if bc is not None:
+            lines.append(f"blinking check    {'ok' if bc.get('ok') else 'FAILED'}: {bc.get('message')}")
         lines += [f"warning           {w}" for w in self.warnings]
         if errors:
             lines += [f"error             {e}" for e in self.errors]

@@ -37,9 +37,12 @@ from .metrics import LatencyTracker, PipelineMetrics, RateMeter
 from .protocol import FOREIGN, ProtocolError, ResultHeader, StatsMessage, decode, new_stream_id
 from .worker import EngineWorker
 
-__all__ = ["Pipeline", "PipelineError"]
+__all__ = ["BLINKING_PREFIX", "Pipeline", "PipelineError"]
 
 logger = logging.getLogger(__name__)
+
+#: ResultHeader.info keys of the worker's blinking check (the rest is the engine's output_info())
+BLINKING_PREFIX = "blinking_check."
 
 SocketSetup = Callable[[zmq.Socket], None]
 
@@ -84,6 +87,8 @@ class Pipeline:
     finished = Signal(object)  # final PipelineMetrics: the run is over, files are closed
     engineDied = Signal(str)  # the engine process died (it is being restarted) / went silent
     engineRestarted = Signal(int)  # ... and is back: outputs resume on fresh windows (count)
+    warning = Signal(str)  # something the user should know that does not stop the run
+    blinkingChecked = Signal(object)  # the blinking check's report (dict): first one, and when "ok" flips
 
     def __init__(
         self,
@@ -132,6 +137,7 @@ class Pipeline:
         self.json_written: Any = None  # the --json path once it was written
         self._base = _StatsBase()  # totals of engine processes that died and were restarted
         self._dropped_seen = 0
+        self._engine_warnings: set[str] = set()
 
     # ================================================================== public API
     @property
@@ -202,13 +208,38 @@ class Pipeline:
         self._sub_ctx, self._sub = ctx, sub
         return sub.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    def camera_pixel_size(self) -> tuple[float | None, str]:
+        """The camera pixel in the sample (um) as the core reports it, and where that came from.
+
+        ``core.getPixelSizeUm()`` is the Micro-Manager pixel-size configuration (a replayed
+        movie's metadata sets it); 0 means unknown -> (None, why).
+        """
+        try:
+            um = float(self.core.getPixelSizeUm()) if self.core is not None else 0.0
+        except Exception as e:  # a device adapter that cannot say
+            return None, f"core.getPixelSizeUm() failed ({type(e).__name__})"
+        if not um > 0:
+            return None, "the core reports 0 (no pixel-size configuration)"
+        where = "from file metadata (core pixel size)" if self.config.source_kind == "replay" else \
+            "from core pixel-size config"
+        return um, where
+
+    def _engine_options(self, cfg: PipelineConfig) -> dict[str, Any]:
+        if cfg.engine != "sofi" or self._engine_override is not None:
+            return cfg.engine_options()
+        um, where = self.camera_pixel_size()
+        if um is None and cfg.sofi.pixel_size_um is None:
+            self._emit_warning(f"SOFI: the camera's pixel size is unknown ({where}); assuming the default 0.1 um: "
+                       "pass --pixel-size-um for a correct PSF width")
+        return cfg.engine_options(um, where)
+
     def _start_local_worker(self, cfg: PipelineConfig, addrs: Addresses) -> None:
         self.worker = EngineWorker(
             self._engine_override if self._engine_override is not None else cfg.engine,
             addrs.frames,
             addrs.results,
             cfg.stride,
-            engine_options=cfg.engine_options(),
+            engine_options=self._engine_options(cfg),
             threads=cfg.threads,
             socket_setup=self._socket_setup,
             stream=self.stream,
@@ -303,7 +334,9 @@ class Pipeline:
                 m.duration_s = (self._t_end or time.monotonic()) - self._t_start
             return PipelineMetrics(**{**m.__dict__, "latency_ms": dict(m.latency_ms),
                                       "malformed_messages": dict(m.malformed_messages),
-                                      "errors": list(m.errors), "warnings": list(m.warnings)})
+                                      "errors": list(m.errors), "warnings": list(m.warnings),
+                                      "engine_info": dict(m.engine_info),
+                                      "blinking_check": None if m.blinking_check is None else dict(m.blinking_check)})
 
     # ================================================================== setup
     def _engine_label(self) -> str:
@@ -673,6 +706,8 @@ class Pipeline:
                 self._m.outputs_received += 1
                 self._dropped_seen = max(self._dropped_seen,
                                          self._base.frames_dropped + header.frames_dropped)
+            if header.info:
+                self._adopt_info(header.info)
             self._out_rate.tick(time.monotonic())
             if self.sr_recorder is not None:
                 self._record_sr(header, img)
@@ -814,6 +849,27 @@ class Pipeline:
         logger.info("%s", message)
         self._safe_emit(self.status, message)
 
+    def _adopt_info(self, info: dict[str, Any]) -> None:
+        """Keep the newest engine info and blinking check; tell the user when something changed."""
+        prefix = BLINKING_PREFIX
+        engine_info = {k: v for k, v in info.items() if not k.startswith(prefix)}
+        check = {k[len(prefix):]: v for k, v in info.items() if k.startswith(prefix)}
+        with self._lock:
+            self._m.engine_info = engine_info
+            prev = self._m.blinking_check
+            if check:
+                self._m.blinking_check = check
+        if check and (prev is None or prev.get("ok") != check.get("ok")):
+            logger.info("blinking check: %s", check.get("message"))  # the user reads it via blinkingChecked
+            self._safe_emit(self.blinkingChecked, dict(check))
+        text = engine_info.get("warning")
+        if isinstance(text, str) and text:  # each kind once a run (its numbers change per window)
+            kind = text.split(":", 1)[0]
+            if kind not in self._engine_warnings:
+                self._engine_warnings.add(kind)
+                self._emit_warning(f"{self._engine_label()}: {text}")
+
+
     def _emit_error(self, message: str) -> None:
         """Tell the user once (the same text twice is said once); listeners print it."""
         with self._lock:
@@ -831,7 +887,8 @@ class Pipeline:
             if message in self._m.warnings:
                 return
             self._m.warnings.append(message)
-        self._emit_status("warning: " + message)
+        logger.info("warning: %s", message)  # the user reads it via the warning signal
+        self._safe_emit(self.warning, message)
 
     @staticmethod
     def _safe_emit(signal: Any, *args: Any) -> None:

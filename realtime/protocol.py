@@ -139,6 +139,9 @@ class ResultHeader:
     frames_dropped: int = 0  # cumulative outputs skipped by the worker to keep up
     stream: str = ""  # stream id of the frames it was computed from
     stream_key: str = ""  # the stream the window came from (FrameHeader.stream_key)
+    # what the engine used and how the data looked (flat: str -> str/int/float/bool/None), e.g.
+    # SOFI's "psf_fwhm_px"/"psf_source"/"lag", and the live blinking check as "blinking_check.*"
+    info: dict[str, Any] = field(default_factory=dict)
 
     kind = "result"
 
@@ -253,6 +256,33 @@ def _check_int_dict(name: str, v: Any) -> dict[str, int]:
     return out
 
 
+#: ``ResultHeader.info``: at most this many entries, keys and string values at most this long
+MAX_INFO_ENTRIES = 64
+MAX_INFO_TEXT = 512
+
+
+def _check_info(v: Any) -> dict[str, Any]:
+    """A flat dict of str -> str / int / finite float / bool / None (small: it rides on every result)."""
+    if not isinstance(v, dict):
+        raise ProtocolError("field", f"info must be an object, got {type(v).__name__}")
+    if len(v) > MAX_INFO_ENTRIES:
+        raise ProtocolError("field", f"info has {len(v)} entries, at most {MAX_INFO_ENTRIES} allowed")
+    out: dict[str, Any] = {}
+    for k, x in v.items():
+        if not isinstance(k, str) or not k or len(k) > MAX_INFO_TEXT:
+            raise ProtocolError("field", f"info keys must be non-empty strings, got {k!r}")
+        if isinstance(x, str):
+            if len(x) > MAX_INFO_TEXT:
+                raise ProtocolError("field", f"info[{k!r}] is longer than {MAX_INFO_TEXT} characters")
+        elif isinstance(x, float):
+            if not math.isfinite(x):
+                raise ProtocolError("field", f"info[{k!r}] must be finite, got {x!r}")
+        elif x is not None and not isinstance(x, (bool, int)):
+            raise ProtocolError("field", f"info[{k!r}] must be a string, number, bool or null, got {type(x).__name__}")
+        out[k] = x
+    return out
+
+
 def _validate(h: Header) -> Header:
     """Check every field of a header; return it (normalised) or raise ProtocolError."""
     if isinstance(h, FrameHeader):
@@ -284,6 +314,7 @@ def _validate(h: Header) -> Header:
             frames_dropped=_check_int("frames_dropped", h.frames_dropped),
             stream=_check_stream(h.stream),
             stream_key=_check_str("stream_key", h.stream_key),
+            info=_check_info(h.info),
         )
     if isinstance(h, EndOfStream):
         return EndOfStream(

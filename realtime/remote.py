@@ -51,6 +51,7 @@ import zmq
 from psygnal import Signal
 from zmq.utils.monitor import recv_monitor_message
 
+from .config import SofiOptions, add_sofi_arguments
 from .protocol import (
     FOREIGN,
     EndOfStream,
@@ -128,6 +129,7 @@ class EngineServerConfig:
     max_restarts: int = 5
     max_frame_mib: float = 64.0  # bigger messages drop the sender's connection
     queue_frames: int = 64  # frames queued toward a (re)starting worker before dropping
+    sofi: SofiOptions = field(default_factory=SofiOptions)  # optics and corrections for engine "sofi"
 
     def validate(self) -> EngineServerConfig:
         _check_endpoint(self.bind, "--bind")
@@ -150,16 +152,22 @@ class EngineServerConfig:
             raise ValueError(f"--max-frame-mib must be in (0, 4096], got {self.max_frame_mib}")
         if self.queue_frames < 1:
             raise ValueError(f"queue_frames must be >= 1, got {self.queue_frames}")
+        problems = self.sofi.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def engine_options(self) -> dict[str, Any]:
-        return {
+        opts = {
             "backend": self.backend,
             "device": self.device,
             "precision": self.precision,
             "weights": self.weights,
             "window": self.window,
         }
+        if self.engine == "sofi":  # no camera here: the pixel size is --pixel-size-um or the default
+            opts.update(self.sofi.engine_options())
+        return opts
 
 
 @dataclass
@@ -1112,6 +1120,7 @@ def engine_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allow", type=Path, help="directory of allowed client public .key files")
     p.add_argument("--max-restarts", type=int, default=5, help="within a minute, before giving up")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_sofi_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -1131,6 +1140,7 @@ def engine_main(argv: Sequence[str] | None = None) -> int:
         keys=args.keys,
         allow=args.allow,
         max_restarts=args.max_restarts,
+        sofi=SofiOptions.from_args(args),
     )
     try:
         gw = EngineGateway(cfg)
@@ -1144,6 +1154,9 @@ def engine_main(argv: Sequence[str] | None = None) -> int:
         else "CURVE off (loopback only)"
     )
     print(f"livesr engine: {cfg.engine} on {cfg.device}; frames {cfg.bind}, results {cfg.results_bind}; {curve}")
+    if cfg.engine == "sofi" and cfg.sofi.pixel_size_um is None:
+        print("livesr engine: warning: SOFI assumes 0.1 um camera pixels (this machine has no camera to ask): "
+              "pass --pixel-size-um for a correct PSF width", file=sys.stderr)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:

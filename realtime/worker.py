@@ -9,6 +9,13 @@ Why it looks like this:
   outputs it skipped (``frames_dropped``). Frames are never dropped in transit (PUSH/PULL)
   and an output is only ever computed from consecutive frames of one stream: a sequence gap
   or a shape change restarts the window and the engine.
+* Every engine's input is also watched by the blinking check (``engines.blinking``): the newest
+  ``blinking_frames`` frames are copied into a small ring and, every ``blinking_every`` frames,
+  assessed on ``blinking_pixels`` pixels (~5-10 ms) in the loop's first idle moment (no frame
+  queued; at the latest ``CHECK_MAX_WAIT_FRAMES`` frames later). Not on a helper thread: its many small numpy calls held the GIL against the engine's
+  and made outputs ~10x later. Its latest report rides on every result's ``info`` as
+  ``blinking_check.*`` keys next to the engine's own ``output_info()``, and is logged at the
+  first report and whenever ``ok`` flips.
 * Everything on the input socket is untrusted: a malformed message is counted by
   ``ProtocolError.reason`` and reported in the periodic :class:`StatsMessage`; it never
   crashes the worker and never becomes an image. An engine that raises is counted too
@@ -60,6 +67,8 @@ SocketSetup = Callable[[zmq.Socket], None]
 
 class EngineLoadError(RuntimeError):
     """The engine could not be loaded or compiled (reported once, through the stats)."""
+#: a due blinking check waits for an idle moment at most this many frames
+CHECK_MAX_WAIT_FRAMES = 10
 
 
 def default_compute_threads() -> int:
@@ -141,6 +150,10 @@ class EngineWorker:
         connect_results: bool = False,
         stream_idle_s: float = 1.0,
         warmup_shape: tuple[int, int] | None = None,
+        blinking_check: bool = True,
+        blinking_frames: int = 24,
+        blinking_every: int = 100,
+        blinking_pixels: int = 4096,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
@@ -162,6 +175,10 @@ class EngineWorker:
         self.stream_idle_s = stream_idle_s
         self._stream: str | None = stream  # the stream being served now
         self._stream_seen = 0.0  # monotonic time of its last frame
+        self.blinking_check = bool(blinking_check)
+        self.blinking_frames = int(blinking_frames)
+        self.blinking_every = int(blinking_every)
+        self.blinking_pixels = int(blinking_pixels)  # 16 x 16 tiles spread over the frame: ~8 ms a check
         self.stats = WorkerStats()
         self._stop_event: Any = threading.Event()
         self._ready_event: Any = threading.Event()
@@ -414,7 +431,27 @@ class EngineWorker:
         self._cost_output_s: float | None = None  # ... and per output
         self._stream_key = ""
         self._parked: dict[str, dict[str, Any]] = {}  # other streams' window state
+        self._info_fn = getattr(engine, "output_info", None)
+        self._monitor: Any = None
+        self._check_due = False
+        self._check_waited = 0
+        self._check_info: tuple[Any, dict[str, Any]] = (None, {})
+        if self.blinking_check:
+            from engines.blinking import warm_up  # numpy only
+
+            warm_up()
+            self._monitor = self._new_monitor()
         self._engine_reset()
+
+    def _new_monitor(self) -> Any:
+        """A blinking check of one stream (None when checks are off)."""
+        if not self.blinking_check:
+            return None
+        from engines.blinking import BlinkingMonitor
+
+        n = max(self.blinking_frames, 10)
+        return BlinkingMonitor(frames=n, every=max(1, self.blinking_every), first=min(20, n),
+                               max_pixels=self.blinking_pixels)
 
     def _serve(self, engine: Any, pull: zmq.Socket, pub: zmq.Socket) -> None:
         self._setup_engine(engine, pub)
@@ -434,6 +471,8 @@ class EngineWorker:
                         state = "running"
                         next_stats = time.monotonic()
                     self._process_batch(frames)
+                if self._check_due and eos is None and not poller.poll(0):
+                    self._run_check()  # only while no frame waits: it never delays a queued frame
                 if eos is not None:
                     self.stats.frames_sent = eos.frames_sent
                     logger.info("end of stream (%s) after %d frames sent", eos.reason, eos.frames_sent)
@@ -458,6 +497,7 @@ class EngineWorker:
         self._rolling.reset()
         self._engine_reset()
         self._stream = self.expected_stream
+        self._reset_monitor()
 
     def _own_stream(self, stream: str) -> bool:
         """Does a frame / EndOfStream of ``stream`` belong to the stream served now?"""
@@ -477,7 +517,8 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ MDA streams
     #: what one stream (an MDA position / channel / z) owns: its window and engine state
-    _STREAM_STATE = ("_engine", "_continuity", "_rolling", "_engine_next_seq", "_push_all", "_fed")
+    _STREAM_STATE = ("_engine", "_continuity", "_rolling", "_engine_next_seq", "_push_all", "_fed",
+                     "_monitor", "_check_due", "_check_waited", "_check_info")
 
     def _select_stream(self, key: str) -> None:
         """Make `key`'s window the current one (the single-stream code below then runs on
@@ -490,7 +531,8 @@ class EngineWorker:
         if state is None:
             state = {"_engine": self._engine_for_new_stream(), "_continuity": StreamContinuity(),
                      "_rolling": RollingWindow(self.window), "_engine_next_seq": None,
-                     "_push_all": False, "_fed": 0}
+                     "_push_all": False, "_fed": 0, "_monitor": self._new_monitor(),
+                     "_check_due": False, "_check_waited": 0, "_check_info": (None, {})}
         for a, v in state.items():
             setattr(self, a, v)
         self._stream_key = key
@@ -507,6 +549,51 @@ class EngineWorker:
         except Exception as e:  # e.g. a compiled backend that cannot be copied
             logger.info("engine copy failed (%s); loading another one", e)
             return self._load_engine()
+
+    # ------------------------------------------------------------------ blinking check
+    def _reset_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.reset()
+            self._check_due = False
+
+    def _watch(self, img: np.ndarray) -> None:
+        """Copy one frame into the blinking check's ring (cheap); note when a check is due."""
+        mon = self._monitor
+        if mon is None or img.ndim != 2 or min(img.shape) < 4:
+            return
+        if mon.store(img):
+            self._check_due, self._check_waited = True, 0
+        elif self._check_due:  # never idle (a camera faster than the engine): run it anyway, late
+            self._check_waited += 1
+            if self._check_waited >= CHECK_MAX_WAIT_FRAMES:
+                self._run_check()
+
+    def _run_check(self) -> None:
+        """Run the due blinking check; log its first report and every flip of ``ok``."""
+        self._check_due = False
+        mon = self._monitor
+        try:
+            report = mon.evaluate()
+        except Exception as e:  # the check must never stop the engine
+            logger.warning("blinking check failed: %s: %s", type(e).__name__, e)
+            return
+        if mon.changed:  # (`livesr engine` logs INFO; a local run shows it via the pipeline)
+            logger.info("blinking check: %s", report.message)
+
+    def _result_info(self) -> dict[str, Any]:
+        """The engine's output_info() plus the latest blinking check, for ResultHeader.info."""
+        info: dict[str, Any] = {}
+        if callable(self._info_fn):
+            try:
+                info.update(self._info_fn())
+            except Exception as e:  # never lose an image over its description
+                info["info_error"] = f"{type(e).__name__}: {e}"[:200]
+        mon = self._monitor
+        if mon is not None and mon.report is not None:
+            if self._check_info[0] is not mon.report:  # flattened once per report
+                self._check_info = (mon.report, {f"blinking_check.{k}": v for k, v in mon.report.as_dict().items()})
+            info.update(self._check_info[1])
+        return info
 
     # ------------------------------------------------------------------ input
     def _count_malformed(self, reason: str, detail: str) -> None:
@@ -583,6 +670,7 @@ class EngineWorker:
             if new_run[a]:
                 self._rolling.reset()
                 self._engine_reset()
+                self._reset_monitor()
             if self._stateful:
                 self._feed_stateful_run(frames[a:b], [i - a for i in dues], t_start)
                 continue
@@ -603,6 +691,8 @@ class EngineWorker:
     def _feed_stateful_run(self, run: list, dues: list[int], t_start: int) -> None:
         """One continuous run of a stateful engine: keep its state, skip outputs (and the oldest
         frames the engine cannot afford, see plan_stateful_feed), publish the newest due output."""
+        for _, img, _ in run:  # the blinking check sees every frame, fed or skipped
+            self._watch(img)
         m = plan_stateful_feed(len(run), per_frame_s=self._cost_frame_s,
                                per_output_s=self._cost_output_s)
         m = max(m, min(len(run), self.window - self._fed))  # a warm-up is fed in full
@@ -660,6 +750,7 @@ class EngineWorker:
         h, img, t_recv = frames[i]
         is_output = i == last_due
         out = None
+        self._watch(img)
         try:
             if self._streaming:
                 if not self._needed(i, last_due, end):
@@ -716,6 +807,7 @@ class EngineWorker:
             frames_dropped=self.stats.frames_dropped,
             stream=h.stream,
             stream_key=h.stream_key,
+            info=self._result_info(),
         )
         # copy=True: an engine may reuse its output buffer on the next push
         self._pub.send_multipart(encode_result(header, out), copy=True)

@@ -145,3 +145,45 @@ def test_headless_demo_run_writes_summary_json_and_recording(tmp_path, capsys):
     assert d["engine"] == "sofi" and d["frames_acquired"] > 30 and d["errors"] == []
     assert d["frames_recorded"] == d["frames_acquired"] == tifffile.imread(rec).shape[0]
     assert d["outputs"] + d["frames_dropped_by_engine"] == d["frames_acquired"] - 4 + 1
+
+
+# ----------------------------------------------------------------------------- SOFI flags
+def test_sofi_flags_map_onto_config_and_engine_options():
+    cfg = parse("replay", "x.tif", "--na", "1.3", "--wavelength-nm", "603", "--pixel-size-um", "0.16",
+                "--lag", "1", "--bleach-order", "1")
+    s = cfg.sofi
+    assert (s.na, s.wavelength_nm, s.pixel_size_um, s.lag, s.bleach_order) == (1.3, 603.0, 0.16, 1, 1)
+    opts = cfg.engine_options(0.2, "from core pixel-size config")
+    assert opts["optics"] == {"na": 1.3, "wavelength_nm": 603.0, "pixel_size_um": 0.16,
+                              "pixel_size_source": "--pixel-size-um"}  # the flag overrides the camera
+    assert opts["lag"] == 1 and opts["bleach_order"] == 1
+    d = parse("demo")
+    assert d.sofi.lag == "auto" and d.sofi.bleach_order == 2
+    assert d.engine_options(0.2, "from core pixel-size config")["optics"] == {
+        "pixel_size_um": 0.2, "pixel_size_source": "from core pixel-size config"}
+    assert parse("demo", "--no-bleach-correction", "--psf-fwhm-nm", "250").engine_options()["bleach_order"] == 0
+    assert "optics" not in parse("demo", "--engine", "convgru").engine_options()  # only sofi takes them
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["demo", "--psf-fwhm-nm", "250", "--na", "1.3"], "not both"),
+    (["demo", "--na", "3"], "na must be in"),
+    (["demo", "--lag", "-1"], "lag must be >= 0"),
+    (["demo", "--lag", "often"], "lag must be 'auto'"),
+    (["demo", "--pixel-size-um", "0"], "positive number"),
+    (["demo", "--bleach-order", "7"], "invalid choice"),
+])
+def test_bad_sofi_flags_are_clear_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_engine_command_takes_the_sofi_flags():
+    from realtime.config import SofiOptions
+    from realtime.remote import EngineServerConfig
+
+    cfg = EngineServerConfig(sofi=SofiOptions(na=1.2, lag=0)).validate()
+    assert cfg.engine_options()["optics"] == {"na": 1.2} and cfg.engine_options()["lag"] == 0
+    with pytest.raises(ValueError, match="na must be"):
+        EngineServerConfig(sofi=SofiOptions(na=9.0)).validate()

@@ -453,3 +453,30 @@ def test_an_mda_sequence_runs_in_the_window_to_its_end(make_window, qtbot, tmp_p
     assert m.frames_acquired == m.frames_recorded == 60 and m.outputs_received > 0
     assert win.views.raw.item.image is not None and win.views.sr.item.image is not None
     assert tifffile.imread(rec).shape == (60, SIZE, SIZE)
+# ------------------------------------------------------------------ what SOFI used, and the blinking check
+def test_sr_view_shows_engine_info_and_no_banner_on_blinking_data(make_window, qtbot):
+    win = make_window(small_config(size=64, window=20))
+    start_and_wait_results(qtbot, win, n=3)
+    qtbot.waitUntil(lambda: "PSF 2.19 px" in win.engine_info_label.text(), timeout=LIVE_TIMEOUT_MS)
+    text = win.engine_info_label.text()
+    assert "default NA 1.4 / 600 nm" in text and "from core pixel-size config" in text
+    assert "lag 0 (auto)" in text and "bleaching correction quadratic" in text
+    assert win.blinking_banner.isHidden()
+    stop_and_wait(qtbot, win)
+
+
+def test_banner_warns_when_the_data_do_not_blink(make_window, qtbot, shared_data):
+    """The real static donut: a visible red warning over the views, in plain words."""
+    donut = shared_data / "real-static-donut-100f.tif"
+    if not donut.exists():
+        pytest.skip(f"unavailable: {donut} not present")
+    win = make_window(small_config(source=str(donut), fps=50.0, window=20))
+    start_and_wait_results(qtbot, win, n=2)
+    qtbot.waitUntil(lambda: win.blinking_banner.isVisible(), timeout=LIVE_TIMEOUT_MS)
+    assert "noise or static fluorescence, not resolved structure" in win.blinking_banner.text()
+    assert "lag 1 (auto)" in win.engine_info_label.text()
+    messages = win.message_area.toPlainText()
+    assert "Blinking check: No independent blinking" in messages and "pixel size is unknown" in messages
+    assert not win.errors  # a warning, not an error
+    win.close()
+    qtbot.waitUntil(lambda: not win.isVisible() and win.state == "idle", timeout=30_000)

@@ -243,3 +243,59 @@ def test_compiled_backend_is_built_before_the_camera_starts():
     assert all(built_at_start.values())
     assert {k: set(v._paths) for k, v in eng.backend_modules.items()} == built_at_start
     assert m.duration_s < 2.0 and first_result[0] < 0.5  # acquisition time, not compile time
+
+
+# ----------------------------------------------------------------------------- SOFI info, blinking check
+def test_replay_static_donut_reports_failed_blinking_check_and_lag(shared_data, tmp_path):
+    """The done-when check in-process: the real donut is flagged (JSON blinking_check.ok false), SOFI
+    chose lag 1, and the unknown pixel size is a warning (not an error: the run did what was asked)."""
+    donut = shared_data / "real-static-donut-100f.tif"
+    if not donut.exists():
+        pytest.skip(f"unavailable: {donut} not present")
+    cfg = _cfg(source=str(donut), fps=400.0, engine="sofi", json=tmp_path / "m.json")
+    pipe = Pipeline(cfg)
+    rec = Recorder(pipe)
+    checks, warnings = [], []
+    pipe.blinkingChecked.connect(checks.append)
+    pipe.warning.connect(warnings.append)
+    m = pipe.run_for(None)
+    assert m.errors == [] and m.frames_acquired == 100
+    d = json.loads((tmp_path / "m.json").read_text())
+    assert d["blinking_check"]["ok"] is False
+    assert d["blinking_check"]["local_correlation"] < 0.1
+    assert "static fluorescence" in d["blinking_check"]["message"]
+    assert d["engine_info"]["lag"] == 1 and d["engine_info"]["bleach_correction"] == "quadratic"
+    assert d["engine_info"]["pixel_size_source"] == "default 0.1 um"
+    assert any("pixel size is unknown" in w for w in d["warnings"]) and warnings
+    assert checks and checks[0]["ok"] is False  # reported once (it never flipped)
+    assert len(checks) == 1
+    h, _ = rec.results[-1]
+    assert h.info["psf_source"].startswith("default NA 1.4") and h.info["blinking_check.ok"] is False
+
+
+def test_replay_nucleus_uses_the_files_pixel_size_and_passes_the_check(shared_data, tmp_path):
+    cfg = _cfg(source=str(shared_data / MOVIE), fps=400.0, engine="sofi", json=tmp_path / "m.json")
+    cfg.sofi.na, cfg.sofi.wavelength_nm = 1.3, 603.0
+    pipe = Pipeline(cfg)
+    m = pipe.run_for(None)
+    # the emitters diffuse, so their correlations are ~2x wider than the optics: the fit is refused once
+    assert m.errors == [] and len(m.warnings) == 1 and "PSF fit rejected" in m.warnings[0]
+    info = m.engine_info
+    assert info["pixel_size_um"] == pytest.approx(0.16) and info["pixel_size_source"].startswith("from file metadata")
+    assert info["psf_fwhm_px"] == pytest.approx(0.51 * 603 / 1.3 / 160, rel=1e-3)
+    assert info["psf_source"] == "NA 1.3 / 603 nm (0.51 lambda/NA)" and info["lag"] == 0
+    assert m.blinking_check is not None and m.blinking_check["ok"] is True
+    d = json.loads((tmp_path / "m.json").read_text())
+    assert d["blinking_check"]["ok"] is True and d["engine_info"]["psf_fwhm_nm"] == pytest.approx(236.55, abs=0.01)
+
+
+def test_every_engine_gets_the_blinking_check():
+    """A non-SOFI engine (no output_info): the results still carry the check, engine_info stays empty.
+
+    (64 px: at 32 px the default scene (seed 0) has almost no structure in view, and the check
+    rightly says shot noise only.)"""
+    pipe = Pipeline(_cfg(size=64), engine=MeanEngine(window=4))
+    m = pipe.run_for(1.0)
+    assert m.errors == [] and m.engine_info == {}
+    assert m.blinking_check is not None and m.blinking_check["ok"] is True  # the simulated demo blinks
+    assert m.blinking_check["n_frames"] in (20, 24)  # the first check (20 frames), then the newest 24

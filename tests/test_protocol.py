@@ -194,3 +194,38 @@ def test_random_garbage_never_raises_anything_else():
             decode([bytes(bad), bytes(_GOOD[1])])
         except ProtocolError:
             pass
+
+
+# ----------------------------------------------------------------------------- ResultHeader.info
+def test_result_info_round_trips_and_defaults_to_empty():
+    img = np.zeros((2, 2), np.float32)
+    plain = ResultHeader(seq_first=0, seq_last=3, t_acq_ns=0, shape=(2, 2), engine="x")
+    assert decode(encode_result(plain, img))[0].info == {}
+    info = {"psf_fwhm_px": 2.19, "psf_source": "default NA 1.4 / 600 nm", "lag": 1, "fit": None,
+            "blinking_check.ok": False}
+    h = ResultHeader(seq_first=0, seq_last=3, t_acq_ns=0, shape=(2, 2), engine="sofi", info=info)
+    assert decode(encode_result(h, img))[0].info == info
+
+
+@pytest.mark.parametrize("info, words", [
+    ({"a": {"nested": 1}}, "must be a string, number, bool or null"),
+    ({"a": [1, 2]}, "must be a string, number, bool or null"),
+    ({"a": float("nan")}, "finite"),
+    ({"a": "x" * 600}, "longer than"),
+    ({"": 1}, "non-empty strings"),
+    ({f"k{i}": i for i in range(65)}, "at most 64"),
+    ([("a", 1)], "must be an object"),
+])
+def test_bad_result_info_is_a_protocol_error(info, words):
+    h = ResultHeader(seq_first=0, seq_last=3, t_acq_ns=0, shape=(2, 2), engine="x", info=info)
+    with pytest.raises(ProtocolError, match=words):
+        encode_result(h, np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("info", [{"a": {"nested": 1}}, {"a": [1]}, "text", {"": 0}])
+def test_received_bad_info_is_a_protocol_error(info):
+    raw = json.dumps({"version": PROTOCOL_VERSION, "kind": "result", "seq_first": 0, "seq_last": 3, "t_acq_ns": 0,
+                      "shape": [2, 2], "engine": "x", "dtype": "float32", "info": info}).encode()
+    with pytest.raises(ProtocolError) as exc:
+        decode([raw, np.zeros((2, 2), np.float32).tobytes()])
+    assert exc.value.reason == "field"
