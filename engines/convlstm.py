@@ -9,6 +9,7 @@ frames since reset, because the state needs that long to accumulate blinking sta
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from engines.nn_common import (
     WeightsError,  # noqa: F401  (re-exported: callers catch engines.convgru.WeightsError)
     build_from_config,
     load_trained,
-    normalise_frames,
+    normalise_with_scale,
     xavier_init,
 )
 
@@ -140,7 +141,9 @@ class ConvLSTMEngine(NetworkEngine):
     that every pushed frame yields an output at the cost of one frame. reconstruct(stack) runs
     the WHOLE stack from zero state (the state depends on every frame seen), exactly as if the
     frames had been pushed after a reset, and returns the last output; it leaves the streaming
-    state untouched.
+    state untouched. Outputs are in ADU^2 (nn_common.OutputConfig): the network's output mapped
+    back with the mean normalisation scale of the trailing `model.cfg.warmup` frames (the
+    training's convention, whatever warm-up this engine reports outputs after).
     """
 
     name = MODEL_NAME
@@ -158,19 +161,21 @@ class ConvLSTMEngine(NetworkEngine):
                          device=device, precision=precision)
         self._state: State | None = None
         self._count = 0
+        self._scales: deque[torch.Tensor] = deque(maxlen=self.model.cfg.warmup)
 
     @property
     def warmup(self) -> int:
         return self.window
 
-    def _step(self, frame: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """frame (H, W) raw -> output (uH, uW) and the new state."""
-        x = normalise_frames(frame[None], self.norm).to(self.model_dtype)  # (1, H, W)
+    def _step(self, frame: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """frame (H, W) raw -> raw output (uH, uW), the new state and the frame's scale."""
+        x, scale = normalise_with_scale(frame[None], self.norm)  # (1, H, W), (1,)
+        x = x.to(self.model_dtype)
         enc = self.model.encoder(x[:, None].contiguous(memory_format=torch.channels_last))
         if state is None:
             state = self.model.zero_state(1, x.shape[-2], x.shape[-1], enc)
         y, state = self.model.step(enc, state)
-        return y[0, 0].float(), state
+        return y[0, 0], state, scale[0]
 
     def reconstruct(self, stack) -> np.ndarray:
         """(T, H, W), T >= warmup: run all T frames from zero state; the last output."""
@@ -179,24 +184,31 @@ class ConvLSTMEngine(NetworkEngine):
             raise ValueError(f"{self.name}: needs at least warmup={self.window} frames, "
                              f"got {t.shape[0]}")
         self._check_spatial(tuple(t.shape), "stack")
-        state = None
+        state, scales = None, deque(maxlen=self.model.cfg.warmup)
         with torch.inference_mode():
             for f in t:
-                y, state = self._step(f, state)
-        return self._to_numpy(y)
+                y, state, scale = self._step(f, state)
+                scales.append(scale)
+            out = self._output(y, torch.stack(tuple(scales)).mean())
+        return self._to_numpy(out)
 
     def push(self, frame) -> np.ndarray | None:
         """Add one (H, W) frame; an output once `warmup` frames were pushed since reset()."""
         t = self._frame_tensor(frame)
         self._frame_shape = (int(t.shape[0]), int(t.shape[1]))
         with torch.inference_mode():
-            y, self._state = self._step(t, self._state)
-        self._count += 1
-        return self._to_numpy(y) if self._count >= self.window else None
+            y, self._state, scale = self._step(t, self._state)
+            self._scales.append(scale)
+            self._count += 1
+            if self._count < self.window:
+                return None
+            out = self._output(y, torch.stack(tuple(self._scales)).mean())
+        return self._to_numpy(out)
 
     def reset(self) -> None:
         super().reset()
         self._state, self._count = None, 0
+        self._scales.clear()
 
 
 def load(*, weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
