@@ -15,8 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
+from acquisition.simulation import STATIC_MARGIN_NM, BlinkingScene, CameraNoise, SimulationConfig
 from acquisition.structures import STRUCTURES
 
 
@@ -125,8 +126,19 @@ def random_structure(rng: np.random.Generator, classes: dict[str, float]) -> str
     return "+".join(MIXABLE[i] for i in sorted(parts))
 
 
-def random_sim_config(rng: np.random.Generator, cfg: DataConfig, seed: int) -> SimulationConfig:
-    """Draw one scene's simulation parameters from the DataConfig ranges."""
+def motion_margin_nm(size: int, drift: tuple[float, float], rot_deg: float, frames: int,
+                     pixel_nm: float = 100.0) -> float:
+    """Sample needed beyond the view so that nothing empty moves in within `frames` frames."""
+    drift_nm = float(np.hypot(*drift)) * frames * pixel_nm
+    rot_nm = size * pixel_nm * np.deg2rad(abs(rot_deg)) * frames  # a corner's path, bounded
+    return STATIC_MARGIN_NM + drift_nm + rot_nm
+
+
+def random_sim_config(rng: np.random.Generator, cfg: DataConfig, seed: int,
+                      horizon: int | None = None) -> SimulationConfig:
+    """Draw one scene's simulation parameters from the DataConfig ranges. A moving sample
+    extends only as far beyond the view as it moves in `horizon` frames (default: the
+    sample's), which keeps dense moving scenes cheap."""
     dt_ms = 1000.0 / cfg.fps
     on_ms = float(rng.uniform(*cfg.on_frames)) * dt_ms
     rho = _logu(rng, cfg.on_ratio)
@@ -168,6 +180,8 @@ def random_sim_config(rng: np.random.Generator, cfg: DataConfig, seed: int) -> S
                            if rng.random() < cfg.p_correlated_noise else 0.0),
         drift_px_per_frame=drift,
         rotation_deg_per_frame=rot,
+        margin_nm=(motion_margin_nm(cfg.size, drift, rot, horizon or cfg.frames)
+                   if drift != (0.0, 0.0) or rot else None),
         camera=random_camera(rng, cfg.p_emccd),
         seed=seed,
     )
@@ -201,14 +215,14 @@ def make_sample(seed: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_batch(seeds: list[int], cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = zip(*(make_sample(s, cfg) for s in seeds))
+    """Samples stacked; numpy's BLAS held to one thread (the simulator's matrix products run
+    ~10x slower with two threads on a shared 2-core CPU)."""
+    with threadpool_limits(1, user_api="blas"):
+        xs, ys = zip(*(make_sample(s, cfg) for s in seeds))
     return np.stack(xs), np.stack(ys)
 
 
 def _worker(args: tuple[list[int], DataConfig]) -> tuple[np.ndarray, np.ndarray]:
-    import os
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     return make_batch(*args)
 
 
@@ -223,7 +237,8 @@ class SampleStream:
                  workers: int = 1, prefetch: int = 8):
         self.cfg, self.batch, self.seed = cfg, batch, seed
         self.k = start_batch
-        self.workers, self.prefetch = workers, prefetch
+        # each batch is one job: keep every worker busy (and one more batch each queued)
+        self.workers, self.prefetch = workers, max(prefetch, 2 * workers)
         self._pool = None
         self._pending: deque = deque()
         self._next_job = start_batch

@@ -72,6 +72,7 @@ class EvaluationConfig:
     weights: dict[str, str] = field(default_factory=dict)  # engine name -> weights file
     out: Path = Path("runs/evaluate")
     device: str = "cpu"
+    threads: int = 1  # torch threads: on a shared CPU more threads run slower, not faster
     figure: bool = True
     progress: bool = True
     # a scene counts only if this fraction of its ground truth (inside the scored border) is
@@ -86,6 +87,8 @@ class EvaluationConfig:
         for name in ("n", "n_wide", "n_zero"):
             if not 0 <= getattr(self, name) <= 1000:
                 raise ValueError(f"{name} must be in 0..1000, got {getattr(self, name)}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.seed < 0 or self.seed > 9_000:
             raise ValueError(f"seed must be in 0..9000, got {self.seed}")
         bad = [s for s in self.sets if s not in SETS]
@@ -157,11 +160,14 @@ class EvaluationConfig:
                     yield dict(set="thesis", cls=cls, seed=seed, cfg=cfg, twin=None)
         if "wide" in self.sets:
             data = DataConfig(size=self.size)
+            horizon = max([self.frames] + [int(parse_engine_spec(e).window or 0)
+                                            for e in self.engines])
 
             def wide() -> Iterator[tuple[int, SimulationConfig]]:
                 for k in range(1000):
                     s = self.scene_seed("wide", 0, k)
-                    yield s, random_sim_config(np.random.default_rng([s, 0x5EED]), data, s)
+                    yield s, random_sim_config(np.random.default_rng([s, 0x5EED]), data, s,
+                                               horizon=horizon)
 
             for seed, cfg in self._with_structure(wide(), self.n_wide):
                 cls = "mixture" if "+" in cfg.structure else cfg.structure
@@ -297,6 +303,15 @@ def score(out: np.ndarray, gt: np.ndarray, pixel_nm: float, twin_out: np.ndarray
 
 def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     """Run the whole evaluation and return the results dict (also what goes into the JSON)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(cfg.threads)
+    with threadpool_limits(cfg.threads, user_api="blas"):  # numpy's BLAS in the simulator too
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     specs = [parse_engine_spec(s) for s in cfg.engines]
     runs = [_load(s, cfg) for s in specs]
     n_frames = max([cfg.frames] + [r.n_input for r in runs if r.status == "ok"])
@@ -591,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable; default: the shipped weights)")
     p.add_argument("--out", type=Path, default=d.out, help="output folder (default %(default)s)")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
     p.add_argument("--no-figure", action="store_true", help="skip the PNG of example reconstructions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -604,6 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size=args.size, frames=args.frames, n=args.n, n_wide=args.n_wide, n_zero=args.n_zero,
             seed=args.seed, engines=_names(args.engines), sets=_names(args.sets),
             classes=_names(args.classes), weights=weights, out=args.out, device=args.device,
+            threads=args.threads,
             figure=not args.no_figure, progress=not args.quiet,
         )
     except ValueError as exc:

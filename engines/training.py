@@ -73,21 +73,23 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-# cpu: a shared 2-core CPU, one torch thread + one data process (~0.7 steps/s ConvGRU,
-# ~0.6 ConvLSTM measured; run hours with --max-minutes); gpu: one GPU and 8 data processes.
-# Patches of 32 px hold a ring, a punctum cluster or a PSF of 3.5 px FWHM with room to spare.
+# cpu: a shared 2-core CPU, one torch thread + one data process (1.14 s/step ConvGRU, 1.63
+# ConvLSTM on a quiet core; run hours with --max-minutes). gpu: one GPU on a 16-core host;
+# there the simulator, not the GPU, bounds the step rate (per process ~14 48-px ConvGRU
+# samples/s, ~4 40-frame ConvLSTM sequences/s: benchmarks/bench_data.py), hence 48-px
+# patches and 14 processes. Patches hold a ring, a punctum cluster or a 3.5 px FWHM PSF.
 PRESETS: dict[tuple[str, str], dict] = {
     ("convgru", "cpu"): dict(steps=20000, batch=4, lr=1e-3, lr_final=1e-5,
                              data=dict(size=32, frames=20)),
-    ("convgru", "gpu"): dict(steps=60000, batch=32, lr=1e-3, lr_final=1e-5, workers=8,
+    ("convgru", "gpu"): dict(steps=40000, batch=32, lr=1e-3, lr_final=1e-5, workers=14,
                              eval_n=64, eval_every=500, ckpt_every=500,
-                             data=dict(size=64, frames=20)),
+                             data=dict(size=48, frames=20)),
     ("convlstm", "cpu"): dict(steps=20000, batch=4, lr=1e-3, lr_final=1e-5, warmup_loss=8,
                               data=dict(size=32, frames=32, per_frame_targets=True,
                                         target_from=8, p_moving=0.5)),
-    ("convlstm", "gpu"): dict(steps=60000, batch=32, lr=1e-3, lr_final=1e-5, warmup_loss=10,
-                              workers=8, eval_n=64, eval_every=500, ckpt_every=500,
-                              data=dict(size=64, frames=40, per_frame_targets=True,
+    ("convlstm", "gpu"): dict(steps=40000, batch=32, lr=1e-3, lr_final=1e-5, warmup_loss=10,
+                              workers=14, eval_n=64, eval_every=500, ckpt_every=500,
+                              data=dict(size=48, frames=40, per_frame_targets=True,
                                         target_from=10, p_moving=0.5)),
 }
 PRESET_ALIASES = {"small": "cpu", "full": "gpu"}  # the names of the first presets
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["convgru", "convlstm"], default="convgru")
     p.add_argument("--config", dest="preset", choices=["cpu", "gpu", *PRESET_ALIASES],
                    default="cpu", help="cpu: a shared 2-core CPU (1 thread + 1 data process); "
-                   "gpu: one GPU, 8 data processes (small/full: old names of cpu/gpu)")
+                   "gpu: one GPU, 14 data processes (small/full: old names of cpu/gpu)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)

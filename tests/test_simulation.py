@@ -70,6 +70,16 @@ def test_single_emitter_lands_on_the_right_pixels():
     assert img.sum() == pytest.approx(1000.0, rel=1e-3)  # photons are conserved
 
 
+def test_both_renderers_agree():
+    """Small frames use one matrix product, large ones a patch per emitter: same pixels."""
+    rng = np.random.default_rng(0)
+    yx = rng.uniform(-3, 27, (300, 2))
+    w = rng.uniform(10, 100, 300)
+    small = render_gaussians(yx, w, (24, 24), 1.1)  # matrix product
+    large = render_gaussians(yx + 40, w, (120, 120), 1.1)[40:64, 40:64]  # patches
+    np.testing.assert_allclose(small, large, rtol=1e-6, atol=1e-9 * w.sum())
+
+
 def test_cumulant_sample_positions_follow_the_sofi_grid():
     """Output pixel k samples simulator coordinate k/2 + 0.5: an emitter at the centre of
     input pixel (10, 20) peaks at output (2*10, 2*20), SOFI's 'real' pixel of (10, 20)."""
