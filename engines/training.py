@@ -146,7 +146,7 @@ def compute_loss(model, x, y, cfg: TrainConfig, norm: NormConfig) -> torch.Tenso
 @torch.no_grad()
 def validation_metrics(model, val: tuple[np.ndarray, np.ndarray], cfg: TrainConfig,
                        norm: NormConfig, device: torch.device) -> dict[str, float]:
-    """On the held-out set: the training loss (a fixed set, so its curve is smooth), and with
+    """On the held-out set: the training loss (a fixed set, so steps compare), and with
     outputs mapped back to ADU^2 as the engine does (ConvLSTM: its last frame, after the
     warm-up) the mean Pearson over scenes whose target has structure and, on zero-target
     scenes (static, empty), the mean output relative to the set's mean target level
