@@ -25,7 +25,7 @@ from engines.nn_common import (
     WeightsError,  # noqa: F401  (re-exported: callers catch engines.convgru.WeightsError)
     build_from_config,
     load_trained,
-    normalise_frames,
+    normalise_with_scale,
     xavier_init,
 )
 
@@ -111,9 +111,11 @@ def load_model(path: str | Path | None = None) -> tuple[ConvGRUNet, NormConfig, 
 class ConvGRUEngine(NetworkEngine):
     """Engine API (CONTRACTS.md section 3) around ConvGRUNet with a cached-encoder window.
 
-    push() encodes only the new frame and keeps the last `window` encodings in a ring; the GRU
-    and decoder then run over the cached encodings. Frames are normalised one by one
-    (nn_common.normalise_frames), so a cached encoding equals a recomputed one exactly.
+    push() encodes only the new frame and keeps the last `window` encodings (and normalisation
+    scales) in a ring; the GRU and decoder then run over the cached encodings. Frames are
+    normalised one by one (nn_common.normalise_with_scale), so a cached encoding equals a
+    recomputed one exactly. Outputs are in ADU^2 (nn_common.OutputConfig): the network's
+    output mapped back with the mean scale of the window's frames.
     """
 
     name = MODEL_NAME
@@ -129,32 +131,36 @@ class ConvGRUEngine(NetworkEngine):
         super().__init__(model, norm, config, int(window or model.cfg.window),
                          device=device, precision=precision)
         self._enc: deque[torch.Tensor] = deque(maxlen=self.window)
+        self._scales: deque[torch.Tensor] = deque(maxlen=self.window)
 
-    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """(T, H, W) raw float32 -> (T, C, H, W) encodings."""
-        x = normalise_frames(frames, self.norm).to(self.model_dtype)
-        return self.model.encode(x[None])[0]
+    def _encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H, W) raw float32 -> (T, C, H, W) encodings and the (T,) frame scales."""
+        x, scale = normalise_with_scale(frames, self.norm)
+        return self.model.encode(x.to(self.model_dtype)[None])[0], scale
 
-    def _fuse_decode(self, enc: torch.Tensor) -> torch.Tensor:
-        return self.model.fuse_decode(enc[None])[0, 0].float()
+    def _fuse_decode(self, enc: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return self._output(self.model.fuse_decode(enc[None])[0, 0], scales.mean())
 
     def _reconstruct(self, frames: torch.Tensor) -> torch.Tensor:
-        return self._fuse_decode(self._encode(frames))
+        return self._fuse_decode(*self._encode(frames))
 
     def push(self, frame) -> np.ndarray | None:
         """Add one (H, W) frame; the newest window's output once `window` frames were pushed."""
         t = self._frame_tensor(frame)
         self._frame_shape = (int(t.shape[0]), int(t.shape[1]))
         with torch.inference_mode():
-            self._enc.append(self._encode(t[None])[0])
+            enc, scale = self._encode(t[None])
+            self._enc.append(enc[0])
+            self._scales.append(scale[0])
             if len(self._enc) < self.window:
                 return None
-            out = self._fuse_decode(torch.stack(tuple(self._enc)))
+            out = self._fuse_decode(torch.stack(tuple(self._enc)), torch.stack(tuple(self._scales)))
         return self._to_numpy(out)
 
     def reset(self) -> None:
         super().reset()
         self._enc.clear()
+        self._scales.clear()
 
 
 def load(*, weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",

@@ -16,6 +16,7 @@ worker can decide how many queued frames to feed (realtime.worker.plan_stateful_
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from engines.nn_common import (
     WeightsError,  # noqa: F401  (re-exported: callers catch engines.convgru.WeightsError)
     build_from_config,
     load_trained,
-    normalise_frames,
+    normalise_with_scale,
     xavier_init,
 )
 
@@ -149,7 +150,9 @@ class ConvLSTMEngine(NetworkEngine):
     that every pushed frame yields an output at the cost of one frame. reconstruct(stack) runs
     the WHOLE stack from zero state (the state depends on every frame seen), exactly as if the
     frames had been pushed after a reset, and returns the last output; it leaves the streaming
-    state untouched.
+    state untouched. Outputs are in ADU^2 (nn_common.OutputConfig): the network's output mapped
+    back with the mean normalisation scale of the trailing `model.cfg.warmup` frames (the
+    training's convention, whatever warm-up this engine reports outputs after).
     """
 
     name = MODEL_NAME
@@ -169,6 +172,7 @@ class ConvLSTMEngine(NetworkEngine):
                          device=device, precision=precision)
         self._state: State | None = None
         self._count = 0
+        self._scales: deque[torch.Tensor] = deque(maxlen=self.model.cfg.warmup)
         #: (seconds spent ingesting frames, seconds making the output) of the last push/push_many
         self.last_cost: tuple[float, float] | None = None
 
@@ -176,10 +180,11 @@ class ConvLSTMEngine(NetworkEngine):
     def warmup(self) -> int:
         return self.window
 
-    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (N, H, W) raw -> encodings (N, C, H, W)."""
-        x = normalise_frames(frames, self.norm).to(self.model_dtype)
-        return self.model.encoder(x[:, None].contiguous(memory_format=torch.channels_last))
+    def _encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames (N, H, W) raw -> encodings (N, C, H, W) and each frame's scale (N,)."""
+        x, scale = normalise_with_scale(frames, self.norm)
+        x = x.to(self.model_dtype)
+        return self.model.encoder(x[:, None].contiguous(memory_format=torch.channels_last)), scale
 
     def _update(self, enc: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """One frame's cell updates from its (1, C, H, W) encoding."""
@@ -187,10 +192,9 @@ class ConvLSTMEngine(NetworkEngine):
             state = self.model.zero_state(1, enc.shape[-2], enc.shape[-1], enc)
         return self.model.update(enc, state)
 
-    def _step(self, frame: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """frame (H, W) raw -> output (uH, uW) and the new state."""
-        h, state = self._update(self._encode(frame[None]), state)
-        return self.model.decoder(h)[0, 0].float(), state
+    def _decode(self, h: torch.Tensor, scales: deque[torch.Tensor]) -> torch.Tensor:
+        """Last layer's hidden state -> the engine's image (ADU^2), with the trailing scales."""
+        return self._output(self.model.decoder(h)[0, 0], torch.stack(tuple(scales)).mean())
 
     def reconstruct(self, stack) -> np.ndarray:
         """(T, H, W), T >= warmup: run all T frames from zero state; the last output."""
@@ -199,11 +203,14 @@ class ConvLSTMEngine(NetworkEngine):
             raise ValueError(f"{self.name}: needs at least warmup={self.window} frames, "
                              f"got {t.shape[0]}")
         self._check_spatial(tuple(t.shape), "stack")
-        state = None
+        state, scales = None, deque(maxlen=self.model.cfg.warmup)
         with torch.inference_mode():
             for f in t:
-                y, state = self._step(f, state)
-        return self._to_numpy(y)
+                enc, scale = self._encode(f[None])
+                h, state = self._update(enc, state)
+                scales.append(scale[0])
+            out = self._decode(h, scales)
+        return self._to_numpy(out)
 
     def push(self, frame) -> np.ndarray | None:
         """Add one (H, W) frame; an output once `warmup` frames were pushed since reset()."""
@@ -227,21 +234,23 @@ class ConvLSTMEngine(NetworkEngine):
         with torch.inference_mode():
             h = None
             for i in range(0, len(ts), self.encode_batch):
-                enc = self._encode(torch.stack(ts[i:i + self.encode_batch]))
+                enc, scale = self._encode(torch.stack(ts[i:i + self.encode_batch]))
                 for j in range(enc.shape[0]):
                     h, self._state = self._update(enc[j:j + 1], self._state)
+                    self._scales.append(scale[j])
             self._count += len(ts)
             t1 = time.perf_counter()
             if self._count < self.window or not output:
                 self.last_cost = (t1 - t0, 0.0)
                 return None
-            out = self._to_numpy(self.model.decoder(h)[0, 0].float())
+            out = self._to_numpy(self._decode(h, self._scales))
         self.last_cost = (t1 - t0, time.perf_counter() - t1)
         return out
 
     def reset(self) -> None:
         super().reset()
         self._state, self._count = None, 0
+        self._scales.clear()
 
 
 def load(*, weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",

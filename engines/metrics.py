@@ -1,9 +1,11 @@
 """Image-quality metrics for super-resolved reconstructions (thesis appendix B).
 
-Why these four: Pearson correlation says how well intensities follow the ground
+Why these: Pearson correlation says how well intensities follow the ground
 truth, decorrelation analysis measures the resolution actually reached (no ground
-truth needed), and Li-binarised TPR / TNR say whether structure is missing or
-invented, independently of each method's brightness scale.
+truth needed), Li-binarised TPR / TNR say whether structure is missing or
+invented, independently of each method's brightness scale, and the invented-structure
+share says how much of what an output claims lies away from any reference structure
+(usable on real movies, with long-window SOFI as the reference).
 
 numpy / scipy / scikit-image only: the neural engineer uses these for the model
 card and the GUI may use them on live data, so nothing here imports torch or Qt.
@@ -27,6 +29,7 @@ __all__ = [
     "decorrelation_analysis",
     "decorrelation_resolution",
     "evaluate_image",
+    "invented_structure",
     "li_threshold",
     "pearson",
     "sublattice_ratio",
@@ -145,6 +148,31 @@ def tpr_tnr(pred: np.ndarray, gt: np.ndarray, *, align: bool = False, max_shift:
     tpr = tp / (tp + fn) if tp + fn else float("nan")
     tnr = tn / (tn + fp) if tn + fp else float("nan")
     return tpr, tnr
+
+
+def invented_structure(pred: np.ndarray, reference: np.ndarray, *, min_distance: float = 2.0,
+                       border: int = 3) -> float:
+    """Share of `pred`'s claimed structure lying at least `min_distance` pixels (of the
+    reference's grid; 2 = one input pixel on the 2x grid) from any reference structure.
+
+    Claimed structure and reference structure are each image's Li-thresholded foreground,
+    so the measure needs no common brightness scale and works on simulations (reference: the
+    thresholded ground truth) and real movies alike (reference: SOFI of a long window).
+    `pred` is resampled onto the reference grid but not shifted: outputs are pixel-aligned
+    with the reference by construction, and a shifted structure counts as invented. A
+    `border` of pixels is left out (SOFI's last row and column are empty). NaN when the
+    reference has no structure or `pred` claims none.
+    """
+    ref = _crop(_as_2d_float(reference, "reference"), border)
+    p = _crop(_to_shape(_as_2d_float(pred, "pred"), reference.shape), border)
+    if np.ptp(ref) == 0 or np.ptp(p) == 0:
+        return float("nan")
+    ref_mask = ref > li_threshold(ref)
+    claimed = p > li_threshold(p)
+    if not ref_mask.any() or not claimed.any():
+        return float("nan")
+    dist = ndimage.distance_transform_edt(~ref_mask)
+    return float(np.count_nonzero(claimed & (dist >= min_distance)) / np.count_nonzero(claimed))
 
 
 # --------------------------------------------------------------------------- decorrelation

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,9 @@ def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
     return x.kthvalue(k, dim=-1).values
 
 
-def normalise_frames(frames: torch.Tensor, cfg: NormConfig) -> torch.Tensor:
-    """Normalise each (H, W) frame of a (..., H, W) tensor by its own median and MAD."""
+def normalise_with_scale(frames: torch.Tensor, cfg: NormConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise each (H, W) frame of a (..., H, W) tensor by its own median and MAD; also
+    return each frame's scale (..., ) in input units (ADU), which maps outputs back."""
     lead = frames.shape[:-2]
     flat = frames.reshape(-1, frames.shape[-2] * frames.shape[-1]).float()
     med = _kth(flat, 0.5)
@@ -61,7 +63,65 @@ def normalise_frames(frames: torch.Tensor, cfg: NormConfig) -> torch.Tensor:
     mad = _kth(dev.abs(), 0.5) * 1.4826
     rng = flat.amax(dim=-1) - flat.amin(dim=-1)
     scale = torch.maximum(mad, cfg.min_rel_scale * rng).clamp_min(cfg.eps) * cfg.unit
-    return (dev / scale[:, None]).reshape(*lead, frames.shape[-2], frames.shape[-1])
+    normed = (dev / scale[:, None]).reshape(*lead, frames.shape[-2], frames.shape[-1])
+    return normed, scale.reshape(lead)
+
+
+def normalise_frames(frames: torch.Tensor, cfg: NormConfig) -> torch.Tensor:
+    """Normalise each (H, W) frame of a (..., H, W) tensor by its own median and MAD."""
+    return normalise_with_scale(frames, cfg)[0]
+
+
+# --------------------------------------------------------------------------- output
+
+
+@dataclass
+class OutputConfig:
+    """What the network's output means (stored in the weights file as "output").
+
+    The target is the expected second-order cumulant image in ADU^2 (what SOFI of infinitely
+    many noise-free frames shows, acquisition.simulation.BlinkingScene.expected_cumulant).
+    The network predicts a = sqrt(target) / s, s the mean normalisation scale of the frames
+    that make the output (ConvGRU: its window; ConvLSTM: the trailing `warmup` frames), so
+    the loss sees values in units of noise whatever the camera, and the engine returns
+    (max(a, 0) s)^2 in ADU^2, directly comparable with the `sofi` engine's output.
+    """
+
+    target: str = "expected_cumulant2"
+    representation: str = "sqrt_over_scale"
+    units: str = "ADU^2"
+
+
+OUTPUT = OutputConfig()
+LEGACY_NOTE = ("legacy weights (no 'output' key: trained towards the old target, every emitter "
+               "blurred with half the PSF, which rewards drawing structure the data do not "
+               "carry); outputs are in arbitrary units, not ADU^2. Retrain with `livesr train`.")
+
+
+def encode_target(target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Target in ADU^2 (..., H, W) -> network representation sqrt(target) / scale (...)."""
+    return target.clamp_min(0).sqrt() / scale[..., None, None]
+
+
+def decode_output(a: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Network output a (..., H, W) -> ADU^2: (max(a, 0) * scale)^2."""
+    s = scale[..., None, None] if isinstance(scale, torch.Tensor) else scale
+    return (a.clamp_min(0) * s).square()
+
+
+def trailing_mean(scales: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over the last `window` entries (fewer at the start) along dim 1 of (B, T): the
+    ConvLSTM's output scale at every frame, as its engine keeps it."""
+    c = torch.cumsum(scales.double(), dim=1)
+    shifted = torch.zeros_like(c)
+    shifted[:, window:] = c[:, :-window]
+    n = torch.clamp(torch.arange(1, scales.shape[1] + 1, device=scales.device), max=window)
+    return ((c - shifted) / n).to(scales.dtype)
+
+
+def is_legacy(config: dict[str, Any]) -> bool:
+    """A weights config from a file written before outputs were cumulants (no "output" key)."""
+    return bool(config) and "output" not in config
 
 
 # --------------------------------------------------------------------------- layers
@@ -147,25 +207,6 @@ def xavier_init(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- losses
 
 
-def fourier_loss(pred: torch.Tensor, target: torch.Tensor, phase_weight: float = 1.0,
-                 ) -> torch.Tensor:
-    """Thesis eq. 4.5: L1 of amplitude + L1 of (wrapped) phase over the half spectrum (rfft2).
-
-    No frequency normalisation (as in the thesis). The phase term is undefined where the
-    amplitude is ~0, so each phase difference is weighted by the target amplitude relative
-    to its mean (weights average to 1): noisy near-empty frequencies count less.
-    """
-    P = torch.fft.rfft2(pred.float())
-    Y = torch.fft.rfft2(target.float())
-    amp = (P.abs() - Y.abs()).abs().mean()
-    if phase_weight == 0:
-        return amp
-    dphi = torch.angle(P * Y.conj()).abs()  # wrapped difference in [0, pi]
-    w = Y.abs()
-    w = w / w.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-    return amp + phase_weight * (w * dphi).mean()
-
-
 def pearson_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean (1 - Pearson r) over images; images whose target is flat (no structure) are skipped."""
     p = pred.flatten(-2).float()
@@ -180,20 +221,35 @@ def pearson_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - r[ok]).mean()
 
 
-def combined_loss(pred: torch.Tensor, target: torch.Tensor, *, fourier_weight: float = 1.0,
-                  phase_weight: float = 1.0, l1_weight: float = 0.0,
-                  pearson_weight: float = 0.0) -> torch.Tensor:
-    """Fourier loss plus optional pixel L1 and (1 - Pearson) terms.
+def combined_loss(pred: torch.Tensor, target: torch.Tensor, *, mse_weight: float = 1.0,
+                  l1_weight: float = 0.0, pearson_weight: float = 0.0,
+                  image_floor: float = 0.0) -> torch.Tensor:
+    """Per-pixel MSE (+ optional L1 and (1 - Pearson)) on the network representation.
 
-    The L1 term is scaled by sqrt(number of pixels) so it stays comparable with the
-    unnormalised spectrum, which grows with image size.
+    Why MSE: its minimiser is the conditional mean, the honest estimate where the data are
+    ambiguous (a faint haze, not a confident guess). A small L1 term pulls the many pixels
+    whose target is exactly zero (nothing blinks there) to zero. The thesis's Fourier phase
+    term is gone: it rewards sharp edges whether or not the data support them.
+
+    `image_floor` > 0 makes the terms relative per image (each (..., H, W) slice): MSE over
+    (mean target^2 + floor^2), L1 over (rms target + floor). Targets span a factor ~20 in
+    rms over the training domain (40-1000 photons, on-ratios 0.2-5 %), so a plain MSE would
+    learn almost only from the brightest scenes; the floor keeps images whose target is
+    zero (static, empty) weighted strongly, so any output there costs.
     """
     loss = pred.new_zeros(())
-    if fourier_weight:
-        loss = loss + fourier_weight * fourier_loss(pred, target, phase_weight)
+    err = pred.float() - target.float()
+    t = target.float()
+    if mse_weight:
+        se = err.square()
+        if image_floor:
+            se = se / (t.square().mean((-2, -1), keepdim=True) + image_floor**2)
+        loss = loss + mse_weight * se.mean()
     if l1_weight:
-        npx = float(pred.shape[-1] * pred.shape[-2])
-        loss = loss + l1_weight * (pred - target).abs().mean() * npx ** 0.5
+        ae = err.abs()
+        if image_floor:
+            ae = ae / (t.square().mean((-2, -1), keepdim=True).sqrt() + image_floor)
+        loss = loss + l1_weight * ae.mean()
     if pearson_weight:
         loss = loss + pearson_weight * pearson_loss(pred, target)
     return loss
@@ -210,7 +266,8 @@ def config_from_dict(cls: type, d: dict[str, Any]):
 
 def save_weights(path: str | Path, model: nn.Module, *, model_name: str, arch: Any,
                  norm: NormConfig, training: dict[str, Any] | None = None) -> Path:
-    """Save state_dict + a JSON-serialisable config that rebuilds the exact model."""
+    """Save state_dict + a JSON-serialisable config that rebuilds the exact model and says
+    what its output means ("output": OutputConfig, the current representation)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {
@@ -218,6 +275,7 @@ def save_weights(path: str | Path, model: nn.Module, *, model_name: str, arch: A
         "model": model_name,
         "arch": asdict(arch),
         "norm": asdict(norm),
+        "output": asdict(OUTPUT),
         "training": training or {},
         "saved_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -249,6 +307,11 @@ def read_weights(path: str | Path, model_name: str) -> tuple[dict[str, Any], dic
     if config.get("model") != model_name:
         raise WeightsError(f"weights file {path} holds a {config.get('model')!r} model, "
                            f"not {model_name!r}")
+    out = config.get("output")
+    if out is not None and (not isinstance(out, dict)
+                            or any(out.get(k) != v for k, v in asdict(OUTPUT).items())):
+        raise WeightsError(f"weights file {path} has outputs of kind {out!r}; this livesr maps "
+                           f"only {asdict(OUTPUT)} back to images")
     return config, blob["state_dict"]
 
 
@@ -292,10 +355,18 @@ def load_trained(path: str | Path, model_name: str, build) -> tuple[nn.Module, N
     return model, norm, config
 
 
+class LegacyWeightsWarning(UserWarning):
+    """A weights file from before outputs were cumulant images (see LEGACY_NOTE)."""
+
+
 class NetworkEngine(EngineBase):
     """What both neural engines share: the model on the device in the chosen precision
     (channels_last: oneDNN runs these few-channel convolutions ~5x faster on CPU), the input
-    normalisation and the weights file's config."""
+    normalisation, the weights file's config and the mapping of outputs back to ADU^2.
+
+    `legacy` is True for a weights file without an "output" key: its raw output is returned
+    as it is (arbitrary units) and a LegacyWeightsWarning says so once, at load.
+    """
 
     def __init__(self, model: nn.Module, norm: NormConfig | None, config: dict, window: int, *,
                  device: str, precision: str):
@@ -305,3 +376,11 @@ class NetworkEngine(EngineBase):
         self.model = model.to(self.device, self.model_dtype, memory_format=torch.channels_last).eval()
         self.norm = norm or NormConfig()
         self.upsample = model.cfg.upsample
+        self.legacy = is_legacy(config)
+        self.output_units = "arbitrary (legacy weights)" if self.legacy else OUTPUT.units
+        if self.legacy:
+            warnings.warn(f"{self.name}: {LEGACY_NOTE}", LegacyWeightsWarning, stacklevel=3)
+
+    def _output(self, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Raw network output (uH, uW) and its scale -> the engine's image (ADU^2)."""
+        return a.float() if self.legacy else decode_output(a.float(), scale.float())

@@ -29,21 +29,32 @@ import numpy as np
 import torch
 
 from engines.data import DataConfig, SampleStream, heldout_set
-from engines.nn_common import NormConfig, WEIGHTS_DIR, combined_loss, normalise_frames, save_weights
+from engines.nn_common import (
+    NormConfig,
+    WEIGHTS_DIR,
+    combined_loss,
+    decode_output,
+    encode_target,
+    normalise_with_scale,
+    save_weights,
+    trailing_mean,
+)
 
 
 @dataclass
 class LossConfig:
-    fourier_weight: float = 1.0
-    phase_weight: float = 0.1   # phase term weighted down: it is noisy where amplitudes ~ 0
-    l1_weight: float = 1.0
+    """Loss on the network representation a = sqrt(target) / s (nn_common.combined_loss)."""
+
+    mse_weight: float = 1.0      # conditional mean: honest where the data are ambiguous
+    l1_weight: float = 0.02      # pulls the many exact-zero pixels (nothing blinks) to zero
     pearson_weight: float = 0.0  # (1 - Pearson r) term: the evaluation's headline metric
+    image_floor: float = 0.02    # terms relative per image (0: plain MSE), see combined_loss
 
 
 @dataclass
 class TrainConfig:
     model: str = "convgru"            # convgru | convlstm
-    preset: str = "small"             # small (2 CPU cores, < 1 h) | full (GPU)
+    preset: str = "cpu"               # cpu (shared 2-core CPU) | gpu (see PRESETS)
     steps: int = 1500
     batch: int = 8
     lr: float = 1e-3
@@ -68,17 +79,26 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-# small: sized for a shared 2-core CPU (one thread each, ~1 h); full: for a GPU.
+# cpu: a shared 2-core CPU, one torch thread + one data process (1.14 s/step ConvGRU, 1.63
+# ConvLSTM on a quiet core; run hours with --max-minutes). gpu: one GPU on a 16-core host;
+# there the simulator, not the GPU, bounds the step rate (per process ~14 48-px ConvGRU
+# samples/s, ~4 40-frame ConvLSTM sequences/s: benchmarks/bench_data.py), hence 48-px
+# patches and 14 processes. Patches hold a ring, a punctum cluster or a 3.5 px FWHM PSF.
 PRESETS: dict[tuple[str, str], dict] = {
-    ("convgru", "small"): dict(steps=3000, batch=4, data=dict(size=24, frames=20)),
-    ("convgru", "full"): dict(steps=30000, batch=16, data=dict(size=64, frames=20)),
-    ("convlstm", "small"): dict(steps=3000, batch=4, warmup_loss=8,
-                                data=dict(size=24, frames=24, per_frame_targets=True,
-                                          target_from=8, p_moving=0.5)),
-    ("convlstm", "full"): dict(steps=30000, batch=16, warmup_loss=10,
-                               data=dict(size=64, frames=40, per_frame_targets=True,
-                                         target_from=10, p_moving=0.5)),
+    ("convgru", "cpu"): dict(steps=20000, batch=4, lr=1e-3, lr_final=1e-5,
+                             data=dict(size=32, frames=20)),
+    ("convgru", "gpu"): dict(steps=40000, batch=32, lr=1e-3, lr_final=1e-5, workers=14,
+                             eval_n=64, eval_every=500, ckpt_every=500,
+                             data=dict(size=48, frames=20)),
+    ("convlstm", "cpu"): dict(steps=20000, batch=4, lr=1e-3, lr_final=1e-5, warmup_loss=8,
+                              data=dict(size=32, frames=32, per_frame_targets=True,
+                                        target_from=8, p_moving=0.5)),
+    ("convlstm", "gpu"): dict(steps=40000, batch=32, lr=1e-3, lr_final=1e-5, warmup_loss=10,
+                              workers=14, eval_n=64, eval_every=500, ckpt_every=500,
+                              data=dict(size=48, frames=40, per_frame_targets=True,
+                                        target_from=10, p_moving=0.5)),
 }
+PRESET_ALIASES = {"small": "cpu", "full": "gpu"}  # the names of the first presets
 
 
 def _build(cfg: TrainConfig):
@@ -107,38 +127,58 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def predict(model, x: torch.Tensor, norm: NormConfig, model_name: str, decode_from: int = 0
-            ) -> torch.Tensor:
-    """Raw frames (B, T, H, W) -> outputs: (B, uH, uW) for ConvGRU, (B, T', uH, uW) for the
-    ConvLSTM (frames decode_from.. only)."""
-    xn = normalise_frames(x, norm)
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw frames (B, T, H, W) -> raw network outputs a and the scales that map them back:
+    ConvGRU (B, uH, uW) and (B,) (mean over the window); ConvLSTM (B, T', uH, uW) and
+    (B, T') (trailing mean over the arch's warm-up), for frames decode_from.. only."""
+    xn, scale = normalise_with_scale(x, norm)
     if model_name == "convgru":
-        return model(xn)[:, 0]
-    return model(xn, decode_from=decode_from)[0]
+        return model(xn)[:, 0], scale.mean(dim=1)
+    out = model(xn, decode_from=decode_from)[0]
+    return out, trailing_mean(scale, model.cfg.warmup)[:, decode_from:]
 
 
 def compute_loss(model, x, y, cfg: TrainConfig, norm: NormConfig) -> torch.Tensor:
+    """Loss between the network output and the target (ADU^2) in the network representation."""
     kw = asdict(cfg.loss)
     if cfg.model == "convgru":
-        return combined_loss(predict(model, x, norm, cfg.model), y, **kw)
+        a, scale = predict(model, x, norm, cfg.model)
+        return combined_loss(a, encode_target(y, scale), **kw)
     s = cfg.warmup_loss
-    out = predict(model, x, norm, cfg.model, decode_from=s)
-    return combined_loss(out, y[:, s:], **kw)
+    a, scale = predict(model, x, norm, cfg.model, decode_from=s)
+    return combined_loss(a, encode_target(y[:, s:], scale), **kw)
 
 
 @torch.no_grad()
-def evaluate(model, val: tuple[np.ndarray, np.ndarray], cfg: TrainConfig, norm: NormConfig,
-             device: torch.device) -> float:
-    """Mean Pearson on the held-out set (ConvLSTM: last frame, i.e. after the warm-up)."""
+def validation_metrics(model, val: tuple[np.ndarray, np.ndarray], cfg: TrainConfig,
+                       norm: NormConfig, device: torch.device) -> dict[str, float]:
+    """On the held-out set: the training loss (a fixed set, so steps compare), and with
+    outputs mapped back to ADU^2 as the engine does (ConvLSTM: its last frame, after the
+    warm-up) the mean Pearson over scenes whose target has structure and, on zero-target
+    scenes (static, empty), the mean output relative to the set's mean target level
+    (0 = invents nothing)."""
     model.eval()
     x = torch.from_numpy(val[0]).to(device)
-    last = x.shape[1] - 1
-    out = predict(model, x, norm, cfg.model, decode_from=last).cpu().numpy()
+    loss = float(compute_loss(model, x, torch.from_numpy(val[1]).to(device), cfg, norm))
+    a, scale = predict(model, x, norm, cfg.model, decode_from=x.shape[1] - 1)
     model.train()
     if cfg.model == "convlstm":
-        out, tgt = out[:, -1], val[1][:, -1]
+        a, scale, tgt = a[:, -1], scale[:, -1], val[1][:, -1]
     else:
         tgt = val[1]
-    return float(np.mean([pearson(o, t) for o, t in zip(out, tgt)]))
+    out = decode_output(a, scale).cpu().numpy()
+    has = tgt.reshape(len(tgt), -1).max(1) > 0
+    level = float(tgt[has].mean()) if has.any() else 1.0
+    return {"pearson": float(np.mean([pearson(o, t) for o, t in zip(out[has], tgt[has])]))
+            if has.any() else float("nan"),
+            "zero_level": float(out[~has].mean() / level) if (~has).any() else float("nan"),
+            "loss": loss}
+
+
+def evaluate(model, val: tuple[np.ndarray, np.ndarray], cfg: TrainConfig, norm: NormConfig,
+             device: torch.device) -> float:
+    """Mean held-out Pearson (see validation_metrics)."""
+    return validation_metrics(model, val, cfg, norm, device)["pearson"]
 
 
 def _rng_state() -> dict:
@@ -189,6 +229,7 @@ def train(cfg: TrainConfig) -> Path:
     """Run training; returns the path of the final weights file."""
     from tqdm import tqdm
 
+    cfg.data = dataclasses.replace(cfg.data)  # validates ranges set by presets and flags
     out, final = output_paths(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -214,6 +255,7 @@ def train(cfg: TrainConfig) -> Path:
         elapsed0 = float(ck.get("elapsed_s", 0.0))
         _set_rng_state(ck["rng"])
         print(f"resumed from {cfg.resume} at step {step}", flush=True)
+    step0 = step
     n_params = sum(p.numel() for p in model.parameters())
     val = heldout_set(cfg.eval_n, cfg.data)
     stream = SampleStream(cfg.data, cfg.batch, seed=cfg.seed, start_batch=step,
@@ -270,9 +312,13 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{ema:.4f}")
             rec = {"step": step, "loss": lv, "lr": opt.param_groups[0]["lr"],
                    "t": round(time.time() - t0, 1)}
+            if step - step0 == BUDGET_PROBE_STEPS:
+                bar.write(_budget_line(step, step0, time.time() - t0, elapsed0, cfg))
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                rec["val_pearson"] = evaluate(model, val, cfg, norm, device)
-                bar.write(f"step {step} loss {ema:.4f} val_pearson {rec['val_pearson']:.4f} "
+                vm = validation_metrics(model, val, cfg, norm, device)
+                rec.update({f"val_{k}": v for k, v in vm.items()})
+                bar.write(f"step {step} loss {ema:.4f} val_loss {vm['loss']:.4f} val_pearson "
+                          f"{vm['pearson']:.4f} zero_level {vm['zero_level']:.3f} "
                           f"({rec['t']:.0f} s)")
                 if rec["val_pearson"] > best:
                     best = rec["val_pearson"]
@@ -293,6 +339,22 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
+BUDGET_PROBE_STEPS = 20  # steps timed before the time budget is printed
+
+
+def _budget_line(step: int, step0: int, run_s: float, elapsed0: float, cfg: TrainConfig) -> str:
+    """Measured speed and what the run will cost: the printed time budget."""
+    per = run_s / max(step - step0, 1)
+    left = max(cfg.steps - step, 0) * per
+    line = (f"time budget: {per:.2f} s/step measured over {step - step0} steps; "
+            f"{cfg.steps} steps need ~{(elapsed0 + run_s + left) / 60:.0f} min in all "
+            f"(~{left / 60:.0f} min left)")
+    if cfg.max_minutes:
+        reach = step + max(cfg.max_minutes * 60 - elapsed0 - run_s, 0) / per
+        line += f"; --max-minutes {cfg.max_minutes:g} stops it near step {min(reach, cfg.steps):.0f}"
+    return line
+
+
 def _jsonable(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     return json.loads(json.dumps(d, default=str))
@@ -311,8 +373,9 @@ def _merge(obj, overrides: dict):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livesr train", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["convgru", "convlstm"], default="convgru")
-    p.add_argument("--config", dest="preset", choices=["small", "full"], default="small",
-                   help="small: CPU (2 cores, < 1 h); full: GPU-sized run")
+    p.add_argument("--config", dest="preset", choices=["cpu", "gpu", *PRESET_ALIASES],
+                   default="cpu", help="cpu: a shared 2-core CPU (1 thread + 1 data process); "
+                   "gpu: one GPU, 14 data processes (small/full: old names of cpu/gpu)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
@@ -320,10 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, help="training patch size in input pixels")
     p.add_argument("--frames", type=int, help="frames per sample (ConvGRU window / LSTM sequence)")
     p.add_argument("--hidden", type=int, help="hidden channels (default: architecture's)")
-    p.add_argument("--target", choices=["gt", "sofi"], help="ground truth or many-frame SOFI")
+    p.add_argument("--mse-weight", type=float)
     p.add_argument("--l1-weight", type=float)
-    p.add_argument("--phase-weight", type=float)
-    p.add_argument("--fourier-weight", type=float)
+    p.add_argument("--image-floor", type=float,
+                   help="per-image relative loss floor (0: plain MSE on sqrt(target)/scale)")
     p.add_argument("--pearson-weight", type=float)
     p.add_argument("--out", help="run folder: log.jsonl, ckpt.pt, <model>.pt (default: "
                    "<user data dir>/livesr/runs/<model>-<time>)")
@@ -344,9 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig(model=args.model, preset=args.preset)
-    _merge(cfg, PRESETS[(args.model, args.preset)])
-    if args.preset == "full":
+    preset = PRESET_ALIASES.get(args.preset, args.preset)
+    cfg = TrainConfig(model=args.model, preset=preset)
+    _merge(cfg, PRESETS[(args.model, preset)])
+    if preset == "gpu":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     simple = {"steps": "steps", "batch": "batch", "lr": "lr", "lr_final": "lr_final",
               "hidden": "hidden", "out": "out", "weights_out": "weights_out",
@@ -361,9 +425,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.data.size = args.patch
     if args.frames is not None:
         cfg.data.frames = args.frames
-    if args.target is not None:
-        cfg.data.target = args.target
-    for a in ("l1_weight", "phase_weight", "fourier_weight", "pearson_weight"):
+    for a in ("mse_weight", "l1_weight", "image_floor", "pearson_weight"):
         v = getattr(args, a)
         if v is not None:
             setattr(cfg.loss, a, v)

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import engines
+from acquisition.simulation import BlinkingScene
 from engines.evaluation import (
     EVAL_SEED_BASE,
+    ZERO_KINDS,
     EngineRun,
     EngineSpec,
     EvaluationConfig,
@@ -19,10 +21,21 @@ from engines.evaluation import (
     evaluate,
     main,
     parse_engine_spec,
+    zero_target_config,
 )
+from engines.nn_common import WEIGHTS_DIR, read_weights
 from engines.sofi import SofiEngine
 
 torch.set_num_threads(1)
+
+LEGACY_REASON = "legacy weights; retrained weights pending"
+
+
+def _shipped_is_legacy() -> bool:
+    """True while a shipped file predates cumulant outputs (no "output" key)."""
+    return any((WEIGHTS_DIR / f"{m}.pt").exists()
+               and "output" not in read_weights(WEIGHTS_DIR / f"{m}.pt", m)[0]
+               for m in ("convgru", "convlstm"))
 
 
 def test_engine_specs():
@@ -33,29 +46,52 @@ def test_engine_specs():
         parse_engine_spec("sofi-20")
 
 
-def test_held_out_seeds_are_disjoint_from_training():
+def test_held_out_seeds_are_disjoint_and_the_thesis_snr_is_used():
     cfg = EvaluationConfig(n=5, seed=0)
-    seeds = [cfg.scene_seed(i) for i in range(cfg.n)]
-    assert min(seeds) >= EVAL_SEED_BASE > 10**6
-    assert len(set(seeds)) == cfg.n
-    assert EvaluationConfig(seed=1).scene_seed(0) != cfg.scene_seed(0)
+    seeds = {cfg.scene_seed(s, g, k) for s in ("thesis", "wide", "zero") for g in range(7)
+             for k in range(50)}
+    assert min(seeds) >= EVAL_SEED_BASE > 10**6 and len(seeds) == 3 * 7 * 50
+    assert EvaluationConfig(seed=1).scene_seed("thesis", 0, 0) != cfg.scene_seed("thesis", 0, 0)
+    for k in range(20):
+        sim = cfg.thesis_config("mixed", cfg.scene_seed("thesis", 6, k))
+        assert 40 <= sim.photons <= 120 and 0.004 <= sim.on_ratio <= 0.02 + 1e-9
+        assert 200 <= sim.fwhm_nm <= 260 and sim.pixel_nm == 100 and "+" in sim.structure
 
 
-def test_scenes_without_structure_in_view_are_skipped():
-    picky = EvaluationConfig(size=32, n=3, min_structure=0.05)
-    got = list(picky.scenes())
-    assert len(got) == 3 and [k for k, _ in got] == sorted(k for k, _ in got)
-    for _, scene in got:
-        assert np.mean(scene.ground_truth()[3:-3, 3:-3] > 0.1) >= 0.05
-    assert [k for k, _ in EvaluationConfig(size=32, n=3, min_structure=0.0).scenes()] == [0, 1, 2]
+def test_scenes_have_structure_in_view_and_zero_kinds_have_zero_targets():
+    cfg = EvaluationConfig(size=32, n=2, n_wide=2, n_zero=3, classes=("filaments", "rings"),
+                           min_structure=0.02)
+    scenes = list(cfg.scenes())
+    assert [(s["set"], s["cls"]) for s in scenes] == [
+        ("thesis", "filaments"), ("thesis", "filaments"), ("thesis", "rings"), ("thesis", "rings"),
+        ("wide", scenes[4]["cls"]), ("wide", scenes[5]["cls"]),
+        ("zero", "static"), ("zero", "empty"), ("zero", "flicker")]
+    for s in scenes:
+        gt = BlinkingScene(s["cfg"]).expected_cumulant()[3:-3, 3:-3]
+        if s["set"] == "zero":
+            assert not gt.any() and s["twin"] is not None
+        else:
+            assert np.mean(gt > 0.1 * gt.max()) >= 0.02
+    # a static twin has the blinking sample's mean brightness
+    twin = scenes[6]["twin"]
+    static = zero_target_config(twin, "static")
+    a = BlinkingScene(twin).frames(400).astype(float).mean()
+    b = BlinkingScene(static).frames(50).astype(float).mean()
+    assert b == pytest.approx(a, rel=0.02)
+    with pytest.raises(ValueError, match="zero-target kind"):
+        zero_target_config(twin, "dark")
 
 
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="n must"):
-        EvaluationConfig(n=0)
-    with pytest.raises(ValueError, match="structure"):
-        EvaluationConfig(structure="cells")
-    assert main(["--n", "0", "--quiet"]) == 2
+        EvaluationConfig(n=-1)
+    with pytest.raises(ValueError, match="classes"):
+        EvaluationConfig(classes=("cells",))
+    with pytest.raises(ValueError, match="sets"):
+        EvaluationConfig(sets=("real",))
+    with pytest.raises(ValueError, match="no scenes"):
+        EvaluationConfig(n=0, n_wide=0, n_zero=0)
+    assert main(["--n", "-1", "--quiet"]) == 2
 
 
 def test_streaming_engine_scores_the_last_output():
@@ -67,31 +103,37 @@ def test_streaming_engine_scores_the_last_output():
     np.testing.assert_allclose(out, SofiEngine(4).reconstruct(movie[:6]), rtol=1e-5, atol=1e-6)
 
 
-def test_evaluate_tiny_set_writes_files(tmp_path, capsys):
+def test_evaluate_tiny_sets_writes_files(tmp_path, capsys):
     out = tmp_path / "ev"
-    rc = main(["--size", "32", "--n", "2", "--engines", "sofi20,sofi40,nosuch", "--out", str(out), "--quiet"])
+    rc = main(["--size", "32", "--n", "1", "--classes", "filaments,rings", "--n-wide", "1",
+               "--n-zero", "3", "--engines", "sofi20,sofi100,nosuch", "--out", str(out), "--quiet"])
     assert rc == 0
     table = capsys.readouterr().out
-    assert "sofi40" in table and "unavailable" in table and "110 nm" in table
+    assert "sofi100" in table and "unavailable" in table and "level static" in table
 
     res = json.loads((out / "results.json").read_text())
     rows = {r["engine"]: r for r in res["engines"]}
     assert rows["nosuch"]["status"].startswith("unavailable: ")
-    assert res["reference"]["half_diffraction_limit_nm"] == pytest.approx(110.0)
-    for name, frames in (("sofi20", 20), ("sofi40", 40)):
-        row = rows[name]
-        assert row["status"] == "ok" and row["n"] == 2 and row["frames"] == frames
-        assert 0.2 < row["pearson"]["mean"] <= 1.0
-        assert 50.0 < row["resolution_nm"]["mean"] < 400.0
-        assert 0.0 <= row["tpr"]["mean"] <= 1.0 and 0.0 <= row["tnr"]["mean"] <= 1.0
-        assert row["time_ms_median"] > 0
-        assert len(row["samples"]) == 2
-    # more frames, better SOFI: the cumulant estimate converges
-    assert rows["sofi40"]["pearson"]["mean"] > rows["sofi20"]["pearson"]["mean"]
+    summary = {(r["set"], r["class"], r["engine"]): r for r in res["summary"]}
+    for name in ("sofi20", "sofi100"):
+        assert rows[name]["status"] == "ok" and rows[name]["frames"] == int(name[4:])
+        th = summary[("thesis", "all", name)]
+        assert th["n"] == 2 and 0.0 < th["pearson"]["mean"] <= 1.0
+        assert 0.0 <= th["invented"]["mean"] <= 1.0
+        assert summary[("wide", "all", name)]["n"] == 1
+        for kind in ZERO_KINDS:
+            assert summary[("zero", kind, name)]["level"]["n"] == 1
+    # more frames, better SOFI: the cumulant estimate converges, and its noise level drops
+    assert summary[("thesis", "all", "sofi100")]["pearson"]["mean"] > \
+        summary[("thesis", "all", "sofi20")]["pearson"]["mean"]
+    assert summary[("zero", "all", "sofi100")]["level"]["mean"] < \
+        summary[("zero", "all", "sofi20")]["level"]["mean"]
+    assert ("zero", "all", "mean") not in summary  # the mean image has no level to score
+    assert len(res["scenes"]) == 2 + 1 + 3
 
     with (out / "results.csv").open() as fh:
         table_rows = list(csv.DictReader(fh))
-    assert [r["engine"] for r in table_rows] == ["widefield", "sofi20", "sofi40", "nosuch"]
+    assert {r["engine"] for r in table_rows} == {"mean", "sofi20", "sofi100", "nosuch"}
     png = (out / "examples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -124,10 +166,30 @@ def test_crashing_or_wrong_engine_is_reported_and_others_continue(monkeypatch, t
         return fakes[name]() if name in fakes else real(name, **kw)
 
     monkeypatch.setattr(engines, "load_engine", fake_load)
-    cfg = EvaluationConfig(size=24, n=2, engines=("crash", "wrongshape", "sofi20"), out=tmp_path,
+    cfg = EvaluationConfig(size=24, n=1, classes=("puncta", "rings"), sets=("thesis",),
+                           engines=("crash", "wrongshape", "sofi20"), out=tmp_path,
                            figure=False, progress=False)
     res = evaluate(cfg)
     rows = {r["engine"]: r for r in res["engines"]}
     assert rows["crash"]["status"] == "error: RuntimeError: boom"
     assert rows["wrongshape"]["status"].startswith("error: ValueError: output shape (24, 24)")
     assert rows["sofi20"]["status"] == "ok" and rows["sofi20"]["n"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(_shipped_is_legacy(), reason=LEGACY_REASON, strict=False)
+def test_shipped_networks_reach_the_issue_14_targets_at_the_thesis_snr(tmp_path):
+    """The model card's claim, reproduced: 64 px, 20 frames, thesis SNR, six classes and their
+    mixtures; ConvGRU Pearson >= 0.85 against the expected cumulant, ConvLSTM within 0.03,
+    and neither invents more structure than SOFI-20."""
+    cfg = EvaluationConfig(sets=("thesis", "zero"), engines=("sofi20", "convgru", "convlstm"),
+                           out=tmp_path, figure=False, progress=False)
+    rows = {(r["set"], r["class"], r["engine"]): r for r in evaluate(cfg)["summary"]}
+    gru = rows[("thesis", "all", "convgru")]["pearson"]["mean"]
+    lstm = rows[("thesis", "all", "convlstm")]["pearson"]["mean"]
+    assert gru >= 0.85 and lstm >= gru - 0.03, (gru, lstm)
+    sofi_inv = rows[("thesis", "all", "sofi20")]["invented"]["mean"]
+    for net in ("convgru", "convlstm"):
+        assert rows[("thesis", "all", net)]["invented"]["mean"] <= sofi_inv
+        assert rows[("zero", "all", net)]["level"]["mean"] < 0.1
+

@@ -11,6 +11,7 @@ from engines.metrics import (
     decorrelation_analysis,
     decorrelation_resolution,
     evaluate_image,
+    invented_structure,
     li_threshold,
     pearson,
     tpr_tnr,
@@ -142,3 +143,22 @@ def test_evaluate_image_combines_metrics():
     assert 0.8 < out["pearson"] <= 1.0
     assert 0.0 <= out["tpr"] <= 1.0 and 0.0 <= out["tnr"] <= 1.0
     assert np.isfinite(out["resolution_nm"]) and out["resolution_nm"] > 2 * PIXEL_NM
+
+
+def test_invented_structure_counts_claims_away_from_the_reference():
+    ref = np.zeros((64, 64))
+    ref[20:24, 10:50] = 1.0  # one bar
+    ref = ndimage.gaussian_filter(ref, 1.0)
+    assert invented_structure(ref, ref) == pytest.approx(0.0)
+    extra = ref.copy()
+    extra[40:44, 10:50] = ref[20:24, 10:50]  # a second, invented bar of the same size
+    share = invented_structure(extra, ref)
+    assert 0.35 < share < 0.6
+    # a structure shifted by less than one input pixel (2 output px) is not invented ...
+    assert invented_structure(np.roll(ref, 1, axis=0), ref) == pytest.approx(0.0)
+    # ... one shifted by 4 input pixels is
+    assert invented_structure(np.roll(ref, 8, axis=0), ref) > 0.9
+    # a 1x image is compared on the reference grid
+    assert invented_structure(ref[::2, ::2], ref) < 0.2
+    assert np.isnan(invented_structure(ref, np.zeros((64, 64))))  # no reference structure
+

@@ -340,13 +340,26 @@ def test_uniform_blinking_field_has_no_checkerboard():
 def test_simulated_filaments_sublattices_agree_within_5_percent(window):
     """The issue's criterion on the simulator (pixel-integrated PSF, 220 nm, 100 nm pixels), with
     the optics left at their default (NA 1.4 / 600 nm / 0.1 um = 2.19 px): max/min <= 1.05,
-    for 20-frame windows (averaged over 25 windows) and for one 500-frame window."""
+    for 20-frame windows (averaged over 25 windows) and for one 500-frame window.
+
+    Four scenes are pooled: in one scene a few filaments of one orientation make even the ideal
+    image's sub-lattices differ by up to ~6 % (the classes sample positions half a pixel apart
+    across the filaments), which is structure, not calibration; per scene, SOFI's imbalance
+    must match the ideal image's (the expected cumulant) within 1.5 %."""
     from acquisition.simulation import BlinkingScene, SimulationConfig
 
-    frames = BlinkingScene(SimulationConfig(size=64, seed=1)).frames(500)
-    eng = SofiEngine(window, clip_negative=False)
-    outs = [eng.reconstruct(frames[i:i + window]) for i in range(0, 500, window)]
-    assert sublattice_ratio(np.mean(outs, 0), frames.mean(0)) <= 1.05
+    outs, means = [], []
+    for seed in (1, 2, 3, 4):
+        scene = BlinkingScene(SimulationConfig(size=64, seed=seed))
+        frames = scene.frames(500)
+        eng = SofiEngine(window, clip_negative=False)
+        out = np.mean([eng.reconstruct(frames[i:i + window]) for i in range(0, 500, window)], 0)
+        ideal = scene.expected_cumulant()
+        assert sublattice_ratio(out, frames.mean(0)) == pytest.approx(
+            sublattice_ratio(ideal, frames.mean(0)), abs=0.015)
+        outs.append(out[4:-4, 4:-4])  # the borders (pairs missing) stay out of the pool
+        means.append(frames.mean(0)[2:-2, 2:-2])
+    assert sublattice_ratio(np.hstack(outs), np.hstack(means), margin=0) <= 1.05
     assert sublattice_ratio(SofiEngine(window, distance_factor="none", clip_negative=False)
                             .reconstruct(frames[:window]), frames.mean(0)) > 1.2
 
