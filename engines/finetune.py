@@ -50,6 +50,7 @@ MIN_FRAMES = 500  # fewer frames give a long-window SOFI too noisy to be a targe
 BLINK_CHECK_FRAMES = 500  # frames the blinking check looks at (the first ones)
 CONVLSTM_SEQUENCE = 32  # frames per ConvLSTM training sequence (as `livesr train`'s cpu preset)
 CONVLSTM_WARMUP_LOSS = 8
+INVENTION_TOLERANCE = 0.1  # static-twin level this much above the base's: warned about
 PROBE_BATCH = 2**40  # batch index of the throwaway step that times the budget (never trained)
 
 
@@ -76,6 +77,7 @@ class FinetuneConfig:
     threads: int | None = None  # torch threads (default: half the cores, 1-4)
     resume: bool = False
     holdout: float = 0.25
+    static_share: float = 0.25  # training samples that are static twins with a zero target
     eval_windows: int = 8  # held-out windows scored per recording
     forgetting_check: bool = True
     ckpt_every: int = 25
@@ -97,6 +99,8 @@ class FinetuneConfig:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
+        if not 0.0 <= self.static_share <= 0.75:
+            raise ValueError(f"--static-share must be in [0, 0.75], got {self.static_share}")
         if not 0.05 <= self.holdout <= 0.5:
             raise ValueError(f"--holdout must be in [0.05, 0.5], got {self.holdout}")
         problems = self.sofi.problems()
@@ -270,7 +274,8 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     """Run everything; returns the report (also written to ``<out>.report.json``)."""
     from acquisition.recordings import file_fingerprint
     from engines.finetune_report import (
-        forgetting_check, heldout_agreement, network_engine, sofi_agreement, write_figure)
+        forgetting_check, heldout_agreement, invented_level, network_engine, sofi_agreement,
+        write_figure)
 
     rep = rep or Reporter(cfg.events)
     t_start = time.time()
@@ -291,7 +296,8 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
                  "not the cumulant): fine-tuning re-targets them; expect poor 'before' numbers")
     try:
         sampler = PairSampler(fields, patch=cfg.patch, frames=cfg.window,
-                              per_frame=cfg.model == "convlstm", seed=cfg.seed)
+                              per_frame=cfg.model == "convlstm", seed=cfg.seed,
+                              static_share=cfg.static_share)
     except ValueError as e:
         raise RefusedError(str(e)) from None
     if sampler.patch < cfg.patch:
@@ -301,12 +307,18 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
                        warmup_loss=CONVLSTM_WARMUP_LOSS)
     fingerprint = {"model": cfg.model, "base_sha256": base_sha, "seed": cfg.seed,
                    "recordings": [s["sha256"] for s in sources], "patch": sampler.patch,
-                   "batch": cfg.batch, "holdout": cfg.holdout, "lr": cfg.lr}
+                   "batch": cfg.batch, "holdout": cfg.holdout, "lr": cfg.lr,
+                   "static_share": cfg.static_share}
+
+    resume = _read_checkpoint(files["ckpt"], fingerprint) if cfg.resume else None
+    _print_budget(cfg, rep, fields, sampler, model, norm, tcfg, device, files,
+                  int(resume["step"]) if resume else 0)
 
     # ---- before ----
     rep.stage("before", "scoring the base weights on the held-out part ...")
     base_engine = network_engine(cfg.model, model, norm, str(device))
     before = heldout_agreement(base_engine, fields, cfg.eval_windows)
+    before_invented = invented_level(base_engine, fields, cfg.eval_windows)
     n_eval = int(base_engine.window) * (2 if cfg.model == "convlstm" else 1)
     live_sofi = sofi_agreement(fields, cfg.eval_windows, 20, sofi_opts, n_eval)
     base_example = before.example
@@ -315,10 +327,11 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     model.to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, elapsed0 = 0, 0.0
-    if cfg.resume:
-        step, elapsed0 = _resume(files["ckpt"], model, opt, fingerprint)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        step, elapsed0 = int(resume["step"]), float(resume["elapsed_s"])
         rep.say(f"resumed from {files['ckpt']} at step {step}")
-    _print_budget(cfg, rep, fields, sampler, model, norm, tcfg, device, files, step)
     rep.stage("training", f"fine-tuning {cfg.model} from {base_path.name} ...")
     rep.start_bar(cfg.steps, step)
     t0 = time.time()
@@ -352,8 +365,9 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
 
     # ---- after ----
     rep.stage("after", "scoring the fine-tuned weights on the held-out part ...")
-    after = heldout_agreement(network_engine(cfg.model, model, norm, str(device)), fields,
-                              cfg.eval_windows)
+    new_engine = network_engine(cfg.model, model, norm, str(device))
+    after = heldout_agreement(new_engine, fields, cfg.eval_windows)
+    after_invented = invented_level(new_engine, fields, cfg.eval_windows)
     provenance = {
         "kind": "finetune",
         "base_weights": {"path": str(base_path.resolve()), "name": base_path.name,
@@ -364,6 +378,7 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
         "frames": int(sum(f.n_frames for f in fields)),
         "steps": step, "batch": cfg.batch, "patch": sampler.patch, "frames_per_sample": cfg.window,
         "lr": cfg.lr, "lr_final": cfg.lr_final, "seed": cfg.seed, "holdout": cfg.holdout,
+        "static_share": cfg.static_share,
         "device": str(device), "threads": threads, "train_seconds": round(train_s, 1),
         "torch": str(torch.__version__),
         "target": "SOFI of all frames of each part (engines.sofi, as the live engine), times "
@@ -372,6 +387,10 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
                                         "part, border of 6 output px left out",
                               "before": before.as_dict(), "after": after.as_dict(),
                               "live_sofi20": live_sofi.as_dict()},
+        "static_twin_level": {"what": "mean output on the held-out part with nothing blinking "
+                                      "(each pixel's mean + independent noise of its own SD) over "
+                                      "the mean output on the real part; 0 = invents nothing",
+                              "before": round(before_invented, 4), "after": round(after_invented, 4)},
     }
     save_weights(out, _cpu_copy(model), model_name=cfg.model, arch=arch, norm=norm,
                  training={"finetune": provenance})
@@ -388,7 +407,9 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     gain = after.pearson - before.pearson
     report = {"weights": str(out), "model": cfg.model, "before": round(before.pearson, 4),
               "after": round(after.pearson, 4), "gain": round(gain, 4),
-              "live_sofi20": round(live_sofi.pearson, 4), "steps": step,
+              "live_sofi20": round(live_sofi.pearson, 4),
+              "static_twin_level": [round(before_invented, 4), round(after_invented, 4)],
+              "steps": step,
               "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
               "forgetting_check": provenance.get("forgetting_check"), "provenance": provenance,
               "files": {"weights": str(out), "png": str(files["png"]), "json": str(files["json"])}}
@@ -428,7 +449,9 @@ def _checkpoint(path: Path, model, opt, step: int, elapsed: float, fingerprint: 
     tmp.replace(path)
 
 
-def _resume(path: Path, model, opt, fingerprint: dict) -> tuple[int, float]:
+def _read_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """The checkpoint a --resume continues from; RefusedError if there is none or it belongs
+    to another run (other recordings, model, base weights or settings)."""
     if not path.is_file():
         raise RefusedError(f"--resume: no checkpoint {path} (start without --resume)")
     ck = torch.load(path, map_location="cpu", weights_only=False)
@@ -436,21 +459,23 @@ def _resume(path: Path, model, opt, fingerprint: dict) -> tuple[int, float]:
         diff = sorted(k for k in fingerprint if ck.get("fingerprint", {}).get(k) != fingerprint[k])
         raise RefusedError(f"--resume: {path} belongs to another run (differs in {', '.join(diff)}); "
                            "resume with the same recordings, model, base weights and settings")
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    return int(ck["step"]), float(ck["elapsed_s"])
+    return ck
 
 
 def _print_budget(cfg: FinetuneConfig, rep: Reporter, fields: list[FieldPairs],
                   sampler: PairSampler, model, norm: NormConfig, tcfg: TrainConfig,
                   device: torch.device, files: dict[str, Path], step: int) -> None:
-    """The time and size budget, with the step time measured on one throwaway step."""
-    probe = copy.deepcopy(model)
+    """The time and size budget, with the step time measured on throwaway steps (the faster
+    of two: the first pays one-off set-up)."""
+    probe = copy.deepcopy(model).to(device, memory_format=torch.channels_last).train()
     x, y = sampler.batch(PROBE_BATCH, cfg.batch)
-    t = time.perf_counter()
-    compute_loss(probe, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
-                 tcfg, norm).backward()
-    per_step = time.perf_counter() - t
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        compute_loss(probe, xt, yt, tcfg, norm).backward()
+        times.append(time.perf_counter() - t)
+    per_step = min(times)
     del probe
     mem_mb = sum(f.train_frames.nbytes + f.held_frames.nbytes for f in fields) / 1e6
     n_params = sum(p.numel() for p in model.parameters())
@@ -458,7 +483,7 @@ def _print_budget(cfg: FinetuneConfig, rep: Reporter, fields: list[FieldPairs],
     budget = (f"budget: {len(fields)} recording(s), {sum(f.n_frames for f in fields)} frames "
               f"({mem_mb:.0f} MB in memory); {cfg.steps} steps (from {step}) x batch {cfg.batch} x "
               f"{cfg.window} frames of {sampler.patch}x{sampler.patch} px on {device}; "
-              f"{per_step:.2f} s/step (one step measured) -> ~{left / 60:.1f} min of training")
+              f"{per_step:.2f} s/step (measured) -> ~{left / 60:.1f} min of training")
     if cfg.minutes:
         budget += f", stopped at --minutes {cfg.minutes:g}"
     budget += (f"; writes {cfg.out} (~{n_params * 4 / 1e6:.1f} MB), {files['ckpt'].name} "
@@ -472,6 +497,13 @@ def _print_result(rep: Reporter, report: dict[str, Any], files: dict[str, Path])
     lines = [f"held-out agreement with the SOFI of all frames (Pearson r): before "
              f"{report['before']:.3f}, after {report['after']:.3f} ({report['gain']:+.3f}); "
              f"the live 20-frame SOFI: {report['live_sofi20']:.3f}"]
+    tb, ta = report["static_twin_level"]
+    lines.append(f"output where nothing blinks (a static twin of the held-out part, over the output "
+                 f"on the real part; 0 = invents nothing): before {tb:.3f}, after {ta:.3f}")
+    if ta > tb + INVENTION_TOLERANCE:
+        rep.warn("the fine-tuned network shows more of this sample where nothing blinks than the "
+                 "base did: it has learned the sample's look, not only its blinking; prefer SOFI "
+                 "or the base weights where that matters")
     fc = report.get("forgetting_check")
     if fc:
         b, n = fc.get("base", {}), fc.get("new", {})
@@ -490,7 +522,8 @@ def _print_result(rep: Reporter, report: dict[str, Any], files: dict[str, Path])
     for line in lines:
         rep.say(line)
     rep.emit("done", **{k: report[k] for k in ("weights", "model", "before", "after", "gain",
-                                                "live_sofi20", "steps", "forgetting_check")},
+                                                "live_sofi20", "static_twin_level", "steps",
+                                                "forgetting_check")},
              png=str(files["png"]))
 
 
@@ -523,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --out")
     p.add_argument("--holdout", type=float, default=d.holdout,
                    help="share of the field held out for the agreement (default %(default)s)")
+    p.add_argument("--static-share", type=float, default=d.static_share,
+                   help="share of training samples that are a static twin of the patch (each "
+                        "pixel's mean + independent noise) with a zero target, so the network "
+                        "does not learn to draw the sample where nothing blinks (default %(default)s)")
     p.add_argument("--eval-windows", type=int, default=d.eval_windows,
                    help="held-out windows scored per recording (default %(default)s)")
     p.add_argument("--no-forgetting-check", action="store_true",
@@ -538,7 +575,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         recordings=tuple(args.recordings), out=args.out, model=args.model, base=args.base,
         steps=args.steps, minutes=args.minutes, patch=args.patch, batch=args.batch, lr=args.lr,
         seed=args.seed, device=args.device, threads=args.threads, resume=args.resume,
-        holdout=args.holdout, eval_windows=args.eval_windows,
+        holdout=args.holdout, static_share=args.static_share, eval_windows=args.eval_windows,
         forgetting_check=not args.no_forgetting_check, sofi=SofiOptions.from_args(args),
         events=args.events)
 

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from engines.evaluation import SCORE_BORDER
-from engines.finetune_data import FieldPairs
+from engines.finetune_data import FieldPairs, static_twin
 from engines.metrics import pearson
 
-__all__ = ["Agreement", "forgetting_check", "heldout_agreement", "network_engine",
-           "sofi_agreement", "write_figure"]
+__all__ = ["Agreement", "forgetting_check", "heldout_agreement", "invented_level",
+           "network_engine", "sofi_agreement", "worse_scores", "write_figure"]
 
 #: a simulated score this much worse than the base's counts as forgetting
 FORGETTING_TOLERANCE = 0.05
@@ -83,6 +83,20 @@ def heldout_agreement(engine: Any, fields: list[FieldPairs], windows: int) -> Ag
             if example is None:
                 example = out
     return Agreement(float(np.mean(per)), per, example)
+
+
+def invented_level(engine: Any, fields: list[FieldPairs], windows: int) -> float:
+    """Mean output on the static twins of the held-out windows over the mean output on the
+    real windows (the evaluation's zero-target "level": 0 = invents nothing, 1 = cannot tell
+    a blinking sample from a static one)."""
+    n, b = eval_frames(engine), 2 * SCORE_BORDER
+    real = twin = 0.0
+    for k, f in enumerate(fields):
+        fake = static_twin(f.held_frames, np.random.default_rng([k, 0x7419]))
+        for t0 in window_starts(f.held_frames.shape[0], n, windows):
+            real += float(engine.reconstruct(f.held_frames[t0:t0 + n])[b:-b, b:-b].mean())
+            twin += float(engine.reconstruct(fake[t0:t0 + n])[b:-b, b:-b].mean())
+    return twin / real if real > 0 else float("nan")
 
 
 def sofi_agreement(fields: list[FieldPairs], windows: int, window: int,

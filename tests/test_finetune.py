@@ -30,6 +30,7 @@ from engines.finetune_data import (
     drift_px,
     long_sofi,
     split_field,
+    static_twin,
 )
 from engines.nn_common import WEIGHTS_DIR, describe_weights_file, read_weights, save_weights
 
@@ -51,25 +52,14 @@ def scene(size: int = 48, **kw) -> BlinkingScene:
     return BlinkingScene(SimulationConfig(**base))
 
 
-@pytest.fixture(scope="module")
-def recording(tmp_path_factory) -> Path:
-    """A 500-frame 48 px simulated honeycomb, recorded as a live run would record it."""
-    path = tmp_path_factory.mktemp("rec") / "cell.ome.tif"
-    return write_recording(path, scene().frames(MIN_FRAMES), pixel_size_um=0.1, fps=100.0,
-                           camera="SimulatedCamera")
+@pytest.fixture
+def recording(fixed_sample_recording) -> Path:
+    return fixed_sample_recording
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    """A small ConvGRU (4 channels) in the current weights format: fine-tunes in ms per step."""
-    from engines.convgru import ConvGRUConfig, ConvGRUNet
-    from engines.nn_common import NormConfig
-
-    torch.manual_seed(0)
-    arch = ConvGRUConfig(hidden=4)
-    path = tmp_path_factory.mktemp("w") / "tiny_convgru.pt"
-    return save_weights(path, ConvGRUNet(arch), model_name="convgru", arch=arch, norm=NormConfig(),
-                        training={"final_step": 0})
+@pytest.fixture
+def tiny_weights(tiny_convgru_weights) -> Path:
+    return tiny_convgru_weights
 
 
 def sha(path: Path) -> str:
@@ -147,6 +137,24 @@ def test_each_window_gets_the_target_of_its_own_patch_at_its_own_frames(per_fram
     np.testing.assert_array_equal(s.batch(3, 2)[0], PairSampler([f], patch=8, frames=5,
                                                                per_frame=per_frame, seed=1).batch(3, 2)[0])
     assert not np.array_equal(s.batch(3, 2)[0], s.batch(4, 2)[0])
+
+
+def test_static_twins_carry_no_cumulant_and_train_towards_zero():
+    """A static twin (each pixel's mean + independent noise of its own SD) looks like the
+    sample but nothing in it blinks: its SOFI is ~0, and its training target is exactly 0."""
+    movie = scene(size=32).frames(300).astype(np.float32)
+    twin = static_twin(movie, np.random.default_rng(0))
+    sd = movie.std(0)
+    assert (np.abs(twin.mean(0) - movie.mean(0)) < 5 * sd / np.sqrt(300)).all()  # same look
+    np.testing.assert_allclose(twin.std(0), sd, rtol=0.25)
+    real, fake = long_sofi(movie, SOFI)[0], long_sofi(twin, SOFI)[0]
+    assert fake[4:-4, 4:-4].mean() < 0.1 * real[4:-4, 4:-4].mean()
+    f = coded_field()
+    s = PairSampler([f], patch=8, frames=5, per_frame=False, seed=1, static_share=0.5)
+    x, y = s.batch(0, 4)
+    assert (y[2:] == 0).all() and (y[:2] > 0).all()  # the last half are twins
+    # real windows are the coded integers; twins are means plus noise, never a recorded window
+    assert (x[:2] == np.round(x[:2])).all() and (x[2:] != np.round(x[2:])).mean() > 0.9
 
 
 def test_the_held_out_part_never_reaches_a_training_pair():
