@@ -233,6 +233,9 @@ class MainWindow(QtWidgets.QMainWindow):
             self.controls.engine.addItem(engine)
         self.controls.engine.setCurrentText(engine)
         self.controls.weights.setText(weights)
+        if self.controls.record.isChecked():  # a restart must never overwrite the recording
+            self.controls.record.setChecked(False)  # the weights were learned from
+            self._append_message("recording turned off: the recording the weights came from is kept")
         if self.state in (STARTING, RUNNING):
             self._restart_when_idle = True
             self.stop()
