@@ -28,7 +28,7 @@ from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.experimental.unicore import SimpleCameraDevice, UniMMCore
 
 from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
-from acquisition.structures import STRUCTURES
+from acquisition.structures import ALL_STRUCTURES
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ _SIM_PROPS: dict[str, _SimProp] = {
     "DriftY-px": _SimProp("drift_y", float, limits=(-10.0, 10.0)),
     "Rotation-deg": _SimProp("rotation_deg_per_frame", float, limits=(-10.0, 10.0)),
     "CameraModel": _SimProp("camera", str, allowed=tuple(CAMERA_MODELS)),
-    "Structure": _SimProp("structure", str, allowed=STRUCTURES),
+    "Structure": _SimProp("structure", str, allowed=ALL_STRUCTURES),
     "Seed": _SimProp("seed", int, limits=(0, 2**31 - 1)),
 }
 

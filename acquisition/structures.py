@@ -19,6 +19,10 @@ from scipy import ndimage
 # One name per class; "diffusing" molecules are placed here and walk in simulation.py.
 STRUCTURES = ("filaments", "mitochondria", "puncta", "rings", "blobs", "membranes",
               "diffuse", "texture", "diffusing", "empty")
+#: classes for validation only, never in the training mix (engines/data.py draws from
+#: STRUCTURES): a sample no network has seen, to measure what fine-tuning on it adds
+VALIDATION_STRUCTURES = ("honeycomb",)
+ALL_STRUCTURES = STRUCTURES + VALIDATION_STRUCTURES
 
 LABEL_NM = 8.0                        # antibody / label displacement (std per axis)
 RING_RADIUS_NM = (100.0, 500.0)
@@ -28,6 +32,7 @@ MEMBRANE_RADIUS_NM = (3_000.0, 30_000.0)  # curvature radius of a membrane / edg
 DIFFUSE_RADIUS_NM = (2_000.0, 6_000.0)    # nucleus-like region
 DIFFUSE_BRIGHTNESS = (0.1, 0.4)           # dim emitters
 TEXTURE_LENGTH_NM = (300.0, 1_500.0)      # correlation length of the density field
+HONEYCOMB_SIDE_NM = (250.0, 500.0)        # edge length of the hexagonal lattice
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,27 @@ def texture(L: Layout) -> Emitters:
     return _ones(pos)
 
 
+def honeycomb(L: Layout) -> Emitters:
+    """VALIDATION ONLY: a hexagonal lattice (edges 250-500 nm) labelled along every edge, in
+    one random orientation over the whole field (a regular mesh unlike any training class)."""
+    rng = L.rng
+    a = rng.uniform(*HONEYCOMB_SIDE_NM)
+    s3 = np.sqrt(3.0)
+    a1, a2 = a * np.array([0.0, s3]), a * np.array([1.5, s3 / 2.0])  # (y, x) lattice vectors
+    bonds = a * np.array([[1.0, 0.0], [-0.5, s3 / 2.0], [-0.5, -s3 / 2.0]])
+    reach = int(np.ceil((L.hi - L.lo) / a)) + 2
+    i, j = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1), indexing="ij")
+    sites = i.reshape(-1, 1) * a1 + j.reshape(-1, 1) * a2  # around the origin, covering the box
+    n = rng.poisson(L.per_um * 3 * len(sites) * a / 1000.0)
+    start = sites[rng.integers(0, len(sites), n)]
+    pos = start + rng.uniform(0.0, 1.0, (n, 1)) * bonds[rng.integers(0, 3, n)]
+    th = rng.uniform(0.0, np.pi / 3.0)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    pos = pos @ rot.T + (L.lo + L.hi) / 2.0 + rng.uniform(-a, a, 2)
+    pos = pos[np.all((pos >= L.lo) & (pos < L.hi), axis=1)]
+    return _ones(_label(rng, pos))
+
+
 def empty(L: Layout) -> Emitters:
     """No fluorophores: background and camera noise only."""
     return _ones(np.zeros((0, 2)))
@@ -250,15 +276,15 @@ def diffusing(L: Layout, per_um2: float) -> Emitters:
 GENERATORS: dict[str, Callable[[Layout], Emitters]] = {
     "filaments": filaments, "mitochondria": mitochondria, "puncta": puncta, "rings": rings,
     "blobs": blobs, "membranes": membranes, "diffuse": diffuse, "texture": texture,
-    "empty": empty,
+    "empty": empty, "honeycomb": honeycomb,
 }
 
 
 def parse_structure(spec: str) -> tuple[str, ...]:
     """'filaments' or a mixture 'filaments+puncta' -> the class names; ValueError if unknown."""
     parts = tuple(p.strip() for p in str(spec).split("+"))
-    bad = [p for p in parts if p not in STRUCTURES]
+    bad = [p for p in parts if p not in ALL_STRUCTURES]
     if not parts or bad:
-        raise ValueError(f"unknown structure {spec!r}: use one of {', '.join(STRUCTURES)} "
+        raise ValueError(f"unknown structure {spec!r}: use one of {', '.join(ALL_STRUCTURES)} "
                          "or a mixture joined by '+' (e.g. 'filaments+puncta')")
     return parts

@@ -126,10 +126,12 @@ class ConvGRUEngine(NetworkEngine):
                  precision: str = "fp32", window: int | None = None,
                  model: ConvGRUNet | None = None, norm: NormConfig | None = None):
         config: dict = {}
+        path = None
         if model is None:
-            model, norm, config = load_model(weights)
+            path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+            model, norm, config = load_model(path)
         super().__init__(model, norm, config, int(window or model.cfg.window),
-                         device=device, precision=precision)
+                         device=device, precision=precision, weights_path=path)
         self._enc: deque[torch.Tensor] = deque(maxlen=self.window)
         self._scales: deque[torch.Tensor] = deque(maxlen=self.window)
 

@@ -166,10 +166,12 @@ class ConvLSTMEngine(NetworkEngine):
                  precision: str = "fp32", warmup: int | None = None,
                  model: ConvLSTMNet | None = None, norm: NormConfig | None = None):
         config: dict = {}
+        path = None
         if model is None:
-            model, norm, config = load_model(weights)
+            path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+            model, norm, config = load_model(path)
         super().__init__(model, norm, config, int(warmup or model.cfg.warmup),
-                         device=device, precision=precision)
+                         device=device, precision=precision, weights_path=path)
         self._state: State | None = None
         self._count = 0
         self._scales: deque[torch.Tensor] = deque(maxlen=self.model.cfg.warmup)

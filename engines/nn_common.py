@@ -355,6 +355,46 @@ def load_trained(path: str | Path, model_name: str, build) -> tuple[nn.Module, N
     return model, norm, config
 
 
+def describe_weights(config: dict[str, Any]) -> str:
+    """One short line of where a weights file came from (its "training" provenance)."""
+    if is_legacy(config):
+        return "legacy weights (old target, arbitrary units)"
+    training = config.get("training") or {}
+    ft = training.get("finetune")
+    if isinstance(ft, dict):
+        names = [r.get("name", "?") for r in ft.get("recordings", [])]
+        agree = ft.get("heldout_agreement") or {}
+        before = (agree.get("before") or {}).get("pearson")
+        after = (agree.get("after") or {}).get("pearson")
+        base = (ft.get("base_weights") or {}).get("name", "?")
+        text = (f"fine-tuned on {', '.join(names) or '?'} ({ft.get('frames', '?')} frames, "
+                f"{ft.get('steps', '?')} steps) from {base}")
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+            text += f"; held-out agreement with long SOFI {before:.2f} -> {after:.2f}"
+        worse = (ft.get("forgetting_check") or {}).get("worse")
+        if worse:
+            text += "; worse on simulated scenes (specialised to that sample)"
+        return text
+    if training:
+        val = training.get("val_pearson")
+        return (f"trained on simulations, {training.get('final_step', '?')} steps"
+                + (f", val Pearson {val:.2f}" if isinstance(val, (int, float)) else ""))
+    return "no provenance recorded"
+
+
+def describe_weights_file(path: str | Path, model_name: str | None = None) -> str:
+    """`describe_weights` of a file (any model when `model_name` is None), or why it cannot
+    be read; never raises for a bad file."""
+    try:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        config = blob["config"]
+        if model_name is not None and config.get("model") != model_name:
+            return f"holds a {config.get('model')!r} model, not {model_name!r}"
+        return f"{config.get('model')}: {describe_weights(config)}"
+    except Exception as e:  # unreadable, truncated, not a livesr file
+        return f"not a livesr weights file ({type(e).__name__})"
+
+
 class LegacyWeightsWarning(UserWarning):
     """A weights file from before outputs were cumulant images (see LEGACY_NOTE)."""
 
@@ -369,9 +409,10 @@ class NetworkEngine(EngineBase):
     """
 
     def __init__(self, model: nn.Module, norm: NormConfig | None, config: dict, window: int, *,
-                 device: str, precision: str):
+                 device: str, precision: str, weights_path: str | Path | None = None):
         super().__init__(window, device=device, precision=precision)
         self.config = config
+        self.weights_path = None if weights_path is None else Path(weights_path)
         self.model_dtype = DTYPES[precision]
         self.model = model.to(self.device, self.model_dtype, memory_format=torch.channels_last).eval()
         self.norm = norm or NormConfig()
@@ -380,6 +421,12 @@ class NetworkEngine(EngineBase):
         self.output_units = "arbitrary (legacy weights)" if self.legacy else OUTPUT.units
         if self.legacy:
             warnings.warn(f"{self.name}: {LEGACY_NOTE}", LegacyWeightsWarning, stacklevel=3)
+
+    def output_info(self) -> dict[str, Any]:
+        """Which weights make the outputs and where they came from (ResultHeader.info)."""
+        if self.weights_path is None:
+            return {}
+        return {"weights": self.weights_path.name, "weights_note": describe_weights(self.config)}
 
     def _output(self, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Raw network output (uH, uW) and its scale -> the engine's image (ADU^2)."""

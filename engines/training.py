@@ -215,14 +215,21 @@ def output_paths(cfg: TrainConfig) -> tuple[Path, Path]:
     """(run folder, final weights file); ValueError for a path inside the shipped weights."""
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.model)
     final = Path(cfg.weights_out) if cfg.weights_out else out / f"{cfg.model}.pt"
-    shipped = WEIGHTS_DIR.resolve()
-    for what, path in (("--out", out), ("--weights-out", final)):
-        inside = path.resolve() == shipped or shipped in path.resolve().parents
-        if inside and not cfg.overwrite_shipped:
-            raise ValueError(f"{what} {path} is inside the shipped weights ({shipped}); every "
-                             "later run would silently use it. Write elsewhere and load it with "
-                             "--weights, or pass --overwrite-shipped to ship new weights")
+    if not cfg.overwrite_shipped:
+        for what, path in (("--out", out), ("--weights-out", final)):
+            refuse_shipped(what, path, "pass --overwrite-shipped to ship new weights")
     return out, final
+
+
+def refuse_shipped(what: str, path: Path, alternative: str = "") -> None:
+    """ValueError if `path` is (inside) the installed package's weights folder: every later
+    run would silently use what is written there."""
+    shipped = WEIGHTS_DIR.resolve()
+    resolved = Path(path).resolve()
+    if resolved == shipped or shipped in resolved.parents:
+        raise ValueError(f"{what} {path} is inside the shipped weights ({shipped}); every later "
+                         "run would silently use it. Write elsewhere and load it with --weights"
+                         + (f", or {alternative}" if alternative else ""))
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -216,6 +216,8 @@ def engine_info_text(info: dict[str, Any] | None) -> str:
         parts.append(f"lag {info.get('lag')} ({info.get('lag_choice')})")
     if "bleach_correction" in info:
         parts.append(f"bleaching correction {info.get('bleach_correction')}")
+    if info.get("weights"):
+        parts.append(f"weights {info['weights']}: {info.get('weights_note')}")
     if info.get("warning"):
         parts.append(f"warning: {info['warning']}")
     return " | ".join(parts)

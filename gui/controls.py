@@ -198,6 +198,7 @@ class ControlPanel(QtWidgets.QWidget):
         form.addRow("engine:", self.engine)
         form.addRow("backend:", self.backend)
         form.addRow("weights:", w_row)
+        self._weights_row = form.rowCount() - 1
         form.addRow("window:", self.window)
         form.addRow("output stride:", self.stride)
         form.addRow(self.record)
@@ -212,6 +213,10 @@ class ControlPanel(QtWidgets.QWidget):
         ]
         self._running = False
         self._engine_changed(self.engine.currentText())
+
+    def insert_below_weights(self, widget: QtWidgets.QWidget) -> None:
+        """Add a widget (e.g. a note on the chosen file) under the weights chooser."""
+        self.layout().insertRow(self._weights_row + 1, "", widget)
 
     # ------------------------------------------------------------------ values
     def values(self, roi: tuple[int, int, int, int] | None = None) -> ControlValues:

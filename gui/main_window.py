@@ -19,6 +19,7 @@ from typing import Any, Callable
 from qtpy import QtCore, QtWidgets
 
 from gui import bridge
+from gui.adapt import AdaptPanel, WeightsNote
 from gui.controls import ControlPanel, add_shortcuts
 from gui.image_views import COLORMAPS, SideBySideView
 from gui.plots import CountersWidget, FpsPlot, LatencyPlot
@@ -140,10 +141,16 @@ class MainWindow(QtWidgets.QMainWindow):
         left.setStretchFactor(1, 2)
         left.setStretchFactor(2, 1)
 
+        # fine-tuning on the last recording (its own module: gui/adapt.py)
+        self.adapt = AdaptPanel()
+        self.weights_note = WeightsNote()
+        self.controls.insert_below_weights(self.weights_note)
+
         side = QtWidgets.QWidget()
         scol = QtWidgets.QVBoxLayout(side)
         scol.addWidget(self.controls)
         scol.addWidget(self.counters)
+        scol.addWidget(self.adapt)
         scol.addStretch(1)
         side.setFixedWidth(300)
 
@@ -166,6 +173,12 @@ class MainWindow(QtWidgets.QMainWindow):
         self.controls.autoContrastChanged.connect(self.views.set_auto_levels)
         self.controls.roiToggled.connect(self.views.show_roi)
         self._shortcuts = add_shortcuts(self, self.controls)
+        self.controls.weights.textChanged.connect(self.weights_note.show_for)
+        self.weights_note.show_for(self.controls.weights.text())
+        self.adapt.useWeights.connect(self.use_weights)
+        self.stateChanged.connect(self._offer_adaptation)
+        self._restart_when_idle = False
+        self._offer_adaptation(self.state)
 
         self._timer = QtCore.QTimer(self)
         self._timer.setTimerType(QtCore.Qt.TimerType.PreciseTimer)
@@ -213,6 +226,32 @@ class MainWindow(QtWidgets.QMainWindow):
         if self.pipeline is not None:
             self._stop_in_helper(None)
         self._drain_lifecycle()
+
+    def use_weights(self, engine: str, weights: str) -> None:
+        """Switch the live engine to `engine` with `weights` (a running view restarts)."""
+        if self.controls.engine.findText(engine) < 0:
+            self.controls.engine.addItem(engine)
+        self.controls.engine.setCurrentText(engine)
+        self.controls.weights.setText(weights)
+        if self.controls.record.isChecked():  # a restart must never overwrite the recording
+            self.controls.record.setChecked(False)  # the weights were learned from
+            self._append_message("recording turned off: the recording the weights came from is kept")
+        if self.state in (STARTING, RUNNING):
+            self._restart_when_idle = True
+            self.stop()
+        else:
+            self.show_status(f"{engine} will use {weights}: press Start")
+
+    def _offer_adaptation(self, state: str) -> None:
+        """After a run: the recording it made is what 'Adapt to this sample' learns from."""
+        if state != IDLE:
+            return
+        self.adapt.set_recording(getattr(self.config, "record", None))
+        engine = str(getattr(self.config, "engine", ""))
+        self.adapt.set_model(engine)
+        if self._restart_when_idle:
+            self._restart_when_idle = False
+            QtCore.QTimer.singleShot(0, self.start)
 
     def _run_helper(self, fn: Callable, arg: Any, name: str) -> None:
         previous = self._helper
@@ -497,6 +536,7 @@ class MainWindow(QtWidgets.QMainWindow):
                 self._helper.join(5.0)  # it has already reported; only returning now
             self._engine_lister.join(10.0)  # exiting in the middle of `import torch` fails
             self._timer.stop()
+            self.adapt.shutdown()
             for box in list(self._dialogs):
                 box.close()
             event.accept()

@@ -4,7 +4,7 @@
     livesr replay FILE.tif [options]   stream a recorded movie as if it were a camera
     livesr live --config FILE.cfg      a real Micro-Manager camera
     livesr mda SEQ.yaml [--config FILE.cfg]   a useq MDA sequence, live SR per position/channel/z
-    livesr train|evaluate|bench|export|engine|keys ...   (passed to their own modules)
+    livesr train|finetune|evaluate|bench|export|engine|keys ...   (passed to their own modules)
 
 The run commands only map flags onto :class:`realtime.config.PipelineConfig`; everything
 else lives in :class:`realtime.pipeline.Pipeline`. Headless runs print a one-screen summary
@@ -31,6 +31,7 @@ __all__ = ["build_parser", "config_from_args", "main"]
 #: subcommand -> ("module", "function", what it does); the function gets the remaining argv
 PASSTHROUGH: dict[str, tuple[str, str, str]] = {
     "train": ("engines.training", "main", "train a neural engine"),
+    "finetune": ("engines.finetune", "main", "fine-tune a network on recordings of a fixed sample"),
     "evaluate": ("engines.evaluation", "main", "score engines against ground truth"),
     "bench": ("benchmarks.latency", "main", "latency / throughput benchmark"),
     "export": ("engines.backends", "export_main", "export an engine to a compiled backend"),

@@ -99,6 +99,8 @@ class PipelineMetrics:
                          f"pixel {info.get('pixel_size_um')} um, {info.get('pixel_size_source')})")
             lines.append(f"corrections       lag {info.get('lag')} ({info.get('lag_reason')}), "
                          f"bleaching {info.get('bleach_correction')}")
+        if info.get("weights"):
+            lines.append(f"weights           {info['weights']}: {info.get('weights_note')}")
         bc = self.blinking_check
         if bc is not None:
             lines.append(f"blinking check    {'ok' if bc.get('ok') else 'FAILED'}: {bc.get('message')}")

@@ -250,3 +250,36 @@ def small_tmpfs(tmp_path):
         pytest.skip(f"unavailable: cannot mount a tmpfs here ({done.stderr.strip()})")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# --------------------------------------------------------------------------- fine-tuning inputs
+
+
+@pytest.fixture(scope="session")
+def fixed_sample_recording(tmp_path_factory) -> Path:
+    """500 frames (the fine-tuning minimum) of a fixed, blinking, simulated 48 px honeycomb
+    (a class the networks never trained on), written through the Recorder as a run records."""
+    from acquisition.recordings import write_recording
+    from acquisition.simulation import BlinkingScene, SimulationConfig
+
+    cfg = SimulationConfig(size=48, structure="honeycomb", photons=300.0, background=15.0,
+                           on_ms=10.0, off_ms=600.0, emitters_per_um=40.0, seed=3)
+    path = tmp_path_factory.mktemp("rec") / "cell.ome.tif"
+    return write_recording(path, BlinkingScene(cfg).frames(500), pixel_size_um=0.1, fps=100.0,
+                           camera="SimulatedCamera")
+
+
+@pytest.fixture(scope="session")
+def tiny_convgru_weights(tmp_path_factory) -> Path:
+    """A small ConvGRU (4 channels, random init) saved as a current livesr weights file:
+    loads and fine-tunes in milliseconds per step."""
+    import torch
+
+    from engines.convgru import ConvGRUConfig, ConvGRUNet
+    from engines.nn_common import NormConfig, save_weights
+
+    torch.manual_seed(0)
+    arch = ConvGRUConfig(hidden=4)
+    path = tmp_path_factory.mktemp("w") / "tiny_convgru.pt"
+    return save_weights(path, ConvGRUNet(arch), model_name="convgru", arch=arch,
+                        norm=NormConfig(), training={"final_step": 0})
