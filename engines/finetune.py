@@ -413,9 +413,10 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
               "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
               "forgetting_check": provenance.get("forgetting_check"), "provenance": provenance,
               "files": {"weights": str(out), "png": str(files["png"]), "json": str(files["json"])}}
-    title = (f"{cfg.model} held-out agreement with the SOFI of all frames: {before.pearson:.3f} "
-             f"(base {base_path.name}) -> {after.pearson:.3f} (fine-tuned, {step} steps); "
-             f"live SOFI-20 {live_sofi.pearson:.3f}")
+    # the title quotes the report's numbers so terminal, JSON and PNG agree to the digit
+    title = (f"{cfg.model} held-out agreement with the SOFI of all frames: {report['before']:.3f} "
+             f"(base {base_path.name}) -> {report['after']:.3f} (fine-tuned, {step} steps); "
+             f"live SOFI-20 {report['live_sofi20']:.3f}")
     images = {"live SOFI (20 frames)": live_sofi.example, f"base {cfg.model}": base_example,
               f"fine-tuned {cfg.model}": after.example}
     write_figure(files["png"], fields[0], images,
