@@ -31,6 +31,7 @@ numpy / scipy and the SOFI engine only; no Qt.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -336,7 +337,7 @@ class TrustTally:
         if isinstance(a, (int, float)) and r.get("measured_at") is not None:
             self._measured[r["measured_at"]] = float(a)
         for w in str(r.get("warnings") or "").split(WARNING_SEPARATOR):
-            kind = " ".join(w.split(" ")[:2])  # the numbers change from output to output
+            kind = re.sub(r"[-+]?\d[\d.]*", "#", w)  # the numbers change from output to output
             if w and kind not in self._kinds:
                 self._kinds.add(kind)
                 self.warnings.append(w)
