@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import MeanEngine, ResultCollector, seq_frame
+from conftest import LearnedMean, MeanEngine, PriorNetwork, ResultCollector, seq_frame
 from engines.sofi import SofiEngine
 from engines.trust import (
     MIN_AGREEMENT,
@@ -33,43 +33,11 @@ from realtime.protocol import ReferenceHeader, ResultHeader, StatsMessage, decod
 from realtime.worker import EngineWorker
 
 
-class LearnedMean(MeanEngine):
-    """The mean of the window, flagged as a learned engine (the worker then checks it)."""
-
-    name = "learned-mean"
-    learned = True
-
-
 class SofiAsNetwork(SofiEngine):
     """A 'network' that shows exactly what its 20 frames support: SOFI of them."""
 
     name = "honest-net"
     learned = True
-
-
-class PriorNetwork:
-    """A 'network' that draws the same filaments whatever the camera shows (a learned prior)."""
-
-    name = "prior-net"
-    learned = True
-    upsample = 2
-
-    def __init__(self, window: int = 20) -> None:
-        self.window = window
-        self._n = 0
-
-    def push(self, frame: np.ndarray) -> np.ndarray | None:
-        self._n += 1
-        if self._n < self.window:
-            return None
-        h, w = frame.shape
-        img = np.zeros((2 * h, 2 * w), np.float32)
-        img[::9, :] = 1.0
-        img[:, ::13] = 1.0
-        return ndimage.gaussian_filter(img, 1.5) * 1e4
-
-    def reset(self) -> None:
-        self._n = 0
 
 
 def _cfg(**kw) -> PipelineConfig:
