@@ -12,8 +12,10 @@ Prints, and writes to ``trust_calibration.json`` in ``--out`` (default the curre
   the live worker measures it (``engines.trust.agreement``), on held-out *static, blinking*
   scenes of the training domain (moving samples blur a long SOFI window; samples that never
   blink or are empty are the blinking check's job): its 5th percentile is the threshold
-  below which an output is flagged (``engines.trust.MIN_AGREEMENT``), i.e. about 5 % false
-  alarms on in-domain data. SOFI-20 and the 20-frame mean get the same measurement for scale;
+  over the scenes the input checks let through is the threshold below which an output is
+  flagged (``engines.trust.MIN_AGREEMENT``), i.e. about 5 % false alarms on in-domain data
+  that passed the input checks. SOFI-20 and the 20-frame mean get the same measurement for
+  scale (SOFI-20 shares its frames with the reference: an upper bound, not a fair rival);
 * how often the input checks (blinking, PSF, SNR) fire on those in-domain scenes.
 
 The ConvLSTM is streamed over every frame (as live); the ConvGRU sees the last 20 frames.
@@ -85,6 +87,7 @@ def agreement_distribution(n: int, size: int, window: int, weights: dict[str, st
             status[name] = f"unavailable: {type(exc).__name__}: {exc}"
     per: dict[str, list[float | None]] = {k: [] for k in (*nets, "sofi20", "mean20")}
     flags = {"blinking": 0, "psf": 0, "snr": 0}
+    scenes: list[dict[str, Any]] = []
     total = window + 20
     t0 = time.perf_counter()
     for k in range(n):
@@ -106,15 +109,26 @@ def agreement_distribution(n: int, size: int, window: int, weights: dict[str, st
         per["sofi20"].append(agreement(SofiEngine(window=20).reconstruct(last), ref))
         mean = np.kron(last.mean(0), np.ones((2, 2), np.float32))
         per["mean20"].append(agreement(mean, ref))
-        flags["blinking"] += not assess_blinking(movie[-24:], max_pixels=4096).ok
-        flags["psf"] += not PSF_RANGE_PX[0] <= cfg.fwhm_nm / cfg.pixel_nm <= PSF_RANGE_PX[1]
+        fired = {"blinking": not assess_blinking(movie[-24:], max_pixels=4096).ok,
+                 "psf": not PSF_RANGE_PX[0] <= cfg.fwhm_nm / cfg.pixel_nm <= PSF_RANGE_PX[1]}
         snr = float(np.median([frame_snr(f) for f in movie[::10]]))
-        flags["snr"] += not SNR_RANGE[0] <= snr <= SNR_RANGE[1]
+        fired["snr"] = not SNR_RANGE[0] <= snr <= SNR_RANGE[1]
+        for key, v in fired.items():
+            flags[key] += v
+        scenes.append({"seed": s, "structure": cfg.structure, "photons": round(cfg.photons, 1),
+                       "on_ratio": round(cfg.on_ratio, 4), "background": round(cfg.background, 1),
+                       "snr": round(snr, 2), "input_checks_pass": not any(fired.values()),
+                       **{f"fired_{k}": v for k, v in fired.items()},
+                       **{k: None if vals[-1] is None else round(vals[-1], 4) for k, vals in per.items()}})
         if (k + 1) % 10 == 0:
             print(f"  {k + 1}/{n} scenes ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    passing = [i for i, sc in enumerate(scenes) if sc["input_checks_pass"]]
     return {
         "engines": status,
         "agreement": {k: _percentiles(v) for k, v in per.items()},
+        # what the threshold acts on: outputs the input checks let through
+        "agreement_input_checks_pass": {k: _percentiles([v[i] for i in passing]) for k, v in per.items()},
+        "per_scene": scenes,
         "values": {k: [None if v is None else round(v, 4) for v in vals] for k, vals in per.items()},
         "input_checks_fired": {k: v / max(1, n) for k, v in flags.items()},
         "scenes": n,
@@ -154,19 +168,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     res = {"snr": snr, **agr, "trust_window": args.trust_window, "size": args.size,
            "weights": dict(args.weights), "current": {"MIN_AGREEMENT": MIN_AGREEMENT, "SNR_RANGE": list(SNR_RANGE)}}
-    nets = [k for k in agr["agreement"] if k not in ("sofi20", "mean20") and agr["agreement"][k].get("n")]
-    p5 = [agr["agreement"][k]["p5"] for k in nets]
+    cond = agr["agreement_input_checks_pass"]
+    nets = [k for k in cond if k not in ("sofi20", "mean20") and cond[k].get("n")]
+    p5 = [cond[k]["p5"] for k in nets]
     res["suggested"] = {"MIN_AGREEMENT": round(min(p5), 2) if p5 else None,
                         "SNR_RANGE": [round(snr["p0.5"], 1), round(snr["p99.5"], 1)] if snr.get("n") else None}
     print(f"input SNR proxy over {snr.get('n', 0)} training-domain frames: "
           + (f"p0.5 {snr['p0.5']:.2f}, p50 {snr['p50']:.2f}, p99.5 {snr['p99.5']:.1f}" if snr.get("n") else "-"))
     print(f"agreement with SOFI of the last {args.trust_window} frames, {agr['scenes']} static blinking scenes "
           f"({args.size} px):")
-    for k, v in agr["agreement"].items():
-        if v.get("n"):
-            print(f"  {k:9s} p5 {v['p5']:.3f}  p10 {v['p10']:.3f}  p50 {v['p50']:.3f}  p90 {v['p90']:.3f}  (n {v['n']})")
-        else:
-            print(f"  {k:9s} {agr['engines'].get(k, 'no values')}")
+    for title, table in (("all scenes", agr["agreement"]), ("scenes the input checks pass", cond)):
+        print(f" {title}:")
+        for k, v in table.items():
+            if v.get("n"):
+                print(f"  {k:9s} p5 {v['p5']:.3f}  p10 {v['p10']:.3f}  p50 {v['p50']:.3f}  p90 {v['p90']:.3f}  (n {v['n']})")
+            else:
+                print(f"  {k:9s} {agr['engines'].get(k, 'no values')}")
     print("input checks firing on these in-domain scenes: "
           + ", ".join(f"{k} {100 * v:.0f} %" for k, v in agr["input_checks_fired"].items()))
     print(f"suggested: MIN_AGREEMENT {res['suggested']['MIN_AGREEMENT']}, SNR_RANGE {res['suggested']['SNR_RANGE']} "

@@ -21,52 +21,61 @@ RAW_NEWEST, RAW_MEAN = "newest frame", "window mean"
 
 
 class RollingMean:
-    """Mean of the newest ``window`` frames (running sum over a ring). Thread-safe: ``add`` on
-    the pipeline thread, ``mean`` on the Qt thread. A shape change or a sequence gap restarts it."""
+    """The mean of a window of recent frames: of the frames a displayed output was made from
+    (``mean(first, last)``), or of the newest ``window``. Thread-safe: ``add`` on the pipeline
+    thread (one copy into a ring of ``keep`` frames), ``mean`` on the Qt thread (only when the
+    window asked for changes). A shape change or a sequence gap restarts it."""
 
-    def __init__(self, window: int = 20) -> None:
+    def __init__(self, window: int = 20, keep: int | None = None) -> None:
         self._lock = threading.Lock()
         self.window = max(1, int(window))
+        self.keep = max(self.window, int(keep) if keep else 4 * self.window)
         self.clear()
 
     def clear(self) -> None:
         with self._lock:
             self._ring: np.ndarray | None = None
-            self._sum: np.ndarray | None = None
-            self._n = 0
-            self._head = 0
-            self._first = self._last = -1
+            self._seqs = np.full(self.keep, -1, dtype=np.int64)
+            self._last = -2
+            self._cache: tuple[tuple[int, int], np.ndarray] | None = None
 
     def set_window(self, window: int) -> None:
-        if max(1, int(window)) != self.window:
-            self.window = max(1, int(window))
+        window = max(1, int(window))
+        if window != self.window:
+            self.window = window
+            if window > self.keep:
+                self.keep = 4 * window
             self.clear()
 
     def add(self, seq: int, frame: np.ndarray) -> None:
-        f = np.asarray(frame, dtype=np.float64)
+        f = np.asarray(frame)
         with self._lock:
             if self._ring is None or self._ring.shape[1:] != f.shape or seq != self._last + 1:
-                self._ring = np.zeros((self.window, *f.shape))
-                self._sum = np.zeros(f.shape)
-                self._n = self._head = 0
-                self._first = seq
-            assert self._sum is not None
-            if self._n == self.window:
-                self._sum -= self._ring[self._head]
-                self._first += 1
-            else:
-                self._n += 1
-            self._ring[self._head] = f
-            self._sum += f
-            self._head = (self._head + 1) % self.window
+                self._ring = np.empty((self.keep, *f.shape), dtype=np.float32)
+                self._seqs[:] = -1
+            slot = seq % self.keep
+            self._ring[slot] = f
+            self._seqs[slot] = seq
             self._last = seq
 
-    def mean(self) -> tuple[np.ndarray, int, int] | None:
-        """(mean image float32, first seq, last seq) of the frames held, or None."""
+    def mean(self, first: int | None = None, last: int | None = None) -> tuple[np.ndarray, int, int] | None:
+        """(mean image float32, first seq, last seq): of frames first..last when all are held,
+        else of the newest `window` frames held; None when none is."""
         with self._lock:
-            if self._sum is None or self._n == 0:
+            if self._ring is None or self._last < 0:
                 return None
-            return (self._sum / self._n).astype(np.float32), self._first, self._last
+            if first is None or last is None or last > self._last or first > last or \
+                    not np.all(self._seqs[np.arange(first, last + 1) % self.keep] == np.arange(first, last + 1)):
+                last = self._last
+                held = int(np.count_nonzero(self._seqs >= 0))
+                first = last - min(self.window, held) + 1
+            key = (first, last)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1], first, last
+            idx = np.arange(first, last + 1) % self.keep
+            img = self._ring[idx].mean(axis=0, dtype=np.float64).astype(np.float32)
+            self._cache = (key, img)
+            return img, first, last
 
 
 class CompareView(SideBySideView):

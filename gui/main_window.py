@@ -78,6 +78,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._reference = LatestSlot[tuple[Any, Any]]()  # a network's trust reference (SOFI)
         self._raw_mean = RollingMean(int(getattr(self.config, "window", None) or 20))
         self._mean_on = False  # read by the pipeline thread: feed the rolling mean only when shown
+        self._shown_span: tuple[int, int] | None = None  # frames of the output on screen
         self._raw_title = ""
         self._messages = MessageQueue()
         self._statuses = MessageQueue()  # progress notes from the pipeline ("compiling ...")
@@ -233,6 +234,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._mean_on = self.views.mean_mode
         self._raw_mean.clear()
         self._raw_title = ""
+        self._shown_span = None
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Blocking stop for application exit (not called from normal GUI actions)."""
@@ -346,7 +348,9 @@ class MainWindow(QtWidgets.QMainWindow):
         if item is not None:
             seq, img = item
             self.n_frames_seen += 1
-            mean = self._raw_mean.mean() if self._mean_on else None
+            span = self._shown_span if self._mean_on else None
+            mean = self._raw_mean.mean(*span) if span is not None else (
+                self._raw_mean.mean() if self._mean_on else None)
             if mean is not None:
                 img = mean[0]
                 self._raw_title = f"raw: mean of frames {mean[1]}-{mean[2]}"
@@ -366,7 +370,8 @@ class MainWindow(QtWidgets.QMainWindow):
             self._last_info = getattr(header, "info", None) or self._last_info
             first, last = getattr(header, "seq_first", None), getattr(header, "seq_last", None)
             if isinstance(first, int) and isinstance(last, int):
-                self._raw_mean.set_window(last - first + 1)  # the mean of the engine's window
+                self._raw_mean.set_window(last - first + 1)  # the mean of the engine's window ...
+                self._shown_span = (first, last)  # ... of the very frames the shown output used
         ref = self._reference.take()
         if ref is not None:
             rh, rimg = ref
@@ -498,6 +503,7 @@ class MainWindow(QtWidgets.QMainWindow):
         for slot in (self._frame, self._result, self._metrics, self._reference):
             slot.clear()
         self._raw_mean.clear()
+        self._shown_span = None
         for meter in (self.acq_rate, self.out_rate, self.disp_rate):
             meter.reset()
         self.latency.reset()

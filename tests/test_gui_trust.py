@@ -66,16 +66,19 @@ def _stop(qtbot, win: MainWindow) -> None:
         qtbot.waitUntil(lambda: win.state == "idle", timeout=30_000)
 
 
-def test_rolling_mean_is_the_mean_of_the_newest_window():
-    rm = RollingMean(3)
+def test_rolling_mean_of_the_shown_output_frames_or_the_newest_window():
+    rm = RollingMean(3, keep=6)
     assert rm.mean() is None
-    for s in range(5):
+    for s in range(8):
         rm.add(s, np.full((2, 2), float(s)))
     img, first, last = rm.mean()
-    assert (first, last) == (2, 4) and np.allclose(img, 3.0)
-    rm.add(7, np.full((2, 2), 70.0))  # a gap: the mean starts again
+    assert (first, last) == (5, 7) and np.allclose(img, 6.0)  # the newest window
+    img, first, last = rm.mean(3, 5)  # the frames an output on screen was made from
+    assert (first, last) == (3, 5) and np.allclose(img, 4.0)
+    assert rm.mean(0, 2)[1:] == (5, 7)  # no longer held: the newest window instead
+    rm.add(12, np.full((2, 2), 70.0))  # a gap: the mean starts again
     img, first, last = rm.mean()
-    assert (first, last) == (7, 7) and np.allclose(img, 70.0)
+    assert (first, last) == (12, 12) and np.allclose(img, 70.0)
     rm.set_window(5)
     assert rm.mean() is None
 
