@@ -13,6 +13,10 @@ Per frame size, interleaved in rounds (one torch thread, medians over ``--reps``
   0.5 s (``TrustConfig.every_s``);
 * ``overhead``: (companion_ms + measure_ms / outputs per 0.5 s) / network_ms, the share the check
   adds to the network path at the network's own output rate.
+
+``--pipeline S`` also runs the live pipeline (simulated camera, engine in its own process) for
+S seconds per run with the check on and off, alternately (``--runs`` each), and prints the
+outputs per second and the latency p50 of each: the check's cost where it matters.
 """
 
 from __future__ import annotations
@@ -78,6 +82,26 @@ def bench(size: int, reps: int, weights: dict[str, str], engines: Sequence[str],
     return res
 
 
+def pipeline_runs(engine: str, weights: str | None, size: int, fps: float, seconds: float,
+                  runs: int) -> dict[str, Any]:
+    """outputs/s and latency p50 with the trust check on and off, alternating runs."""
+    from realtime.config import Addresses, PipelineConfig
+    from realtime.pipeline import Pipeline
+
+    res: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    for _ in range(runs):
+        for mode in ("on", "off"):
+            cfg = PipelineConfig(source="sim", size=size, fps=fps, engine=engine, weights=weights,
+                                 seconds=seconds, threads=1, trust=mode == "on",
+                                 addresses=Addresses("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")).validate()
+            m = Pipeline(cfg).run_for(seconds)
+            res[mode].append({"outputs_per_s": m.outputs / max(m.duration_s, 1e-9),
+                              "latency_p50_ms": m.latency_ms["p50"], "errors": len(m.errors)})
+    return {mode: {"outputs_per_s": float(np.median([r["outputs_per_s"] for r in v])),
+                   "latency_p50_ms": float(np.median([r["latency_p50_ms"] for r in v])),
+                   "runs": v} for mode, v in res.items()}
+
+
 def _weights_arg(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not Path(path).is_file():
@@ -93,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trust-window", type=int, default=100)
     p.add_argument("--weights", action="append", type=_weights_arg, default=[], metavar="ENGINE=PATH")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.add_argument("--pipeline", type=float, default=0.0, metavar="S",
+                   help="also time the live pipeline for S seconds per run, trust on vs off")
+    p.add_argument("--runs", type=int, default=3, help="pipeline runs per mode (default %(default)s)")
+    p.add_argument("--fps", type=float, default=50.0, help="pipeline camera rate (default %(default)s)")
     args = p.parse_args(argv)
     import torch
 
@@ -107,9 +135,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{size:4d}  " + "  ".join(f"{r[f'{e}_ms']:9.2f}" for e in names)
               + f"  {r['companion_ms']:17.3f}  {r['measure_ms']:10.2f}  "
               + "  ".join(f"{100 * r[f'{e}_overhead']:10.1f} %" for e in names), flush=True)
+    result: dict[str, Any] = {"micro": out}
+    if args.pipeline > 0:
+        w = dict(args.weights)
+        for name in args.engines.split(","):
+            for size in (int(s) for s in args.sizes.split(",")):
+                r = pipeline_runs(name, w.get(name), size, args.fps, args.pipeline, args.runs)
+                result.setdefault("pipeline", []).append({"engine": name, "size": size, "fps": args.fps, **r})
+                on, off = r["on"], r["off"]
+                print(f"pipeline {name} {size} px at {args.fps:g} fps: outputs/s {on['outputs_per_s']:.1f} with "
+                      f"the check, {off['outputs_per_s']:.1f} without; latency p50 {on['latency_p50_ms']:.0f} / "
+                      f"{off['latency_p50_ms']:.0f} ms (medians of {args.runs} alternating runs)", flush=True)
     if args.json is not None:
         try:
-            args.json.write_text(json.dumps(out, indent=2) + "\n")
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
         except OSError as exc:
             print(f"bench_trust: error: {args.json} NOT written: {exc}", file=sys.stderr)
             return 1
