@@ -129,7 +129,7 @@ def test_monitor_flags_a_prior_an_off_range_psf_and_a_failed_blinking_check():
 def test_tally_summarises_verdicts_once_per_measurement():
     t = TrustTally()
     assert t.summary() is None and not t.add({"psf_fwhm_px": 2.0})  # an engine without a verdict
-    base = dict(reference_frames=100, min_agreement=0.5)
+    base = dict(reference_frames=100, min_agreement=MIN_AGREEMENT)
     for info in (TrustReport(None, None, "checking", "…", **base).info(),
                  TrustReport(True, 0.8, "agrees", "…", measured_at=99, **base).info(),
                  TrustReport(True, 0.8, "agrees", "…", measured_at=99, **base).info(),
