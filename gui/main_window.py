@@ -344,19 +344,6 @@ class MainWindow(QtWidgets.QMainWindow):
             self.show_status(msg)
         for msg in self._notes.drain():
             self._append_message(msg)
-        item = self._frame.take()
-        if item is not None:
-            seq, img = item
-            self.n_frames_seen += 1
-            span = self._shown_span if self._mean_on else None
-            mean = self._raw_mean.mean(*span) if span is not None else (
-                self._raw_mean.mean() if self._mean_on else None)
-            if mean is not None:
-                img = mean[0]
-                self._raw_title = f"raw: mean of frames {mean[1]}-{mean[2]}"
-            else:
-                self._raw_title = "raw camera frame"
-            self.views.set_raw(img)
         res = self._result.take()
         if res is not None:
             header, img = res
@@ -372,6 +359,19 @@ class MainWindow(QtWidgets.QMainWindow):
             if isinstance(first, int) and isinstance(last, int):
                 self._raw_mean.set_window(last - first + 1)  # the mean of the engine's window ...
                 self._shown_span = (first, last)  # ... of the very frames the shown output used
+        item = self._frame.take()  # after the result: the mean is of the frames of the output just shown
+        if item is not None:
+            seq, img = item
+            self.n_frames_seen += 1
+            span = self._shown_span if self._mean_on else None
+            mean = self._raw_mean.mean(*span) if span is not None else (
+                self._raw_mean.mean() if self._mean_on else None)
+            if mean is not None:
+                img = mean[0]
+                self._raw_title = f"raw: mean of frames {mean[1]}-{mean[2]}"
+            else:
+                self._raw_title = "raw camera frame"
+            self.views.set_raw(img)
         ref = self._reference.take()
         if ref is not None:
             rh, rimg = ref
