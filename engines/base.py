@@ -131,6 +131,9 @@ class EngineBase:
     min_window: int = 1
     min_size: int = 1          # smallest H and W the algorithm accepts
     compute_dtype: torch.dtype = torch.float32
+    #: the output is a learned estimate (a network), not computed from the data alone: the live
+    #: worker then checks it against a companion SOFI (``engines.trust``)
+    learned: bool = False
 
     def __init__(self, window: int, *, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
         if isinstance(window, bool) or not isinstance(window, (int, np.integer)):

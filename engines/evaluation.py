@@ -588,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="livesr evaluate",
         description="Score SOFI and the neural engines on held-out simulated sets against the "
         "expected cumulant image (Pearson, invented structure, decorrelation resolution, "
-        "Li TPR/TNR, output level on zero-target scenes, time per output).",
+        "Li TPR/TNR, output level on zero-target scenes, time per output). "
+        "`livesr evaluate --real [MOVIE ...]` scores real movies instead (see its --help).",
     )
     p.add_argument("--size", type=int, default=d.size, help="scene size in camera pixels (default %(default)s)")
     p.add_argument("--frames", type=int, default=d.frames, help="frames for the neural engines (default %(default)s)")
@@ -613,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--real" in argv:  # `livesr evaluate --real [MOVIE ...]`: the real-data suite
+        from engines.real_evaluation import main as real_main
+
+        return real_main([a for a in argv if a != "--real"])
     args = build_parser().parse_args(argv)
     try:
         weights = dict(_weights_arg(w) for w in args.weights)

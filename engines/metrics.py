@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from skimage.feature import structure_tensor, structure_tensor_eigenvalues
 from skimage.filters import threshold_li
 from skimage.registration import phase_cross_correlation
 from skimage.transform import resize
@@ -29,11 +30,14 @@ __all__ = [
     "decorrelation_analysis",
     "decorrelation_resolution",
     "evaluate_image",
+    "invented_filaments",
     "invented_structure",
+    "line_like_mask",
     "li_threshold",
     "pearson",
     "sublattice_ratio",
     "tpr_tnr",
+    "window_consistency",
 ]
 
 
@@ -173,6 +177,108 @@ def invented_structure(pred: np.ndarray, reference: np.ndarray, *, min_distance:
         return float("nan")
     dist = ndimage.distance_transform_edt(~ref_mask)
     return float(np.count_nonzero(claimed & (dist >= min_distance)) / np.count_nonzero(claimed))
+
+
+# --------------------------------------------------------------------------- real movies
+def window_consistency(images: list[np.ndarray], *, border: int = 3) -> float:
+    """Mean Pearson over all pairs of outputs from disjoint windows of one movie.
+
+    On a static sample every window shows the same structure, so a method that reports what
+    the data carry scores high (up to its noise); one that draws a different guess per window
+    scores low. Images are compared pixel by pixel (same grid, no shift) without a `border`.
+    NaN with fewer than two images (or when a pair has a constant image).
+    """
+    imgs = [_crop(_as_2d_float(im, "image"), border) for im in images]
+    if len(imgs) < 2:
+        return float("nan")
+    if any(im.shape != imgs[0].shape for im in imgs):
+        raise ValueError(f"window outputs differ in shape: {[im.shape for im in imgs]}")
+    rs = [_pearson_raw(imgs[i], imgs[j]) for i in range(len(imgs)) for j in range(i + 1, len(imgs))]
+    rs = [r for r in rs if math.isfinite(r)]
+    return float(np.mean(rs)) if rs else float("nan")
+
+
+#: Line-likeness (``line_like_mask``), in output pixels: gradients and curvature at 1 pixel
+#: (light smoothing) and 2 pixels, orientation averaged over 4 pixels (2 camera pixels, about a
+#: PSF width). Checked on synthetic ridges / spots / haze / noise (tests/test_metrics.py) and on
+#: simulated expected-cumulant images of every class (MODEL_CARD.md "Real data").
+LINE_GRADIENT_SIGMA = 1.0
+LINE_RIDGE_SIGMA = 2.0
+LINE_INTEGRATION_SIGMA = 4.0
+LINE_COHERENCE = 0.5  # ((l1 - l2) / (l1 + l2))^2 of the structure tensor
+LINE_ANISOTROPY = 0.5  # |along-ridge curvature| < this x |across-ridge curvature|
+LINE_NARROWNESS = 0.2  # -curvature x sigma^2 / value: 0.5 for a ridge as wide as sigma, 0.06 for a haze 4x wider
+
+
+def line_like_mask(img: np.ndarray, *, gradient_sigma: float = LINE_GRADIENT_SIGMA,
+                   ridge_sigma: float = LINE_RIDGE_SIGMA, integration_sigma: float = LINE_INTEGRATION_SIGMA,
+                   coherence: float = LINE_COHERENCE, anisotropy: float = LINE_ANISOTROPY,
+                   narrowness: float = LINE_NARROWNESS, border: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(line-like, claimed) masks of an image, without a `border` of pixels.
+
+    Claimed structure is the Li foreground of the image smoothed by `gradient_sigma`. A claimed
+    pixel is line-like (on a filament) where three things hold:
+
+    * the local orientation is coherent: the structure tensor (gradients of the smoothed
+      image, averaged over `integration_sigma`) has eigenvalues l1 >= l2 with
+      ((l1 - l2) / (l1 + l2))^2 > `coherence` (every gradient points across one direction);
+    * it is a bright ridge: the Hessian at `ridge_sigma` curves down strongly across
+      (k1 < 0) and little along (|k2| < `anisotropy` |k1|), which a round spot does not do;
+    * the ridge is narrow: -k1 sigma^2 / value > `narrowness` (a PSF-wide line, not a slope or
+      a broad haze, whose orientation is coherent too).
+
+    The image's own intensity scale does not matter (the mean, SOFI and networks alike).
+    """
+    from skimage.feature import hessian_matrix, hessian_matrix_eigvals
+
+    a = _crop(_as_2d_float(img, "img"), border)
+    if np.ptp(a) == 0:
+        none = np.zeros(a.shape, dtype=bool)
+        return none, none
+    top = float(np.percentile(a, 99.5))
+    a = a / top if top > 0 else a / float(np.abs(a).max())
+    smooth = ndimage.gaussian_filter(a, gradient_sigma, mode="nearest")
+    claimed = smooth > li_threshold(smooth)
+    # skimage's sigma is the integration (summation) scale; the gradients are of `smooth`
+    tensor = structure_tensor(smooth, sigma=integration_sigma, order="rc", mode="nearest")
+    l1, l2 = structure_tensor_eigenvalues(np.stack(tensor))
+    total = l1 + l2
+    coh = np.zeros_like(total)
+    np.divide((l1 - l2) ** 2, total ** 2, out=coh, where=total > 0)
+    h = hessian_matrix(a, sigma=ridge_sigma, order="rc", mode="nearest", use_gaussian_derivatives=False)
+    e1, e2 = hessian_matrix_eigvals(h)  # e1 >= e2
+    across = np.minimum(e1, e2)
+    along = np.maximum(e1, e2)
+    value = ndimage.gaussian_filter(a, ridge_sigma, mode="nearest")
+    narrow = np.zeros_like(value, dtype=bool)
+    np.greater(-across * ridge_sigma**2, narrowness * value, out=narrow, where=value > 0)
+    ridge = (across < 0) & (np.abs(along) < anisotropy * np.abs(across)) & narrow
+    return (coh > coherence) & ridge & claimed, claimed
+
+
+def invented_filaments(pred: np.ndarray, reference: np.ndarray, *, min_distance: float = 2.0,
+                       border: int = 3, **line: float) -> float:
+    """Share of `pred`'s claimed structure that is line-like (filament-like) where the
+    `reference` shows no line-like structure within `min_distance` pixels (of the reference's
+    grid; 2 = one input pixel on the 2x grid).
+
+    The measure for movies whose sample holds no filaments (a nucleus, diffusing molecules):
+    a method that draws filaments the long acquisition (SOFI of all frames) does not show scores
+    above 0; one that shows spots and haze where the data have them scores 0. `line` are
+    :func:`line_like_mask`'s parameters. `pred` is resampled onto the reference grid, not shifted.
+    NaN when `pred` claims no structure.
+    """
+    ref = _as_2d_float(reference, "reference")
+    p = _to_shape(_as_2d_float(pred, "pred"), ref.shape)
+    p_line, p_claimed = line_like_mask(p, border=border, **line)
+    r_line, _ = line_like_mask(ref, border=border, **line)
+    if not p_claimed.any():
+        return float("nan")
+    if r_line.any():
+        far = ndimage.distance_transform_edt(~r_line) >= min_distance
+    else:
+        far = np.ones(r_line.shape, dtype=bool)
+    return float(np.count_nonzero(p_line & far) / np.count_nonzero(p_claimed))
 
 
 # --------------------------------------------------------------------------- decorrelation

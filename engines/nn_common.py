@@ -408,6 +408,8 @@ class NetworkEngine(EngineBase):
     as it is (arbitrary units) and a LegacyWeightsWarning says so once, at load.
     """
 
+    learned = True
+
     def __init__(self, model: nn.Module, norm: NormConfig | None, config: dict, window: int, *,
                  device: str, precision: str, weights_path: str | Path | None = None):
         super().__init__(window, device=device, precision=precision)

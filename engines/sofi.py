@@ -509,7 +509,9 @@ class SofiEngine(EngineBase):
         lag, self._lag_reason, self._noise = cache[(h, w)]
         return lag
 
-    def push(self, frame: Any) -> np.ndarray | None:
+    def push(self, frame: Any, *, output: bool = True) -> np.ndarray | None:
+        """Add one frame; the newest window's image once it is full. ``output=False`` only
+        updates the running sums (a companion that needs an image now and then: ``current()``)."""
         x = self._frame_tensor(frame)
         h, w = int(x.shape[0]), int(x.shape[1])
         T = self.window
@@ -550,7 +552,14 @@ class SofiEngine(EngineBase):
                 self._since_resync += 1
                 if self._since_resync >= self.resync_every:
                     self._resync()
-            return self._to_output(plan.image())
+            return self._to_output(plan.image()) if output else None
+
+    def current(self) -> np.ndarray | None:
+        """The image of the newest full window (None before ``window`` frames were pushed)."""
+        if self._n < self.window or self._plan is None:
+            return None
+        with torch.inference_mode():
+            return self._to_output(self._plan.image())
 
     def _stream_constants(self) -> dict[str, Any]:
         """Basis matrices for the window (depend only on T, order and lag): computed once."""

@@ -25,13 +25,15 @@ def run_gui(
     screenshot: str | Path | None = None,
     seconds: float | None = None,
     colormap: str | None = None,
+    raw_mode: str | None = None,
 ) -> int:
     """Open the main window for `config` (a PipelineConfig) and run the Qt event loop.
 
     autostart: press Start as soon as the window is shown.
     screenshot/seconds: after `seconds` of acquisition, save a grab of the window to
     `screenshot` and close (reproducible documentation images); `seconds` alone closes
-    the window after that long. colormap: initial colour map name (see COLORMAPS).
+    the window after that long. colormap: initial colour map name (see COLORMAPS); raw_mode: what
+    the raw panel shows ("newest frame" or "window mean", gui.compare_view).
     Returns 0 on a clean close, 1 if an error was shown.
     """
     from gui.main_window import MainWindow
@@ -40,6 +42,8 @@ def run_gui(
     win = MainWindow(config)
     if colormap:
         win.controls.colormap.setCurrentText(colormap)
+    if raw_mode:
+        win.views.raw_mode.setCurrentText(raw_mode)
     win.show()
     if autostart:
         QtCore.QTimer.singleShot(0, win.start)

@@ -28,6 +28,7 @@ SIGNALS = {
     "finished": "on_finished",
     "warning": "on_warning",
     "blinkingChecked": "on_blinking_checked",
+    "referenceReady": "on_reference",
 }
 
 #: ResultHeader.info keys of the worker's blinking check (realtime.pipeline.BLINKING_PREFIX)

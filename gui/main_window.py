@@ -20,10 +20,12 @@ from qtpy import QtCore, QtWidgets
 
 from gui import bridge
 from gui.adapt import AdaptPanel, WeightsNote
+from gui.compare_view import CompareView, RollingMean
 from gui.controls import ControlPanel, add_shortcuts
-from gui.image_views import COLORMAPS, SideBySideView
+from gui.image_views import COLORMAPS
 from gui.plots import CountersWidget, FpsPlot, LatencyPlot
 from gui.relay import LatestSlot, MessageQueue, RateMeter, RollingLatency
+from gui.trust_panel import TrustPanel
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.pipeline: Any = None
         self._helper: threading.Thread | None = None
         self._close_when_stopped = False
+        self._restart_when_stopped = False  # "Switch to SOFI" during a run: stop, then start SOFI
         self._dialogs: list[QtWidgets.QMessageBox] = []
         self.errors: list[str] = []  # every error shown in this window (for tests/logs)
 
@@ -73,6 +76,11 @@ class MainWindow(QtWidgets.QMainWindow):
         self._frame = LatestSlot[tuple[int, Any]]()
         self._result = LatestSlot[tuple[Any, Any]]()
         self._metrics = LatestSlot[Any]()
+        self._reference = LatestSlot[tuple[Any, Any]]()  # a network's trust reference (SOFI)
+        self._raw_mean = RollingMean(int(getattr(self.config, "window", None) or 20))
+        self._mean_on = False  # read by the pipeline thread: feed the rolling mean only when shown
+        self._shown_span: tuple[int, int] | None = None  # frames of the output on screen
+        self._raw_title = ""
         self._messages = MessageQueue()
         self._statuses = MessageQueue()  # progress notes from the pipeline ("compiling ...")
         self._notes = MessageQueue()  # warnings and check reports: the message area, not error dialogs
@@ -90,7 +98,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self._t0 = time.monotonic()
 
         # ---- widgets ----
-        self.views = SideBySideView(upsample=2)
+        self.views = CompareView(upsample=2)
+        self.trust_panel = TrustPanel()
         # the engine list comes from `engines`, whose import loads torch (seconds): it is
         # read on a helper thread and filled in by the timer; until then the config's one
         self.controls = ControlPanel(
@@ -130,6 +139,8 @@ class MainWindow(QtWidgets.QMainWindow):
         vcol = QtWidgets.QVBoxLayout(view_box)
         vcol.setContentsMargins(0, 0, 0, 0)
         vcol.addWidget(self.blinking_banner)
+        vcol.addWidget(self.trust_panel)
+        vcol.addWidget(self.views.options())
         vcol.addWidget(self.views, 1)
         vcol.addWidget(self.engine_info_label)
 
@@ -172,6 +183,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.controls.colormapChanged.connect(self.views.set_colormap)
         self.controls.autoContrastChanged.connect(self.views.set_auto_levels)
         self.controls.roiToggled.connect(self.views.show_roi)
+        self.trust_panel.fallbackRequested.connect(self.switch_to_sofi)
+        self.views.rawModeChanged.connect(self._raw_mode_changed)
         self._shortcuts = add_shortcuts(self, self.controls)
         self.controls.weights.textChanged.connect(self.weights_note.show_for)
         self.weights_note.show_for(self.controls.weights.text())
@@ -217,6 +230,24 @@ class MainWindow(QtWidgets.QMainWindow):
         self._set_state(STOPPING)
         self.show_status("Stopping: finishing the engine queue and the recording ...")
         self._run_helper(self._stop_in_helper, None, "livesr-gui-stop")
+
+    def switch_to_sofi(self) -> None:
+        """The fallback of the trust panel: run SOFI (computed from the data alone) instead."""
+        if self.controls.engine.findText("sofi") < 0:
+            self.controls.engine.addItem("sofi")
+        self.controls.engine.setCurrentText("sofi")
+        if self.state in (STARTING, RUNNING):
+            self._restart_when_stopped = True
+            self.show_status("Switching to SOFI: stopping the network ...")
+            self.stop()
+        else:
+            self.show_status("SOFI selected: press Start")
+
+    def _raw_mode_changed(self, _mode: str) -> None:
+        self._mean_on = self.views.mean_mode
+        self._raw_mean.clear()
+        self._raw_title = ""
+        self._shown_span = None
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Blocking stop for application exit (not called from normal GUI actions)."""
@@ -313,12 +344,17 @@ class MainWindow(QtWidgets.QMainWindow):
         if last is not None and seq != last + 1:
             self.seq_gaps += 1  # a frame the GUI never heard of: shown in the counters
         self._last_seq = seq
+        if self._mean_on:
+            self._raw_mean.add(seq, image)
         self._frame.put((seq, image))
         self.acq_rate.tick()
 
     def on_result(self, header: Any, image: Any) -> None:
         self._result.put((header, image))
         self.out_rate.tick()
+
+    def on_reference(self, header: Any, image: Any) -> None:
+        self._reference.put((header, image))
 
     def on_metrics(self, metrics: Any) -> None:
         self._metrics.put(metrics)
@@ -347,11 +383,6 @@ class MainWindow(QtWidgets.QMainWindow):
             self.show_status(msg)
         for msg in self._notes.drain():
             self._append_message(msg)
-        item = self._frame.take()
-        if item is not None:
-            seq, img = item
-            self.n_frames_seen += 1
-            self.views.set_raw(img)
         res = self._result.take()
         if res is not None:
             header, img = res
@@ -363,6 +394,29 @@ class MainWindow(QtWidgets.QMainWindow):
                 self.latency.add((time.time_ns() - int(t_acq)) / 1e6)
             self._last_header = header
             self._last_info = getattr(header, "info", None) or self._last_info
+            first, last = getattr(header, "seq_first", None), getattr(header, "seq_last", None)
+            if isinstance(first, int) and isinstance(last, int):
+                self._raw_mean.set_window(last - first + 1)  # the mean of the engine's window ...
+                self._shown_span = (first, last)  # ... of the very frames the shown output used
+        item = self._frame.take()  # after the result: the mean is of the frames of the output just shown
+        if item is not None:
+            seq, img = item
+            self.n_frames_seen += 1
+            span = self._shown_span if self._mean_on else None
+            mean = self._raw_mean.mean(*span) if span is not None else (
+                self._raw_mean.mean() if self._mean_on else None)
+            if mean is not None:
+                img = mean[0]
+                self._raw_title = f"raw: mean of frames {mean[1]}-{mean[2]}"
+            else:
+                self._raw_title = "raw camera frame"
+            self.views.set_raw(img)
+        ref = self._reference.take()
+        if ref is not None:
+            rh, rimg = ref
+            a = (getattr(rh, "info", None) or {}).get("trust.agreement")
+            self.views.set_reference(rimg, f"SOFI, frames {rh.seq_first}-{rh.seq_last}"
+                                           + (f" (trust r = {a:.2f})" if isinstance(a, (int, float)) else ""))
         m = self._metrics.take()
         if m is not None:
             self.last_metrics = m
@@ -375,6 +429,8 @@ class MainWindow(QtWidgets.QMainWindow):
         if now - self._last_hist >= self._hist_period:
             self._last_hist = now
             self.views.refresh_histograms()
+        if self._raw_title and self._raw_title != self.views.raw.label.text:
+            self.views.set_titles(raw=self._raw_title)
         if self._last_header is not None:  # a title change re-lays out: only at plot rate
             self.views.set_titles(sr=bridge.result_title(self._last_header))
             self._last_header = None
@@ -418,6 +474,7 @@ class MainWindow(QtWidgets.QMainWindow):
         text = bridge.engine_info_text(engine)
         if text != self.engine_info_label.text():
             self.engine_info_label.setText(text)
+        self.trust_panel.show_info(info)
         banner = bridge.blinking_banner_text(check)
         if banner is None:
             self.blinking_banner.hide()
@@ -458,6 +515,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self._refresh_counters_once()
         if self._close_when_stopped:
             self.close()
+        elif self._restart_when_stopped:
+            self._restart_when_stopped = False
+            QtCore.QTimer.singleShot(0, self.start)  # the same run settings, engine SOFI
 
     def _refresh_counters_once(self) -> None:
         m = self._metrics.take()
@@ -479,8 +539,10 @@ class MainWindow(QtWidgets.QMainWindow):
         self.stateChanged.emit(state)
 
     def _reset_stats(self) -> None:
-        for slot in (self._frame, self._result, self._metrics):
+        for slot in (self._frame, self._result, self._metrics, self._reference):
             slot.clear()
+        self._raw_mean.clear()
+        self._shown_span = None
         for meter in (self.acq_rate, self.out_rate, self.disp_rate):
             meter.reset()
         self.latency.reset()

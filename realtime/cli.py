@@ -124,6 +124,11 @@ def _add_run_options(p: argparse.ArgumentParser, *, replay: bool = False) -> Non
                    help="engine compute threads (default: half the cores, 1-4)")
     e.add_argument("--worker", choices=["process", "thread"], default=d.worker_mode,
                    help="run the engine in its own process (default) or a thread")
+    e.add_argument("--trust-window", type=_positive_int("trust-window", 10), default=d.trust_window,
+                   metavar="N", help="a network's outputs are checked against SOFI of the last N frames "
+                                     "(default %(default)s; see README: Can I trust the network?)")
+    e.add_argument("--no-trust", dest="trust", action="store_false",
+                   help="do not check a network's outputs (saves one streaming SOFI)")
     add_sofi_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--record", type=Path, default=None, metavar="PATH",
@@ -214,6 +219,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         addresses=Addresses(frames=args.frames_addr, results=args.results_addr),
         engine_at=tuple(args.engine_at or ()), server_key=args.server_key,
         client_key=args.client_key, sofi=SofiOptions.from_args(args),
+        trust=args.trust, trust_window=args.trust_window,
     )
     return cfg.validate()
 

@@ -278,8 +278,11 @@ class PipelineConfig:
     client_key: Path | None = None  # this PC's .key_secret (CURVE)
     # timeouts
     engine_ready_timeout_s: float = 120.0  # loading torch + weights in a fresh process
-    # SOFI optics and corrections (used when engine == "sofi")
+    # SOFI optics and corrections (used when engine == "sofi", and by the trust check's companion)
     sofi: SofiOptions = field(default_factory=SofiOptions)
+    # a network's outputs are checked against a companion SOFI of this many frames (engines.trust)
+    trust: bool = True
+    trust_window: int = 100
 
     def __post_init__(self) -> None:
         for k in ("record", "save_sr", "sequence"):
@@ -380,6 +383,8 @@ class PipelineConfig:
             if why:
                 problems.append(why)
         problems += self.sofi.problems()
+        if isinstance(self.trust_window, bool) or not isinstance(self.trust_window, int) or self.trust_window < 10:
+            problems.append(f"trust_window must be an integer >= 10 frames, got {self.trust_window!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

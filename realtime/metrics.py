@@ -48,6 +48,9 @@ class PipelineMetrics:
     # bleaching correction) and the worker's blinking check ({"ok": bool, statistics, "message"})
     engine_info: dict[str, Any] = field(default_factory=dict)
     blinking_check: dict[str, Any] | None = None
+    # a learned engine's trust check over the run (engines.trust.TrustTally.summary): outputs,
+    # outputs_flagged, flagged_share, agreement_median / _min, warnings, last; None for SOFI
+    trust: dict[str, Any] | None = None
 
     @property
     def output_fraction(self) -> float:
@@ -104,6 +107,15 @@ class PipelineMetrics:
         bc = self.blinking_check
         if bc is not None:
             lines.append(f"blinking check    {'ok' if bc.get('ok') else 'FAILED'}: {bc.get('message')}")
+        tr = self.trust
+        if tr is not None:
+            med, lo = tr.get("agreement_median"), tr.get("agreement_min")
+            agree = ("not measured (fewer frames than the reference window)" if med is None else
+                     f"agreement with SOFI of {tr.get('reference_frames')} frames median {med:.2f}, "
+                     f"min {lo:.2f} ({tr.get('agreement_measurements')} checks)")
+            lines.append(f"trust             {agree}; {100 * tr.get('flagged_share', 0):.0f} % of "
+                         f"{tr.get('outputs')} outputs flagged")
+            lines += [f"trust warning     {w}" for w in tr.get("warnings", [])]
         lines += [f"warning           {w}" for w in self.warnings]
         if errors:
             lines += [f"error             {e}" for e in self.errors]

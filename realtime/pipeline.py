@@ -32,12 +32,14 @@ import numpy as np
 import zmq
 from psygnal import Signal
 
+from engines.trust import TRUST_PREFIX, TrustTally  # numpy / scipy only
+
 from .config import Addresses, PipelineConfig, memory_problem
 from .metrics import LatencyTracker, PipelineMetrics, RateMeter
-from .protocol import FOREIGN, ProtocolError, ResultHeader, StatsMessage, decode, new_stream_id
+from .protocol import FOREIGN, ProtocolError, ReferenceHeader, ResultHeader, StatsMessage, decode, new_stream_id
 from .worker import EngineWorker
 
-__all__ = ["BLINKING_PREFIX", "Pipeline", "PipelineError"]
+__all__ = ["BLINKING_PREFIX", "TRUST_PREFIX", "Pipeline", "PipelineError"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,9 @@ class Pipeline:
     engineRestarted = Signal(int)  # ... and is back: outputs resume on fresh windows (count)
     warning = Signal(str)  # something the user should know that does not stop the run
     blinkingChecked = Signal(object)  # the blinking check's report (dict): first one, and when "ok" flips
+    # the image a learned engine's output was checked against (ReferenceHeader, float32 image):
+    # the trust check's companion SOFI, a few times a second
+    referenceReady = Signal(object, object)
 
     def __init__(
         self,
@@ -138,6 +143,7 @@ class Pipeline:
         self._base = _StatsBase()  # totals of engine processes that died and were restarted
         self._dropped_seen = 0
         self._engine_warnings: set[str] = set()
+        self._trust = TrustTally()
 
     # ================================================================== public API
     @property
@@ -233,6 +239,11 @@ class Pipeline:
                        "pass --pixel-size-um for a correct PSF width")
         return cfg.engine_options(um, where)
 
+    def _trust_options(self, cfg: PipelineConfig) -> dict[str, Any]:
+        """The trust check's settings: its window and the companion SOFI's optics (the camera's pixel)."""
+        um, where = self.camera_pixel_size()
+        return {"window": cfg.trust_window, "sofi": cfg.sofi.engine_options(um, where)}
+
     def _start_local_worker(self, cfg: PipelineConfig, addrs: Addresses) -> None:
         self.worker = EngineWorker(
             self._engine_override if self._engine_override is not None else cfg.engine,
@@ -245,6 +256,8 @@ class Pipeline:
             stream=self.stream,
             connect_results=True,
             warmup_shape=(int(self.core.getImageHeight()), int(self.core.getImageWidth())),
+            trust=None if cfg.trust else False,
+            trust_options=self._trust_options(cfg),
         )
         if cfg.worker_mode == "process":
             self.worker = self._supervised(self.worker)  # restarted if it dies
@@ -336,6 +349,7 @@ class Pipeline:
                                       "malformed_messages": dict(m.malformed_messages),
                                       "errors": list(m.errors), "warnings": list(m.warnings),
                                       "engine_info": dict(m.engine_info),
+                                      "trust": self._trust.summary(),
                                       "blinking_check": None if m.blinking_check is None else dict(m.blinking_check)})
 
     # ================================================================== setup
@@ -695,7 +709,7 @@ class Pipeline:
         except ProtocolError as e:
             self._count_local_malformed(e.reason, str(e))
             return None
-        if isinstance(header, (ResultHeader, StatsMessage)) and header.stream != self.stream:
+        if isinstance(header, (ResultHeader, ReferenceHeader, StatsMessage)) and header.stream != self.stream:
             self._count_local_malformed(FOREIGN, f"{header.kind} of stream {header.stream!r}, "
                                                  f"this run is {self.stream!r}")
             return None
@@ -712,6 +726,9 @@ class Pipeline:
             if self.sr_recorder is not None:
                 self._record_sr(header, img)
             self._safe_emit(self.resultReady, header, img)
+            return None
+        if isinstance(header, ReferenceHeader):
+            self._safe_emit(self.referenceReady, header, img)
             return None
         if isinstance(header, StatsMessage):
             prev = self._stats
@@ -852,13 +869,18 @@ class Pipeline:
     def _adopt_info(self, info: dict[str, Any]) -> None:
         """Keep the newest engine info and blinking check; tell the user when something changed."""
         prefix = BLINKING_PREFIX
-        engine_info = {k: v for k, v in info.items() if not k.startswith(prefix)}
+        engine_info = {k: v for k, v in info.items() if not k.startswith((prefix, TRUST_PREFIX))}
         check = {k[len(prefix):]: v for k, v in info.items() if k.startswith(prefix)}
         with self._lock:
             self._m.engine_info = engine_info
             prev = self._m.blinking_check
             if check:
                 self._m.blinking_check = check
+            n_warnings = len(self._trust.warnings)
+            self._trust.add(info)
+            new_trust = self._trust.warnings[n_warnings:]
+        for w in new_trust:  # each kind once a run: the GUI and --json show every output's verdict
+            self._emit_warning(f"{self._engine_label()}: do not trust the image: {w}")
         if check and (prev is None or prev.get("ok") != check.get("ok")):
             logger.info("blinking check: %s", check.get("message"))  # the user reads it via blinkingChecked
             self._safe_emit(self.blinkingChecked, dict(check))

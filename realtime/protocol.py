@@ -41,12 +41,14 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "PROTOCOL_VERSION",
     "ProtocolError",
+    "ReferenceHeader",
     "ResultHeader",
     "StatsMessage",
     "decode",
     "encode",
     "encode_eos",
     "encode_frame",
+    "encode_reference",
     "encode_result",
     "encode_stats",
     "new_stream_id",
@@ -147,6 +149,25 @@ class ResultHeader:
 
 
 @dataclass(frozen=True)
+class ReferenceHeader:
+    """The image a learned engine's output is checked against (kind "reference"), published by
+    the engine worker next to the results, at most a few times a second: the companion SOFI of
+    the trust signal (``engines.trust``) over frames ``seq_first..seq_last``. Not a result: it
+    never counts as an output; a viewer may show it next to the network's image."""
+
+    seq_first: int
+    seq_last: int
+    shape: tuple[int, int]
+    engine: str = "sofi"
+    dtype: str = "float32"
+    stream: str = ""
+    stream_key: str = ""
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. "trust.agreement"
+
+    kind = "reference"
+
+
+@dataclass(frozen=True)
 class EndOfStream:
     """Sent by the frame publisher when it stops (kind "eos")."""
 
@@ -181,15 +202,16 @@ class StatsMessage:
     kind = "stats"
 
 
-Header = Union[FrameHeader, ResultHeader, EndOfStream, StatsMessage]
+Header = Union[FrameHeader, ResultHeader, ReferenceHeader, EndOfStream, StatsMessage]
 
 _KINDS: dict[str, type] = {
     "frame": FrameHeader,
     "result": ResultHeader,
+    "reference": ReferenceHeader,
     "eos": EndOfStream,
     "stats": StatsMessage,
 }
-_HAS_BUFFER = {"frame": True, "result": True, "eos": False, "stats": False}
+_HAS_BUFFER = {"frame": True, "result": True, "reference": True, "eos": False, "stats": False}
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -316,6 +338,15 @@ def _validate(h: Header) -> Header:
             stream_key=_check_str("stream_key", h.stream_key),
             info=_check_info(h.info),
         )
+    if isinstance(h, ReferenceHeader):
+        first = _check_int("seq_first", h.seq_first)
+        last = _check_int("seq_last", h.seq_last)
+        if last < first:
+            raise ProtocolError("field", f"seq_last ({last}) < seq_first ({first})")
+        return ReferenceHeader(
+            seq_first=first, seq_last=last, shape=_check_shape(h.shape), engine=_check_str("engine", h.engine),
+            dtype=_check_dtype(h.dtype), stream=_check_stream(h.stream),
+            stream_key=_check_str("stream_key", h.stream_key), info=_check_info(h.info))
     if isinstance(h, EndOfStream):
         return EndOfStream(
             frames_sent=_check_int("frames_sent", h.frames_sent),
@@ -356,7 +387,7 @@ def _header_bytes(h: Header) -> bytes:
     return json.dumps(d, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def _pixel_buffer(h: FrameHeader | ResultHeader, img: np.ndarray) -> memoryview:
+def _pixel_buffer(h: FrameHeader | ResultHeader | ReferenceHeader, img: np.ndarray) -> memoryview:
     if not isinstance(img, np.ndarray):
         raise ProtocolError("encode", f"image must be a numpy array, got {type(img).__name__}")
     if tuple(img.shape) != tuple(h.shape):
@@ -382,6 +413,13 @@ def encode_result(h: ResultHeader, img: np.ndarray) -> list:
     return [_header_bytes(h), _pixel_buffer(h, img)]
 
 
+def encode_reference(h: ReferenceHeader, img: np.ndarray) -> list:
+    """``[header, pixels]`` for the image a learned engine's output was checked against."""
+    if not isinstance(h, ReferenceHeader):
+        raise ProtocolError("encode", "encode_reference needs a ReferenceHeader")
+    return [_header_bytes(h), _pixel_buffer(h, img)]
+
+
 def encode_eos(h: EndOfStream) -> list:
     """``[header]`` marking the end of a frame stream."""
     if not isinstance(h, EndOfStream):
@@ -402,6 +440,8 @@ def encode(h: Header, img: np.ndarray | None = None) -> list:
         return encode_frame(h, img)  # type: ignore[arg-type]
     if isinstance(h, ResultHeader):
         return encode_result(h, img)  # type: ignore[arg-type]
+    if isinstance(h, ReferenceHeader):
+        return encode_reference(h, img)  # type: ignore[arg-type]
     if img is not None:
         raise ProtocolError("encode", f"a {type(h).__name__} carries no image")
     if isinstance(h, EndOfStream):

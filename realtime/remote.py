@@ -57,6 +57,7 @@ from .protocol import (
     EndOfStream,
     FrameHeader,
     ProtocolError,
+    ReferenceHeader,
     ResultHeader,
     StatsMessage,
     decode,
@@ -214,6 +215,7 @@ class EngineGateway:
             self._worker_out,
             self.cfg.stride,
             engine_options=self.cfg.engine_options(),
+            trust_options={"sofi": self.cfg.sofi.engine_options()},  # a network's companion SOFI
             exit_on_eos=False,  # serve one client stream after another
             connect_results=True,  # to the gateway's SUB, bound on a free port
         )
@@ -839,7 +841,7 @@ class RemoteEngineClient:
             except ProtocolError as e:
                 self._count(self.stats.malformed_remote, e.reason)
                 continue
-            if isinstance(header, ResultHeader) and header.stream != self.stream:
+            if isinstance(header, (ResultHeader, ReferenceHeader)) and header.stream != self.stream:
                 self._count(self.stats.malformed_remote, FOREIGN)  # another run's image
                 continue
             if isinstance(header, StatsMessage) and header.stream not in ("", self.stream):
@@ -850,6 +852,8 @@ class RemoteEngineClient:
                     self._learn_window(header.seq_last - header.seq_first + 1)
                 parts = self._restamp(i, header, _img, parts)
                 self._publish_released(self.reorderer.push(header.seq_last, parts, source=i))
+            elif isinstance(header, ReferenceHeader):
+                pub.send_multipart(parts)  # a network's trust reference: shown, never counted
             elif isinstance(header, StatsMessage):
                 prev = lk.stats.last_stats
                 if prev is None:

@@ -16,6 +16,12 @@ Why it looks like this:
   and made outputs ~10x later. Its latest report rides on every result's ``info`` as
   ``blinking_check.*`` keys next to the engine's own ``output_info()``, and is logged at the
   first report and whenever ``ok`` flips.
+* A learned engine (a network, ``engine.learned``) is also checked against the data
+  (``engines.trust``): a companion streaming SOFI over the last ``trust_window`` frames eats
+  every frame (running sums, O(pixels)); at most every 0.5 s an output is compared with it
+  before it is published, and the verdict rides on every result as ``trust.*`` keys. The
+  companion's image goes out as a ``ReferenceHeader`` message ("reference"), so a viewer can
+  show SOFI next to the network on the same frames.
 * Everything on the input socket is untrusted: a malformed message is counted by
   ``ProtocolError.reason`` and reported in the periodic :class:`StatsMessage`; it never
   crashes the worker and never becomes an image. An engine that raises is counted too
@@ -48,9 +54,11 @@ from .protocol import (
     EndOfStream,
     FrameHeader,
     ProtocolError,
+    ReferenceHeader,
     ResultHeader,
     StatsMessage,
     decode,
+    encode_reference,
     encode_result,
     encode_stats,
 )
@@ -129,6 +137,9 @@ class EngineWorker:
     ``warmup_shape``: the camera's (H, W). An engine running through a compiled backend is
     compiled, checked (and for "auto" timed) for that shape before the worker says "ready",
     publishing "preparing" stats meanwhile, so no frame ever waits for a compiler.
+    ``trust``: check the outputs against a companion SOFI (``engines.trust``; None = for
+    learned engines only); ``trust_options``: ``engines.trust.TrustConfig`` fields (``window``,
+    ``sofi`` = the companion's SOFI options, ...).
     """
 
     def __init__(
@@ -154,6 +165,8 @@ class EngineWorker:
         blinking_frames: int = 24,
         blinking_every: int = 100,
         blinking_pixels: int = 4096,
+        trust: bool | None = None,
+        trust_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
@@ -179,6 +192,8 @@ class EngineWorker:
         self.blinking_frames = int(blinking_frames)
         self.blinking_every = int(blinking_every)
         self.blinking_pixels = int(blinking_pixels)  # 16 x 16 tiles spread over the frame: ~8 ms a check
+        self.trust = trust  # None: on for learned engines (networks), off for SOFI
+        self.trust_options = dict(trust_options or {})  # engines.trust.TrustConfig fields
         self.stats = WorkerStats()
         self._stop_event: Any = threading.Event()
         self._ready_event: Any = threading.Event()
@@ -436,12 +451,29 @@ class EngineWorker:
         self._check_due = False
         self._check_waited = 0
         self._check_info: tuple[Any, dict[str, Any]] = (None, {})
+        self._trust_on = bool(getattr(engine, "learned", False)) if self.trust is None else bool(self.trust)
+        self._trust_problem = ""
+        self._trust: Any = self._new_trust()
+        self._trust_info: dict[str, Any] = {}
         if self.blinking_check:
             from engines.blinking import warm_up  # numpy only
 
             warm_up()
             self._monitor = self._new_monitor()
         self._engine_reset()
+
+    def _new_trust(self) -> Any:
+        """The trust check of one stream (None when off, or when it cannot run: said in the info)."""
+        if not self._trust_on:
+            return None
+        try:
+            from engines.trust import TrustMonitor
+
+            return TrustMonitor(self.trust_options)
+        except Exception as e:  # a bad option must not stop the engine: the outputs say why
+            self._trust_problem = f"unavailable: {_first_line(e)}"
+            logger.warning("trust check %s", self._trust_problem)
+            return None
 
     def _new_monitor(self) -> Any:
         """A blinking check of one stream (None when checks are off)."""
@@ -518,7 +550,7 @@ class EngineWorker:
     # ------------------------------------------------------------------ MDA streams
     #: what one stream (an MDA position / channel / z) owns: its window and engine state
     _STREAM_STATE = ("_engine", "_continuity", "_rolling", "_engine_next_seq", "_push_all", "_fed",
-                     "_monitor", "_check_due", "_check_waited", "_check_info")
+                     "_monitor", "_check_due", "_check_waited", "_check_info", "_trust", "_trust_info")
 
     def _select_stream(self, key: str) -> None:
         """Make `key`'s window the current one (the single-stream code below then runs on
@@ -532,7 +564,8 @@ class EngineWorker:
             state = {"_engine": self._engine_for_new_stream(), "_continuity": StreamContinuity(),
                      "_rolling": RollingWindow(self.window), "_engine_next_seq": None,
                      "_push_all": False, "_fed": 0, "_monitor": self._new_monitor(),
-                     "_check_due": False, "_check_waited": 0, "_check_info": (None, {})}
+                     "_check_due": False, "_check_waited": 0, "_check_info": (None, {}),
+                     "_trust": self._new_trust(), "_trust_info": {}}
         for a, v in state.items():
             setattr(self, a, v)
         self._stream_key = key
@@ -555,9 +588,19 @@ class EngineWorker:
         if self._monitor is not None:
             self._monitor.reset()
             self._check_due = False
+        if self._trust is not None:
+            self._trust.reset()
 
-    def _watch(self, img: np.ndarray) -> None:
-        """Copy one frame into the blinking check's ring (cheap); note when a check is due."""
+    def _watch(self, img: np.ndarray, seq: int | None = None) -> None:
+        """Copy one frame into the blinking check's ring and the trust check's companion SOFI
+        (cheap); note when a blinking check is due."""
+        if self._trust is not None and img.ndim == 2:
+            try:
+                self._trust.add(img, seq)
+            except Exception as e:  # the check must never stop the engine
+                self._trust_problem = f"unavailable: {_first_line(e)}"
+                logger.warning("trust check failed, off for this stream: %s", self._trust_problem)
+                self._trust = None
         mon = self._monitor
         if mon is None or img.ndim != 2 or min(img.shape) < 4:
             return
@@ -593,7 +636,36 @@ class EngineWorker:
             if self._check_info[0] is not mon.report:  # flattened once per report
                 self._check_info = (mon.report, {f"blinking_check.{k}": v for k, v in mon.report.as_dict().items()})
             info.update(self._check_info[1])
+        if self._trust_on:
+            info.update(self._trust_info or {"trust.ok": None, "trust.reason": self._trust_problem or "checking"})
         return info
+
+    def _assess_trust(self, out: np.ndarray, seq: int) -> None:
+        """The trust verdict for this output (a fresh agreement when one is due)."""
+        tm = self._trust
+        if tm is None:
+            return
+        try:
+            mon = self._monitor
+            self._trust_info = tm.assess(out, seq, blinking=None if mon is None else mon.report).info()
+        except Exception as e:  # never lose an image over its check
+            self._trust_problem = f"unavailable: {_first_line(e)}"
+            logger.warning("trust check failed, off for this stream: %s", self._trust_problem)
+            self._trust, self._trust_info = None, {}
+
+    def _publish_reference(self, h: FrameHeader) -> None:
+        """The companion SOFI image the newest agreement was measured against (viewers show it)."""
+        tm = self._trust
+        if tm is None or not tm.fresh_reference or tm.reference is None:
+            return
+        tm.fresh_reference = False
+        img, first, last = tm.reference
+        img = np.ascontiguousarray(img, dtype=np.float32)
+        ref = ReferenceHeader(
+            seq_first=max(0, first), seq_last=max(0, last), shape=(int(img.shape[0]), int(img.shape[1])),
+            engine="sofi", stream=h.stream, stream_key=h.stream_key,
+            info={k: v for k, v in self._trust_info.items() if k in ("trust.agreement", "trust.measured_at")})
+        self._pub.send_multipart(encode_reference(ref, img), copy=True)
 
     # ------------------------------------------------------------------ input
     def _count_malformed(self, reason: str, detail: str) -> None:
@@ -691,8 +763,8 @@ class EngineWorker:
     def _feed_stateful_run(self, run: list, dues: list[int], t_start: int) -> None:
         """One continuous run of a stateful engine: keep its state, skip outputs (and the oldest
         frames the engine cannot afford, see plan_stateful_feed), publish the newest due output."""
-        for _, img, _ in run:  # the blinking check sees every frame, fed or skipped
-            self._watch(img)
+        for h_, img, _ in run:  # the blinking and trust checks see every frame, fed or skipped
+            self._watch(img, h_.seq)
         m = plan_stateful_feed(len(run), per_frame_s=self._cost_frame_s,
                                per_output_s=self._cost_output_s)
         m = max(m, min(len(run), self.window - self._fed))  # a warm-up is fed in full
@@ -750,7 +822,7 @@ class EngineWorker:
         h, img, t_recv = frames[i]
         is_output = i == last_due
         out = None
-        self._watch(img)
+        self._watch(img, h.seq)
         try:
             if self._streaming:
                 if not self._needed(i, last_due, end):
@@ -796,6 +868,8 @@ class EngineWorker:
             out = out.astype(np.float32)
         out = np.ascontiguousarray(out)
         seq_last = h.seq
+        if self._trust is not None:
+            self._assess_trust(out, seq_last)
         header = ResultHeader(
             seq_first=seq_last - self.window + 1,
             seq_last=seq_last,
@@ -812,6 +886,7 @@ class EngineWorker:
         # copy=True: an engine may reuse its output buffer on the next push
         self._pub.send_multipart(encode_result(header, out), copy=True)
         self.stats.outputs += 1
+        self._publish_reference(h)
 
 
 def _first_line(e: BaseException) -> str:

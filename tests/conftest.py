@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from scipy import ndimage
 
 from realtime.config import free_tcp_address
 from realtime.protocol import (
@@ -116,6 +117,38 @@ class StackOnlyMeanEngine:
 
     def reconstruct(self, stack: np.ndarray) -> np.ndarray:
         return self._inner.reconstruct(stack)
+
+
+class LearnedMean(MeanEngine):
+    """The mean of the window, flagged as a learned engine (the worker then checks it)."""
+
+    name = "learned-mean"
+    learned = True
+
+
+class PriorNetwork:
+    """A 'network' that draws the same filaments whatever the camera shows (a learned prior)."""
+
+    name = "prior-net"
+    learned = True
+    upsample = 2
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._n = 0
+
+    def push(self, frame: np.ndarray) -> np.ndarray | None:
+        self._n += 1
+        if self._n < self.window:
+            return None
+        h, w = frame.shape
+        img = np.zeros((2 * h, 2 * w), np.float32)
+        img[::9, :] = 1.0
+        img[:, ::13] = 1.0
+        return ndimage.gaussian_filter(img, 1.5) * 1e4
+
+    def reset(self) -> None:
+        self._n = 0
 
 
 def make_mean_engine(window: int = 4, delay_s: float = 0.0) -> MeanEngine:

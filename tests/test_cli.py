@@ -11,6 +11,7 @@ import tifffile
 
 from realtime import cli
 from realtime.cli import build_parser, config_from_args, main
+from realtime.config import PipelineConfig
 
 FREE = ["--frames-addr", "tcp://127.0.0.1:0", "--results-addr", "tcp://127.0.0.1:0"]
 
@@ -187,3 +188,14 @@ def test_engine_command_takes_the_sofi_flags():
     assert cfg.engine_options()["optics"] == {"na": 1.2} and cfg.engine_options()["lag"] == 0
     with pytest.raises(ValueError, match="na must be"):
         EngineServerConfig(sofi=SofiOptions(na=9.0)).validate()
+
+
+def test_trust_flags_map_onto_config():
+    d = parse("demo", "--engine", "convlstm")
+    assert d.trust is True and d.trust_window == 100
+    c = parse("demo", "--engine", "convlstm", "--trust-window", "150", "--no-trust")
+    assert c.trust is False and c.trust_window == 150
+    with pytest.raises(SystemExit):
+        parse("demo", "--trust-window", "5")  # at least 10 frames
+    with pytest.raises(ValueError, match="trust_window"):
+        PipelineConfig(trust_window=3).validate()

@@ -11,10 +11,13 @@ from engines.metrics import (
     decorrelation_analysis,
     decorrelation_resolution,
     evaluate_image,
+    invented_filaments,
     invented_structure,
     li_threshold,
+    line_like_mask,
     pearson,
     tpr_tnr,
+    window_consistency,
 )
 
 PIXEL_NM = 50.0
@@ -162,3 +165,59 @@ def test_invented_structure_counts_claims_away_from_the_reference():
     assert invented_structure(ref[::2, ::2], ref) < 0.2
     assert np.isnan(invented_structure(ref, np.zeros((64, 64))))  # no reference structure
 
+
+
+# ------------------------------------------------------------------ real movies: consistency, filaments
+def _blobs(n: int = 96, count: int = 25, seed: int = 3, sigma: float = 2.0) -> np.ndarray:
+    """Round spots (puncta) of a PSF-like width, no lines."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((n, n))
+    yx = rng.integers(6, n - 6, (count, 2))
+    img[yx[:, 0], yx[:, 1]] = rng.uniform(0.5, 1.0, count)
+    img = ndimage.gaussian_filter(img, sigma)
+    return img / img.max()
+
+
+def _ridges(n: int = 96, seed: int = 1) -> np.ndarray:
+    """Long thin lines of a PSF-like width (what a network draws when it hallucinates filaments)."""
+    img = _filaments(n, seed)
+    return img / img.max()
+
+
+def test_window_consistency_high_for_a_static_stack_low_when_windows_differ():
+    rng = np.random.default_rng(0)
+    sample = _blobs()
+    same = [sample + rng.normal(0, 0.01, sample.shape) for _ in range(5)]  # one sample, noise per window
+    assert window_consistency(same) > 0.95
+    differ = [_blobs(seed=s) for s in range(5)]  # a new guess in every window
+    assert window_consistency(differ) < 0.2
+    assert np.isnan(window_consistency(same[:1]))  # one window: nothing to compare
+    with pytest.raises(ValueError, match="shape"):
+        window_consistency([sample, sample[:50]])
+
+
+def test_line_like_mask_fires_on_ridges_not_on_blobs_haze_or_noise():
+    rng = np.random.default_rng(2)
+    share = {}
+    for name, img in {"ridges": _ridges(), "blobs": _blobs(), "haze": ndimage.gaussian_filter(rng.random((96, 96)), 8),
+                      "noise": rng.exponential(1.0, (96, 96))}.items():
+        line, claimed = line_like_mask(img)
+        share[name] = line.sum() / claimed.sum()
+    assert share["ridges"] > 0.3, share  # (the claimed foreground is wider than the ridge lines)
+    assert max(share["blobs"], share["haze"], share["noise"]) < 0.02, share
+    flat = line_like_mask(np.ones((32, 32)))
+    assert not flat[0].any() and not flat[1].any()
+
+
+def test_invented_filaments_counts_lines_the_reference_does_not_show():
+    ridges, blobs = _ridges(), _blobs()
+    assert invented_filaments(ridges, blobs) > 0.3  # filaments drawn over spots
+    assert invented_filaments(blobs, blobs) == pytest.approx(0.0)  # spots where spots are
+    assert invented_filaments(ridges, ridges) == pytest.approx(0.0)  # filaments the reference shows
+    haze = ndimage.gaussian_filter(np.random.default_rng(4).random((96, 96)), 6)
+    assert invented_filaments(haze, blobs) < 0.02  # a haze is no filament
+    both = ridges / ridges.max() + blobs / blobs.max()
+    assert 0.05 < invented_filaments(both, blobs) < invented_filaments(ridges, blobs)
+    # the mean at 1x is compared on the reference's 2x grid; a constant output claims nothing
+    assert invented_filaments(ridges[::2, ::2], blobs) > 0.2
+    assert np.isnan(invented_filaments(np.zeros((96, 96)), blobs))
