@@ -35,6 +35,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import multiprocessing as mp
 import os
@@ -77,6 +78,13 @@ class EngineLoadError(RuntimeError):
     """The engine could not be loaded or compiled (reported once, through the stats)."""
 #: a due blinking check waits for an idle moment at most this many frames
 CHECK_MAX_WAIT_FRAMES = 10
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins and odd callables: assume the plain form
+        return False
 
 
 def default_compute_threads() -> int:
@@ -441,6 +449,9 @@ class EngineWorker:
         self._rolling = RollingWindow(self.window)
         self._engine_next_seq: int | None = None
         self._push_all = False
+        # an engine whose push(frame, output=False) only updates its sums (SOFI) skips the image
+        # of every frame that is not published: catching up then costs sums, not images
+        self._push_output_kw = self._streaming and _takes_keyword(engine.push, "output")
         self._stateful = self._streaming and bool(getattr(engine, "stateful", False))
         self._cost_frame_s: float | None = None  # EMA of a stateful engine's cost per frame fed
         self._cost_output_s: float | None = None  # ... and per output
@@ -829,7 +840,8 @@ class EngineWorker:
                     return True
                 if self._engine_next_seq is not None and h.seq != self._engine_next_seq:
                     self._engine_reset()  # we skipped frames to catch up: restart cleanly
-                out = self._engine.push(img)
+                out = (self._engine.push(img, output=is_output) if self._push_output_kw
+                       else self._engine.push(img))
                 self._engine_next_seq = h.seq + 1
             else:
                 self._rolling.append(h.seq, img)

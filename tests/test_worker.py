@@ -327,6 +327,31 @@ def test_backlog_continuing_a_run_uses_the_engine_state():
     assert_outputs_correct(pub.results, 4)
 
 
+class SumsOnlyEngine(CountingEngine):
+    """Like SOFI: push(frame, output=False) updates the sums and computes no image."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.images = 0
+
+    def push(self, frame, *, output=True):
+        out = super().push(frame)
+        if out is not None and output:
+            self.images += 1
+            return out
+        return None
+
+
+def test_backlog_asks_a_sums_only_engine_for_the_published_image_alone():
+    eng = SumsOnlyEngine(window=4)
+    w, pub = _worker(eng)
+    w._process_batch(_batch(range(0, 4)))
+    w._process_batch(_batch(range(4, 8)))  # a short backlog: all pushed, one image computed
+    assert eng.pushed == list(range(8)) and [h.seq_last for h, _ in pub.results] == [3, 7]
+    assert eng.images == 2 and w.stats.frames_dropped == 3
+    assert_outputs_correct(pub.results, 4)
+
+
 def test_backlog_with_a_gap_gives_one_output_per_run_never_mixed():
     eng = CountingEngine(window=4)
     w, pub = _worker(eng)
