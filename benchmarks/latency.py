@@ -38,11 +38,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engines.registry import ENGINES
+
 #: where the project keeps its committed results (benchmarks/results/); runs never write here
 #: unless asked with --out-dir: by default they write into the current folder
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_SIZES = (128, 256, 512)
-DEFAULT_ENGINES = ("sofi", "convgru", "convlstm")
+DEFAULT_ENGINES = tuple(ENGINES)
 TARGET_STREAM_RATIO = 10.0   # convgru 20-frame window vs a streaming engine's per-frame cost
 TARGET_BACKEND_RATIO = 2.0   # best backend vs eager fp32, convgru window at 128 px
 
@@ -137,11 +139,9 @@ def make_engine(name: str, backend: str, precision: str, device: str,
     try:
         engine = load_engine(name, backend="eager", device=device, precision=precision,
                              weights=weights)
-        desc = "trained" if name != "sofi" else "n/a"
-        if name != "sofi":
-            desc = f"trained ({weights or 'default weights'})"
+        desc = f"trained ({weights or 'default weights'})" if ENGINES[name].needs_weights else "n/a"
     except Exception as e:  # noqa: BLE001 - WeightsError & co: measure latency untrained
-        if type(e).__name__ != "WeightsError" or name == "sofi":
+        if type(e).__name__ != "WeightsError" or not ENGINES[name].needs_weights:
             raise
         engine = _untrained(name, device, precision)
         desc = f"UNTRAINED (random init; {str(e).splitlines()[0][:120]})"

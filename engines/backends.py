@@ -49,13 +49,13 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from engines import backend_cache as bc
-from realtime.config import BACKEND_ALIASES as ALIASES
-from realtime.config import BACKENDS
-from realtime.config import canonical_backend as canonical
+from engines.registry import BACKEND_ALIASES as ALIASES
+from engines.registry import BACKEND_PRECISIONS as PRECISIONS
+from engines.registry import BACKENDS
+from engines.registry import canonical_backend as canonical
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "int8": torch.float32}  # int8: TensorRT quantises internally; IO stays fp32
 
@@ -112,7 +112,7 @@ class CheckReport:
 # --------------------------------------------------------------------------- availability
 
 
-# BACKENDS, ALIASES and canonical() live in realtime.config (torch-free: the CLI and the GUI
+# BACKENDS, ALIASES and canonical() live in engines.registry (torch-free: the CLI and the GUI
 # list them without importing torch)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from engines.base import as_tensor
+from engines.registry import ENGINES
 from engines.nn_common import (
     WEIGHTS_DIR,
     Decoder,
@@ -55,7 +56,7 @@ class ConvLSTMConfig:
     n_res: int = 2
     kernel: int = 3
     upsample: int = 2
-    warmup: int = 20      # frames since reset before outputs are reported
+    warmup: int = ENGINES[MODEL_NAME].default_window  # frames since reset before outputs are reported
 
 
 class ConvLSTMCell(nn.Module):
@@ -156,11 +157,11 @@ class ConvLSTMEngine(NetworkEngine):
     """
 
     name = MODEL_NAME
-    min_window = 1
+    min_window = ENGINES[name].min_window
     frames_per_output = 1
-    stateful = True  # never reset to catch up: skip outputs, not state
+    stateful = ENGINES[name].stateful  # True: never reset to catch up: skip outputs, not state
     encode_batch = 4  # frames per encoder call in push_many (batching helps most on a GPU)
-    backend_targets = ("model.encoder", "model.update", "model.decoder")
+    backend_targets = ENGINES[name].backend_targets
 
     def __init__(self, weights: str | Path | None = None, *, device: str = "cpu",
                  precision: str = "fp32", warmup: int | None = None,
@@ -257,5 +258,5 @@ class ConvLSTMEngine(NetworkEngine):
 
 def load(*, weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
          window: int | None = None, **_: object) -> ConvLSTMEngine:
-    """Factory used by engines.load_engine; `window` sets the warm-up (default 20)."""
+    """Factory used by engines.load_engine; `window` sets the warm-up (default: engines.registry)."""
     return ConvLSTMEngine(weights, device=device, precision=precision, warmup=window)

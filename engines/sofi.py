@@ -91,6 +91,7 @@ import torch
 
 from .base import EngineBase
 from .blinking import MIN_FRAMES, background_noise_correlation
+from .registry import ENGINES
 from .psf import FIT_BOUNDS, FWHM_TO_SIGMA, Optics, ResolvedPsf, effective_fwhm_px, optical_fwhm_px
 from .trend import MAX_ORDER, centred_times, polynomial_basis, polynomial_coefficients
 
@@ -198,7 +199,7 @@ class SofiEngine(EngineBase):
 
     name = "sofi"
     upsample = 2
-    min_window = 2
+    min_window = ENGINES[name].min_window
     min_size = 2
     compute_dtype = torch.float64
 
@@ -239,7 +240,7 @@ class SofiEngine(EngineBase):
             raise ValueError(f"resync_every must be >= 1, got {resync_every}")
         # precision is accepted for API symmetry; cumulants are always accumulated in float64
         # (differences of large sums) and returned as float32
-        super().__init__(20 if window is None else window, device=device, precision=precision)
+        super().__init__(ENGINES[self.name].default_window if window is None else window, device=device, precision=precision)
         self.bleach_order = int(bleach_order)
         self.lag_setting: int | str = lag if lag == AUTO else int(lag)
         fixed = 0 if lag == AUTO else int(lag)
