@@ -327,7 +327,8 @@ def measure_group(cfg: BenchConfig, name: str, size: int, threads: int | None,
 # --------------------------------------------------------------------------- ratios
 
 
-def _median_of(rows: list[dict], column: str = "median_ms", **match: Any) -> float | None:
+def _min_of(rows: list[dict], column: str = "median_ms", **match: Any) -> float | None:
+    """The smallest ``column`` among the ok rows matching ``match`` (best of the runs), or None."""
     vals = [r[column] for r in rows if r.get("status", "").startswith("ok")
             and column in r and all(r.get(k) == v for k, v in match.items())]
     return min(vals) if vals else None
@@ -339,13 +340,13 @@ def compute_ratios(rows: list[dict]) -> dict[str, Any]:
     for size in sorted({r["size"] for r in rows}):
         for th in sorted({r["threads"] for r in rows}):
             tag = f"{size}px_t{th}"
-            gru_win = _median_of(rows, engine="convgru", mode="window", backend="eager",
-                                 precision="fp32", size=size, threads=th)
-            gru_push = _median_of(rows, engine="convgru", mode="push", backend="eager",
-                                  precision="fp32", size=size, threads=th)
-            lstm_push = _median_of(rows, engine="convlstm", mode="push", backend="eager",
-                                   precision="fp32", size=size, threads=th)
-            sofi_push = _median_of(rows, engine="sofi", mode="push", size=size, threads=th)
+            gru_win = _min_of(rows, engine="convgru", mode="window", backend="eager",
+                              precision="fp32", size=size, threads=th)
+            gru_push = _min_of(rows, engine="convgru", mode="push", backend="eager",
+                               precision="fp32", size=size, threads=th)
+            lstm_push = _min_of(rows, engine="convlstm", mode="push", backend="eager",
+                                precision="fp32", size=size, threads=th)
+            sofi_push = _min_of(rows, engine="sofi", mode="push", size=size, threads=th)
             r: dict[str, Any] = {}
             if gru_win and lstm_push:
                 r["convgru_window_over_convlstm_push"] = gru_win / lstm_push
@@ -353,8 +354,8 @@ def compute_ratios(rows: list[dict]) -> dict[str, Any]:
                 r["convgru_window_over_sofi_push"] = gru_win / sofi_push
             if gru_win and gru_push:
                 r["convgru_window_over_convgru_cached_push"] = gru_win / gru_push
-            gru_win_cpu = _median_of(rows, "cpu_median_ms", engine="convgru", mode="window",
-                                     backend="eager", precision="fp32", size=size, threads=th)
+            gru_win_cpu = _min_of(rows, "cpu_median_ms", engine="convgru", mode="window",
+                                  backend="eager", precision="fp32", size=size, threads=th)
             cand = [x for x in rows if x["engine"] == "convgru" and x.get("mode") == "window"
                     and x["size"] == size and x["threads"] == th and x.get("status") == "ok"
                     and "median_ms" in x]

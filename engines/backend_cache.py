@@ -85,11 +85,6 @@ def module_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def signature_str(shapes: Iterable[tuple[tuple[int, ...], str]]) -> str:
-    """'1x20x128x128:float32,...' for a list of (shape, dtype)."""
-    return ",".join("x".join(str(d) for d in shape) + ":" + dtype for shape, dtype in shapes)
-
-
 def artefact_key(*, module_hash: str, signature: str, backend: str, precision: str,
                  device: str | torch.device, extra: dict[str, Any] | None = None) -> str:
     """Stable short key for one compiled artefact (model x shape x precision x device x versions)."""

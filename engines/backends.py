@@ -29,7 +29,7 @@ nvidia-modelopt calibration). ``+cl`` after a torch backend adds channels_last m
 
 Engine hook: ``engines.load_engine`` calls :func:`apply_backend(engine, backend, precision)`.
 An engine may declare ``backend_targets = ("model.encode", ...)`` (dotted paths to modules or
-module methods it calls); ConvGRU/ConvLSTM defaults are in :data:`KNOWN_TARGETS`.
+module methods it calls); ConvGRU/ConvLSTM defaults are in :mod:`engines.registry`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from engines import backend_cache as bc
 from engines.registry import BACKEND_ALIASES as ALIASES
 from engines.registry import BACKEND_PRECISIONS as PRECISIONS
-from engines.registry import BACKENDS
+from engines.registry import BACKENDS, ENGINES
 from engines.registry import canonical_backend as canonical
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 #: fp16 (11-bit mantissa) and bf16 (8-bit) compound rounding over ~40 convs of a 20-step GRU.
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2, "int8": 1e-1}
 
-#: Per-frame callables of the engines whose modules are not called through forward().
-KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
-    "convgru": ("model.encode", "model.fuse_decode"),
-    "convlstm": ("model.encoder", "model.update", "model.decoder"),
-}
 
 
 #: a remembered auto choice is measured again after this many uses (a machine's load and
@@ -792,9 +787,9 @@ def engine_targets(engine: Any) -> tuple[str, ...]:
     declared = getattr(engine, "backend_targets", None)
     if declared:
         return tuple(declared)
-    known = KNOWN_TARGETS.get(getattr(engine, "name", ""))
-    if known:
-        return known
+    info = ENGINES.get(str(getattr(engine, "name", "")))
+    if info is not None and info.backend_targets:
+        return info.backend_targets
     return tuple(k for k, v in vars(engine).items() if isinstance(v, nn.Module))
 
 

@@ -330,12 +330,6 @@ class SofiEngine(EngineBase):
         coef = torch.einsum("tk,thw->khw", basis, frames)
         return frames - torch.einsum("tk,khw->thw", basis, coef)
 
-    def covariances(self, frames: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
-        """Cross-cumulant maps of a (T, H, W) float tensor: {shift: (first-pixel region)}."""
-        lag = self._decide_lag(frames)
-        num, scale = self._batch_sums(frames, lag)
-        return {s: v * scale for s, v in num.items()}
-
     def _batch_sums(self, frames: torch.Tensor, lag: int) -> tuple[dict[tuple[int, int], torch.Tensor], float]:
         t = frames.shape[0]
         if t - lag - (self.bleach_order + 1) < 1:

@@ -371,12 +371,6 @@ class EngineGateway:
                     except zmq.Again:
                         pass
 
-    def serve_forever(self) -> None:
-        """Block until `close()` (or Ctrl-C in the CLI)."""
-        while not self._stop.wait(0.5):
-            if self.supervisor is not None and self.supervisor.gave_up:
-                raise RuntimeError("engine keeps dying; giving up (see the log above)")
-
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
