@@ -19,7 +19,7 @@ import platform
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -49,7 +49,6 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from engines import backend_cache as bc
-from engines.registry import BACKEND_ALIASES as ALIASES
 from engines.registry import BACKEND_PRECISIONS as PRECISIONS
 from engines.registry import BACKENDS, ENGINES
 from engines.registry import canonical_backend as canonical
@@ -107,7 +106,7 @@ class CheckReport:
 # --------------------------------------------------------------------------- availability
 
 
-# BACKENDS, ALIASES and canonical() live in engines.registry (torch-free: the CLI and the GUI
+# BACKENDS, BACKEND_ALIASES and canonical() live in engines.registry (torch-free: the CLI and the GUI
 # list them without importing torch)
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from engines.registry import ENGINES
 from engines.nn_common import (
     WEIGHTS_DIR,
     Decoder,
@@ -29,6 +28,7 @@ from engines.nn_common import (
     normalise_with_scale,
     xavier_init,
 )
+from engines.registry import ENGINES
 
 MODEL_NAME = "convgru"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "convgru.pt"

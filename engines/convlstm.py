@@ -16,18 +16,16 @@ worker can decide how many queued frames to feed (realtime.worker.plan_stateful_
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
 from engines.base import as_tensor
-from engines.registry import ENGINES
 from engines.nn_common import (
     WEIGHTS_DIR,
     Decoder,
@@ -40,6 +38,7 @@ from engines.nn_common import (
     normalise_with_scale,
     xavier_init,
 )
+from engines.registry import ENGINES
 
 MODEL_NAME = "convlstm"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "convlstm.pt"

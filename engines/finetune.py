@@ -42,8 +42,8 @@ from engines.finetune_data import (
     build_field,
     drift_px,
 )
-from engines.registry import default_window, neural_engines
 from engines.nn_common import NormConfig, WeightsError, is_legacy, save_weights
+from engines.registry import default_window, neural_engines
 from engines.training import TrainConfig, _lr_at, _progress, compute_loss, refuse_shipped
 from realtime.config import SofiOptions, add_sofi_arguments
 
@@ -275,8 +275,13 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     """Run everything; returns the report (also written to ``<out>.report.json``)."""
     from acquisition.recordings import file_fingerprint
     from engines.finetune_report import (
-        forgetting_check, heldout_agreement, invented_level, network_engine, sofi_agreement,
-        write_figure)
+        forgetting_check,
+        heldout_agreement,
+        invented_level,
+        network_engine,
+        sofi_agreement,
+        write_figure,
+    )
 
     rep = rep or Reporter(cfg.events)
     t_start = time.time()

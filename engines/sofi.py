@@ -91,8 +91,8 @@ import torch
 
 from .base import EngineBase
 from .blinking import MIN_FRAMES, background_noise_correlation
-from .registry import ENGINES
 from .psf import FIT_BOUNDS, FWHM_TO_SIGMA, Optics, ResolvedPsf, effective_fwhm_px, optical_fwhm_px
+from .registry import ENGINES
 from .trend import MAX_ORDER, centred_times, polynomial_basis, polynomial_coefficients
 
 logger = logging.getLogger(__name__)

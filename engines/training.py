@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.registry import neural_engines
 from engines.data import DataConfig, SampleStream, heldout_set
 from engines.nn_common import (
-    NormConfig,
     WEIGHTS_DIR,
+    NormConfig,
     combined_loss,
     decode_output,
     encode_target,
@@ -40,6 +39,7 @@ from engines.nn_common import (
     save_weights,
     trailing_mean,
 )
+from engines.registry import neural_engines
 
 
 @dataclass
