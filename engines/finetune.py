@@ -43,7 +43,7 @@ from engines.finetune_data import (
     drift_px,
 )
 from engines.nn_common import NormConfig, WeightsError, is_legacy, save_weights
-from engines.registry import default_window, neural_engines
+from engines.registry import ENGINES, default_window, neural_engines
 from engines.training import TrainConfig, _lr_at, _progress, compute_loss, refuse_shipped
 from realtime.config import SofiOptions, add_sofi_arguments
 
@@ -325,8 +325,8 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     base_engine = network_engine(cfg.model, model, norm, str(device))
     before = heldout_agreement(base_engine, fields, cfg.eval_windows)
     before_invented = invented_level(base_engine, fields, cfg.eval_windows)
-    n_eval = int(base_engine.window) * (2 if cfg.model == "convlstm" else 1)
-    live_sofi = sofi_agreement(fields, cfg.eval_windows, 20, sofi_opts, n_eval)
+    n_eval = int(base_engine.window) * (2 if ENGINES[cfg.model].stateful else 1)
+    live_sofi = sofi_agreement(fields, cfg.eval_windows, default_window("sofi"), sofi_opts, n_eval)
     base_example = before.example
 
     # ---- training ----
