@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     )
     from acquisition.formats import recording_format
     from acquisition.recorder import Recorder, RecorderError
+    from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
     from acquisition.sinks import (
         FrameMeta,
         FrameSink,
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
         StreamInfo,
         ThreadedSink,
     )
-    from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
     from acquisition.thread import AcquisitionThread
 
 

@@ -29,8 +29,8 @@ import numpy as np
 from scipy.special import erf
 
 from acquisition import structures as S
+from acquisition.psf_units import FWHM_TO_SIGMA
 
-FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 PIXEL_VARIANCE = 1.0 / 12.0   # variance (px^2) a uniform pixel adds to a Gaussian PSF
 DIFFUSION_HISTORY = 128       # frames of diffusing-molecule positions kept for the target
 STATIC_MARGIN_NM = 1_000.0    # emitters this far outside a static field still reach it
@@ -549,10 +549,3 @@ class BlinkingScene:
                               fwhm * FWHM_TO_SIGMA / fine_nm)
         peak = gt.max()
         return (gt / peak if peak > 0 else gt).astype(np.float32)
-
-
-def simulate(cfg: SimulationConfig, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """Convenience: (frames uint16 (T, H, W), expected cumulant float32 (2H, 2W) at the last frame)."""
-    scene = BlinkingScene(cfg)
-    movie = scene.frames(n_frames)
-    return movie, scene.expected_cumulant(window=n_frames)

@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
     from qtpy import QtCore
-    from realtime.config import Addresses, PipelineConfig
 
     from gui.app import get_app
     from gui.main_window import MainWindow
+    from realtime.config import Addresses, PipelineConfig
 
-    app = get_app()
+    _app = get_app()  # the QApplication must exist (and stay referenced) before any widget
     cfg = PipelineConfig(source="sim", size=args.size, fps=args.fps, engine=args.engine,
                          stride=args.stride, seconds=None, worker_mode=args.worker_mode,
                          addresses=Addresses("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"))
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     counter = PaintCounter()
     win.views.sr.widget.viewport().installEventFilter(counter)
     win.show()
-    marks: dict[str, float | int] = {}
 
     def pump(until: float, cond=lambda: False) -> None:
         """Run the Qt event loop (as app.exec() would) until `until` or `cond()`."""

@@ -38,11 +38,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engines.registry import ENGINES
+
 #: where the project keeps its committed results (benchmarks/results/); runs never write here
 #: unless asked with --out-dir: by default they write into the current folder
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_SIZES = (128, 256, 512)
-DEFAULT_ENGINES = ("sofi", "convgru", "convlstm")
+DEFAULT_ENGINES = tuple(ENGINES)
 TARGET_STREAM_RATIO = 10.0   # convgru 20-frame window vs a streaming engine's per-frame cost
 TARGET_BACKEND_RATIO = 2.0   # best backend vs eager fp32, convgru window at 128 px
 
@@ -137,11 +139,9 @@ def make_engine(name: str, backend: str, precision: str, device: str,
     try:
         engine = load_engine(name, backend="eager", device=device, precision=precision,
                              weights=weights)
-        desc = "trained" if name != "sofi" else "n/a"
-        if name != "sofi":
-            desc = f"trained ({weights or 'default weights'})"
+        desc = f"trained ({weights or 'default weights'})" if ENGINES[name].needs_weights else "n/a"
     except Exception as e:  # noqa: BLE001 - WeightsError & co: measure latency untrained
-        if type(e).__name__ != "WeightsError" or name == "sofi":
+        if type(e).__name__ != "WeightsError" or not ENGINES[name].needs_weights:
             raise
         engine = _untrained(name, device, precision)
         desc = f"UNTRAINED (random init; {str(e).splitlines()[0][:120]})"
@@ -327,7 +327,8 @@ def measure_group(cfg: BenchConfig, name: str, size: int, threads: int | None,
 # --------------------------------------------------------------------------- ratios
 
 
-def _median_of(rows: list[dict], column: str = "median_ms", **match: Any) -> float | None:
+def _min_of(rows: list[dict], column: str = "median_ms", **match: Any) -> float | None:
+    """The smallest ``column`` among the ok rows matching ``match`` (best of the runs), or None."""
     vals = [r[column] for r in rows if r.get("status", "").startswith("ok")
             and column in r and all(r.get(k) == v for k, v in match.items())]
     return min(vals) if vals else None
@@ -339,13 +340,13 @@ def compute_ratios(rows: list[dict]) -> dict[str, Any]:
     for size in sorted({r["size"] for r in rows}):
         for th in sorted({r["threads"] for r in rows}):
             tag = f"{size}px_t{th}"
-            gru_win = _median_of(rows, engine="convgru", mode="window", backend="eager",
-                                 precision="fp32", size=size, threads=th)
-            gru_push = _median_of(rows, engine="convgru", mode="push", backend="eager",
-                                  precision="fp32", size=size, threads=th)
-            lstm_push = _median_of(rows, engine="convlstm", mode="push", backend="eager",
-                                   precision="fp32", size=size, threads=th)
-            sofi_push = _median_of(rows, engine="sofi", mode="push", size=size, threads=th)
+            gru_win = _min_of(rows, engine="convgru", mode="window", backend="eager",
+                              precision="fp32", size=size, threads=th)
+            gru_push = _min_of(rows, engine="convgru", mode="push", backend="eager",
+                               precision="fp32", size=size, threads=th)
+            lstm_push = _min_of(rows, engine="convlstm", mode="push", backend="eager",
+                                precision="fp32", size=size, threads=th)
+            sofi_push = _min_of(rows, engine="sofi", mode="push", size=size, threads=th)
             r: dict[str, Any] = {}
             if gru_win and lstm_push:
                 r["convgru_window_over_convlstm_push"] = gru_win / lstm_push
@@ -353,8 +354,8 @@ def compute_ratios(rows: list[dict]) -> dict[str, Any]:
                 r["convgru_window_over_sofi_push"] = gru_win / sofi_push
             if gru_win and gru_push:
                 r["convgru_window_over_convgru_cached_push"] = gru_win / gru_push
-            gru_win_cpu = _median_of(rows, "cpu_median_ms", engine="convgru", mode="window",
-                                     backend="eager", precision="fp32", size=size, threads=th)
+            gru_win_cpu = _min_of(rows, "cpu_median_ms", engine="convgru", mode="window",
+                                  backend="eager", precision="fp32", size=size, threads=th)
             cand = [x for x in rows if x["engine"] == "convgru" and x.get("mode") == "window"
                     and x["size"] == size and x["threads"] == th and x.get("status") == "ok"
                     and "median_ms" in x]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .blinking import BlinkingReport, assess_blinking
 from .psf import Optics
+from .registry import ENGINES
 
 if TYPE_CHECKING:  # torch-based: imported on first use (see __getattr__), not by `import engines`
     from .base import Engine, EngineBase
@@ -44,12 +45,9 @@ def __getattr__(name: str) -> Any:
         return getattr(base, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-# name -> "module:factory"; modules are imported only by load_engine
-_REGISTRY: dict[str, str] = {
-    "sofi": "engines.sofi:SofiEngine",
-    "convgru": "engines.convgru:load",
-    "convlstm": "engines.convlstm:load",
-}
+# name -> "module:factory" (from engines.registry, plus register_engine's); modules are imported
+# only by load_engine
+_REGISTRY: dict[str, str] = {name: info.factory for name, info in ENGINES.items()}
 _BACKENDS_MODULE = "engines.backends"
 
 

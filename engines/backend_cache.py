@@ -19,7 +19,7 @@ import platform
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,11 +83,6 @@ def module_fingerprint(module: nn.Module) -> str:
         h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                  if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def signature_str(shapes: Iterable[tuple[tuple[int, ...], str]]) -> str:
-    """'1x20x128x128:float32,...' for a list of (shape, dtype)."""
-    return ",".join("x".join(str(d) for d in shape) + ":" + dtype for shape, dtype in shapes)
 
 
 def artefact_key(*, module_hash: str, signature: str, backend: str, precision: str,

@@ -29,7 +29,7 @@ nvidia-modelopt calibration). ``+cl`` after a torch backend adds channels_last m
 
 Engine hook: ``engines.load_engine`` calls :func:`apply_backend(engine, backend, precision)`.
 An engine may declare ``backend_targets = ("model.encode", ...)`` (dotted paths to modules or
-module methods it calls); ConvGRU/ConvLSTM defaults are in :data:`KNOWN_TARGETS`.
+module methods it calls); ConvGRU/ConvLSTM defaults are in :mod:`engines.registry`.
 """
 
 from __future__ import annotations
@@ -49,13 +49,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from engines import backend_cache as bc
-from realtime.config import BACKEND_ALIASES as ALIASES
-from realtime.config import BACKENDS
-from realtime.config import canonical_backend as canonical
+from engines.registry import BACKEND_PRECISIONS as PRECISIONS
+from engines.registry import BACKENDS, ENGINES
+from engines.registry import canonical_backend as canonical
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "int8": torch.float32}  # int8: TensorRT quantises internally; IO stays fp32
 
@@ -64,11 +63,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 #: fp16 (11-bit mantissa) and bf16 (8-bit) compound rounding over ~40 convs of a 20-step GRU.
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2, "int8": 1e-1}
 
-#: Per-frame callables of the engines whose modules are not called through forward().
-KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
-    "convgru": ("model.encode", "model.fuse_decode"),
-    "convlstm": ("model.encoder", "model.update", "model.decoder"),
-}
 
 
 #: a remembered auto choice is measured again after this many uses (a machine's load and
@@ -112,7 +106,7 @@ class CheckReport:
 # --------------------------------------------------------------------------- availability
 
 
-# BACKENDS, ALIASES and canonical() live in realtime.config (torch-free: the CLI and the GUI
+# BACKENDS, BACKEND_ALIASES and canonical() live in engines.registry (torch-free: the CLI and the GUI
 # list them without importing torch)
 
 
@@ -792,9 +786,9 @@ def engine_targets(engine: Any) -> tuple[str, ...]:
     declared = getattr(engine, "backend_targets", None)
     if declared:
         return tuple(declared)
-    known = KNOWN_TARGETS.get(getattr(engine, "name", ""))
-    if known:
-        return known
+    info = ENGINES.get(str(getattr(engine, "name", "")))
+    if info is not None and info.backend_targets:
+        return info.backend_targets
     return tuple(k for k, v in vars(engine).items() if isinstance(v, nn.Module))
 
 

@@ -28,6 +28,7 @@ from engines.nn_common import (
     normalise_with_scale,
     xavier_init,
 )
+from engines.registry import ENGINES
 
 MODEL_NAME = "convgru"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "convgru.pt"
@@ -42,7 +43,7 @@ class ConvGRUConfig:
     n_res: int = 2        # residual blocks in the encoder
     kernel: int = 3       # GRU convolution kernel
     upsample: int = 2
-    window: int = 20      # frames per output
+    window: int = ENGINES[MODEL_NAME].default_window  # frames per output
 
 
 class ConvGRUCell(nn.Module):
@@ -119,8 +120,8 @@ class ConvGRUEngine(NetworkEngine):
     """
 
     name = MODEL_NAME
-    min_window = 1
-    backend_targets = ("model.encode", "model.fuse_decode")
+    min_window = ENGINES[name].min_window
+    backend_targets = ENGINES[name].backend_targets
 
     def __init__(self, weights: str | Path | None = None, *, device: str = "cpu",
                  precision: str = "fp32", window: int | None = None,

@@ -16,11 +16,10 @@ worker can decide how many queued frames to feed (realtime.worker.plan_stateful_
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-
-import time
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from engines.nn_common import (
     normalise_with_scale,
     xavier_init,
 )
+from engines.registry import ENGINES
 
 MODEL_NAME = "convlstm"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "convlstm.pt"
@@ -55,7 +55,7 @@ class ConvLSTMConfig:
     n_res: int = 2
     kernel: int = 3
     upsample: int = 2
-    warmup: int = 20      # frames since reset before outputs are reported
+    warmup: int = ENGINES[MODEL_NAME].default_window  # frames since reset before outputs are reported
 
 
 class ConvLSTMCell(nn.Module):
@@ -156,11 +156,11 @@ class ConvLSTMEngine(NetworkEngine):
     """
 
     name = MODEL_NAME
-    min_window = 1
+    min_window = ENGINES[name].min_window
     frames_per_output = 1
-    stateful = True  # never reset to catch up: skip outputs, not state
+    stateful = ENGINES[name].stateful  # True: never reset to catch up: skip outputs, not state
     encode_batch = 4  # frames per encoder call in push_many (batching helps most on a GPU)
-    backend_targets = ("model.encoder", "model.update", "model.decoder")
+    backend_targets = ENGINES[name].backend_targets
 
     def __init__(self, weights: str | Path | None = None, *, device: str = "cpu",
                  precision: str = "fp32", warmup: int | None = None,
@@ -257,5 +257,5 @@ class ConvLSTMEngine(NetworkEngine):
 
 def load(*, weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
          window: int | None = None, **_: object) -> ConvLSTMEngine:
-    """Factory used by engines.load_engine; `window` sets the warm-up (default 20)."""
+    """Factory used by engines.load_engine; `window` sets the warm-up (default: engines.registry)."""
     return ConvLSTMEngine(weights, device=device, precision=precision, warmup=window)

@@ -20,7 +20,6 @@ from threadpoolctl import threadpool_limits
 from acquisition.simulation import STATIC_MARGIN_NM, BlinkingScene, CameraNoise, SimulationConfig
 from acquisition.structures import STRUCTURES
 
-
 # Class probabilities of the training domain: filaments do not dominate; with the fully static
 # samples (p_fully_static) about 10 % of the scenes carry no blinking at all.
 CLASS_WEIGHTS: dict[str, float] = {

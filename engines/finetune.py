@@ -43,6 +43,7 @@ from engines.finetune_data import (
     drift_px,
 )
 from engines.nn_common import NormConfig, WeightsError, is_legacy, save_weights
+from engines.registry import ENGINES, default_window, neural_engines
 from engines.training import TrainConfig, _lr_at, _progress, compute_loss, refuse_shipped
 from realtime.config import SofiOptions, add_sofi_arguments
 
@@ -85,8 +86,8 @@ class FinetuneConfig:
     events: bool = False  # JSON lines on stdout (for the GUI) instead of text and a bar
 
     def __post_init__(self) -> None:
-        if self.model not in ("convgru", "convlstm"):
-            raise ValueError(f"--model must be convgru or convlstm, got {self.model!r}")
+        if self.model not in neural_engines():
+            raise ValueError(f"--model must be {' or '.join(neural_engines())}, got {self.model!r}")
         if not self.recordings:
             raise ValueError("give at least one recording")
         if not self.out:
@@ -111,7 +112,7 @@ class FinetuneConfig:
     @property
     def window(self) -> int:
         """Frames per training sample."""
-        return 20 if self.model == "convgru" else CONVLSTM_SEQUENCE
+        return default_window("convgru") if self.model == "convgru" else CONVLSTM_SEQUENCE
 
 
 def side_files(out: str | Path) -> dict[str, Path]:
@@ -274,8 +275,13 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     """Run everything; returns the report (also written to ``<out>.report.json``)."""
     from acquisition.recordings import file_fingerprint
     from engines.finetune_report import (
-        forgetting_check, heldout_agreement, invented_level, network_engine, sofi_agreement,
-        write_figure)
+        forgetting_check,
+        heldout_agreement,
+        invented_level,
+        network_engine,
+        sofi_agreement,
+        write_figure,
+    )
 
     rep = rep or Reporter(cfg.events)
     t_start = time.time()
@@ -319,8 +325,8 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     base_engine = network_engine(cfg.model, model, norm, str(device))
     before = heldout_agreement(base_engine, fields, cfg.eval_windows)
     before_invented = invented_level(base_engine, fields, cfg.eval_windows)
-    n_eval = int(base_engine.window) * (2 if cfg.model == "convlstm" else 1)
-    live_sofi = sofi_agreement(fields, cfg.eval_windows, 20, sofi_opts, n_eval)
+    n_eval = int(base_engine.window) * (2 if ENGINES[cfg.model].stateful else 1)
+    live_sofi = sofi_agreement(fields, cfg.eval_windows, default_window("sofi"), sofi_opts, n_eval)
     base_example = before.example
 
     # ---- training ----
@@ -541,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
         "part of the field."))
     p.add_argument("recordings", nargs="+", metavar="RECORDING",
                    help=f"OME-TIFF / OME-Zarr of a fixed sample, >= {MIN_FRAMES} frames each")
-    p.add_argument("--model", choices=["convgru", "convlstm"], default=d.model)
+    p.add_argument("--model", choices=list(neural_engines()), default=d.model)
     p.add_argument("--out", required=True, metavar="WEIGHTS", help="the new weights file (.pt)")
     p.add_argument("--from", dest="base", metavar="WEIGHTS",
                    help="weights to start from (default: the shipped ones)")

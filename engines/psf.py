@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from acquisition.psf_units import FWHM_TO_SIGMA
+
 __all__ = [
     "DEFAULT_NA",
     "DEFAULT_PIXEL_SIZE_UM",
@@ -49,7 +51,6 @@ DEFAULT_NA = 1.4
 DEFAULT_WAVELENGTH_NM = 600.0  # emission
 DEFAULT_PIXEL_SIZE_UM = 0.1  # camera pixel in the sample plane
 FWHM_PER_LAMBDA_OVER_NA = 0.51  # FWHM of the widefield (Airy) PSF in units of lambda / NA
-FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 PIXEL_BOX_VARIANCE = 1.0 / 12.0  # variance of a uniform 1-pixel box, px^2
 #: a PSF width fitted to the data is trusted only within this factor of the optical one
 FIT_BOUNDS = (0.7, 1.5)

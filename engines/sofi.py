@@ -92,6 +92,7 @@ import torch
 from .base import EngineBase
 from .blinking import MIN_FRAMES, background_noise_correlation
 from .psf import FIT_BOUNDS, FWHM_TO_SIGMA, Optics, ResolvedPsf, effective_fwhm_px, optical_fwhm_px
+from .registry import ENGINES
 from .trend import MAX_ORDER, centred_times, polynomial_basis, polynomial_coefficients
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ class SofiEngine(EngineBase):
 
     name = "sofi"
     upsample = 2
-    min_window = 2
+    min_window = ENGINES[name].min_window
     min_size = 2
     compute_dtype = torch.float64
 
@@ -239,7 +240,7 @@ class SofiEngine(EngineBase):
             raise ValueError(f"resync_every must be >= 1, got {resync_every}")
         # precision is accepted for API symmetry; cumulants are always accumulated in float64
         # (differences of large sums) and returned as float32
-        super().__init__(20 if window is None else window, device=device, precision=precision)
+        super().__init__(ENGINES[self.name].default_window if window is None else window, device=device, precision=precision)
         self.bleach_order = int(bleach_order)
         self.lag_setting: int | str = lag if lag == AUTO else int(lag)
         fixed = 0 if lag == AUTO else int(lag)
@@ -328,12 +329,6 @@ class SofiEngine(EngineBase):
         basis = torch.from_numpy(polynomial_basis(frames.shape[0], self.bleach_order)).to(frames)
         coef = torch.einsum("tk,thw->khw", basis, frames)
         return frames - torch.einsum("tk,khw->thw", basis, coef)
-
-    def covariances(self, frames: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
-        """Cross-cumulant maps of a (T, H, W) float tensor: {shift: (first-pixel region)}."""
-        lag = self._decide_lag(frames)
-        num, scale = self._batch_sums(frames, lag)
-        return {s: v * scale for s, v in num.items()}
 
     def _batch_sums(self, frames: torch.Tensor, lag: int) -> tuple[dict[tuple[int, int], torch.Tensor], float]:
         t = frames.shape[0]

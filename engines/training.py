@@ -30,8 +30,8 @@ import torch
 
 from engines.data import DataConfig, SampleStream, heldout_set
 from engines.nn_common import (
-    NormConfig,
     WEIGHTS_DIR,
+    NormConfig,
     combined_loss,
     decode_output,
     encode_target,
@@ -39,6 +39,7 @@ from engines.nn_common import (
     save_weights,
     trailing_mean,
 )
+from engines.registry import neural_engines
 
 
 @dataclass
@@ -379,7 +380,7 @@ def _merge(obj, overrides: dict):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livesr train", description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["convgru", "convlstm"], default="convgru")
+    p.add_argument("--model", choices=list(neural_engines()), default="convgru")
     p.add_argument("--config", dest="preset", choices=["cpu", "gpu", *PRESET_ALIASES],
                    default="cpu", help="cpu: a shared 2-core CPU (1 thread + 1 data process); "
                    "gpu: one GPU, 14 data processes (small/full: old names of cpu/gpu)")

@@ -23,11 +23,12 @@ from typing import Any
 
 from qtpy import QtCore, QtWidgets
 
+from engines.registry import neural_engines
 from gui.relay import LatestSlot
 
 __all__ = ["AdaptPanel", "WeightsNote", "default_out_dir"]
 
-MODELS = ("convgru", "convlstm")
+MODELS = neural_engines()
 
 
 def default_out_dir() -> Path:

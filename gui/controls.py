@@ -13,11 +13,11 @@ from pathlib import Path
 
 from qtpy import QtCore, QtGui, QtWidgets
 
-from realtime.config import BACKEND_CHOICES
+from engines.registry import BACKEND_CHOICES, ENGINES
 
 log = logging.getLogger(__name__)
 
-#: the backend choices (realtime.config, torch-free: the Qt thread must not import torch); an
+#: the backend choices (engines.registry, torch-free: the Qt thread must not import torch); an
 #: unavailable choice is reported by the engine worker as a clear error in the window
 DEFAULT_BACKENDS = list(BACKEND_CHOICES)
 
@@ -40,7 +40,7 @@ class ControlValues:
 
 
 #: engines computed from the data alone (no weights file to choose)
-ENGINES_WITHOUT_WEIGHTS = frozenset({"sofi"})
+ENGINES_WITHOUT_WEIGHTS = frozenset(n for n, e in ENGINES.items() if not e.needs_weights)
 
 
 class ExposureFpsWidget(QtWidgets.QWidget):

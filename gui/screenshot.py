@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-    from realtime.config import Addresses, PipelineConfig
-
     from gui.app import run_gui
+    from realtime.config import Addresses, PipelineConfig
 
     cfg = PipelineConfig(
         source=args.source, size=args.size, fps=args.fps, engine=args.engine, weights=args.weights,

@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import BACKEND_CHOICES, Addresses, PipelineConfig, SofiOptions, add_sofi_arguments
+from engines.registry import BACKEND_CHOICES
+
+from .config import Addresses, PipelineConfig, SofiOptions, add_sofi_arguments
 
 __all__ = ["build_parser", "config_from_args", "main"]
 

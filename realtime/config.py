@@ -1,4 +1,5 @@
-"""Typed configuration shared by the CLI, the GUI and the pipeline (stdlib only).
+"""Typed configuration shared by the CLI, the GUI and the pipeline (stdlib and the torch-free
+engine registry only).
 
 The defaults run the embedded demo: a simulated 256x256 camera at 100 frames/s streamed to
 second-order SOFI on loopback sockets. The CLI maps its flags onto these dataclasses and
@@ -15,6 +16,16 @@ import socket
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+# the backend lists live in the torch-free engine registry; re-exported here for the callers
+from engines.registry import (
+    ANY_ENGINE_MIN_WINDOW,
+    BACKEND_ALIASES,
+    BACKEND_CHOICES,
+    BACKENDS,
+    canonical_backend,
+    default_window,
+)
 
 __all__ = [
     "Addresses",
@@ -33,28 +44,11 @@ __all__ = [
     "output_problem",
 ]
 
-#: execution backends of the neural engines (implemented in engines.backends; named here,
-#: torch-free, so that the CLI, the GUI and the validation share one list)
-BACKENDS = ("eager", "channels_last", "jit", "compile", "compile-cudagraphs", "onnxruntime",
-            "tensorrt")
-#: what --backend accepts: a backend, a torch backend with channels_last ("+cl"), or "auto"
-BACKEND_CHOICES = BACKENDS + ("jit+cl", "compile+cl", "auto")
-#: other spellings accepted for convenience
-BACKEND_ALIASES = {"compiled": "compile", "torch.compile": "compile", "ort": "onnxruntime",
-                   "onnx": "onnxruntime", "trt": "tensorrt", "torchscript": "jit"}
-
-
-def canonical_backend(backend: str) -> str:
-    """Backend name with aliases resolved ('compiled+cl' -> 'compile+cl')."""
-    base, sep, flag = backend.partition("+")
-    return BACKEND_ALIASES.get(base, base) + sep + flag
-
-
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 #: frames per output assumed for the memory estimate when --window is not given (the
-#: default of every registered engine)
-ASSUMED_WINDOW = 20
+#: largest default of the registered engines)
+ASSUMED_WINDOW = default_window()
 
 
 def available_memory_bytes() -> int | None:
@@ -309,8 +303,9 @@ class PipelineConfig:
             problems.append(f"fps must be > 0 (and sane), got {self.fps!r}")
         if self.seconds is not None and not (self.seconds >= 0):
             problems.append(f"seconds must be >= 0, got {self.seconds!r}")
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 2):
-            problems.append(f"window must be an integer >= 2 frames, got {self.window!r}")
+        if self.window is not None and (not isinstance(self.window, int)
+                                        or self.window < ANY_ENGINE_MIN_WINDOW):
+            problems.append(f"window must be an integer >= {ANY_ENGINE_MIN_WINDOW} frames, got {self.window!r}")
         if not isinstance(self.stride, int) or self.stride < 1:
             problems.append(f"stride must be an integer >= 1, got {self.stride!r}")
         if self.crop is not None and (not isinstance(self.crop, int) or self.crop < 4):

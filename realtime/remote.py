@@ -51,6 +51,8 @@ import zmq
 from psygnal import Signal
 from zmq.utils.monitor import recv_monitor_message
 
+from engines.registry import ANY_ENGINE_MIN_WINDOW, default_window
+
 from .config import SofiOptions, add_sofi_arguments
 from .protocol import (
     FOREIGN,
@@ -143,8 +145,8 @@ class EngineServerConfig:
             raise SecurityError("--keys and --allow go together (server key + client allow-list)")
         for ep in (self.bind, self.results_bind):
             check_bind_allowed(ep, curve=self.keys is not None)
-        if self.window is not None and self.window < 2:
-            raise ValueError(f"--window must be >= 2 frames, got {self.window}")
+        if self.window is not None and self.window < ANY_ENGINE_MIN_WINDOW:
+            raise ValueError(f"--window must be >= {ANY_ENGINE_MIN_WINDOW} frames, got {self.window}")
         if self.stride < 1:
             raise ValueError(f"--stride must be >= 1, got {self.stride}")
         if self.worker_mode not in ("process", "thread"):
@@ -369,12 +371,6 @@ class EngineGateway:
                     except zmq.Again:
                         pass
 
-    def serve_forever(self) -> None:
-        """Block until `close()` (or Ctrl-C in the CLI)."""
-        while not self._stop.wait(0.5):
-            if self.supervisor is not None and self.supervisor.gave_up:
-                raise RuntimeError("engine keeps dying; giving up (see the log above)")
-
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -437,8 +433,8 @@ class RemoteEngineOptions:
     def curve(self) -> bool:
         return self.server_key is not None
 
-    #: lead-in guess until the engines report their window (SOFI's default window)
-    GUESSED_WINDOW = 20
+    #: lead-in guess until the engines report their window (the largest engine default)
+    GUESSED_WINDOW = default_window()
 
     @property
     def window_or_guess(self) -> int:

@@ -1,0 +1,55 @@
+"""The torch-free engine registry: what it says matches the engines, and importing it is cheap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engines import load_engine
+from engines.registry import ANY_ENGINE_MIN_WINDOW, BACKEND_CHOICES, ENGINES, PRECISIONS, default_window
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("module", ["engines.registry", "engines", "realtime.config"])
+def test_import_does_not_import_torch(module):
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_registry_facts_match_the_sofi_engine():
+    eng = load_engine("sofi")
+    info = ENGINES["sofi"]
+    assert eng.window == info.default_window == default_window("sofi") == 20
+    assert eng.min_window == info.min_window == ANY_ENGINE_MIN_WINDOW == 2
+    assert not info.needs_weights and not info.stateful
+    with pytest.raises(ValueError, match=">= 2"):
+        load_engine("sofi", window=1)
+
+
+def test_network_classes_read_their_facts_from_the_registry():
+    from engines.convgru import ConvGRUEngine
+    from engines.convlstm import ConvLSTMEngine
+
+    for cls, name in ((ConvGRUEngine, "convgru"), (ConvLSTMEngine, "convlstm")):
+        info = ENGINES[name]
+        assert cls.name == name and info.needs_weights
+        assert cls.min_window == info.min_window
+        assert bool(getattr(cls, "stateful", False)) == info.stateful
+        assert tuple(cls.backend_targets) == info.backend_targets
+    assert ENGINES["convlstm"].stateful and not ENGINES["convgru"].stateful
+
+
+def test_backend_and_precision_lists_are_shared():
+    from engines import backends
+    from gui.controls import DEFAULT_BACKENDS
+    from realtime import config
+
+    assert config.BACKEND_CHOICES is BACKEND_CHOICES and backends.BACKENDS is config.BACKENDS
+    assert DEFAULT_BACKENDS == list(BACKEND_CHOICES)
+    assert backends.PRECISIONS[: len(PRECISIONS)] == PRECISIONS and "int8" in backends.PRECISIONS
