@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engines.registry import parse_weights_arg
+
 
 def _median_ms(fn, reps: int) -> float:
     ts = []
@@ -102,11 +104,6 @@ def pipeline_runs(engine: str, weights: str | None, size: int, fps: float, secon
                    "runs": v} for mode, v in res.items()}
 
 
-def _weights_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"--weights must be ENGINE=PATH of an existing file, got {text!r}")
-    return name.strip().lower(), path.strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--engines", default="convlstm,convgru")
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--trust-window", type=int, default=100)
-    p.add_argument("--weights", action="append", type=_weights_arg, default=[], metavar="ENGINE=PATH")
+    p.add_argument("--weights", action="append", type=parse_weights_arg, default=[], metavar="ENGINE=PATH")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.add_argument("--pipeline", type=float, default=0.0, metavar="S",
                    help="also time the live pipeline for S seconds per run, trust on vs off")

@@ -34,6 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engines.registry import parse_weights_arg
+
 SEED_BASE = 3 * 10**9
 SNR_FRAMES = 5  # frames per scene for the SNR distribution
 
@@ -135,16 +137,11 @@ def agreement_distribution(n: int, size: int, window: int, weights: dict[str, st
     }
 
 
-def _weights_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"--weights must be ENGINE=PATH of an existing file, got {text!r}")
-    return name.strip().lower(), path.strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.trust_calibration", description=__doc__.splitlines()[0])
-    p.add_argument("--weights", action="append", type=_weights_arg, default=[], metavar="ENGINE=PATH")
+    p.add_argument("--weights", action="append", type=parse_weights_arg, default=[], metavar="ENGINE=PATH")
     p.add_argument("--engines", default="convgru,convlstm")
     p.add_argument("--n", type=int, default=60, help="static blinking scenes for the agreement (default %(default)s)")
     p.add_argument("--n-snr", type=int, default=400, help="scenes for the SNR range (default %(default)s)")

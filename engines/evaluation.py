@@ -41,6 +41,7 @@ from tqdm import tqdm
 from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
 from engines.data import DataConfig, random_sim_config
 from engines.metrics import decorrelation_resolution, evaluate_image, invented_structure
+from engines.registry import parse_weights_arg
 
 EVAL_SEED_BASE = 10**9  # training seeds stay far below
 SEEDS_PER_BASE_SEED = 10**5  # --seed s uses 10**9 + s * 10**5 + (set, class, candidate)
@@ -573,13 +574,6 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(e.strip() for e in text.split(",") if e.strip())
 
 
-def _weights_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise ValueError(f"--weights must look like ENGINE=PATH, got {text!r}")
-    if not Path(path.strip()).is_file():
-        raise ValueError(f"--weights {name.strip()}: no such file {path.strip()!r}")
-    return name.strip().lower(), path.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return real_main([a for a in argv if a != "--real"])
     args = build_parser().parse_args(argv)
     try:
-        weights = dict(_weights_arg(w) for w in args.weights)
+        weights = dict(parse_weights_arg(w) for w in args.weights)
         cfg = EvaluationConfig(
             size=args.size, frames=args.frames, n=args.n, n_wide=args.n_wide, n_zero=args.n_zero,
             seed=args.seed, engines=_names(args.engines), sets=_names(args.sets),

@@ -46,6 +46,7 @@ import numpy as np
 
 from engines.blinking import assess_blinking
 from engines.metrics import invented_filaments, invented_structure, pearson, window_consistency
+from engines.registry import parse_weights_arg
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -465,13 +466,6 @@ def write_outputs(results: dict[str, Any], cfg: RealEvaluationConfig) -> list[Pa
 
 
 # --------------------------------------------------------------------------- CLI
-def _weights_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise ValueError(f"--weights must look like ENGINE=PATH, got {text!r}")
-    if not Path(path.strip()).is_file():
-        raise ValueError(f"--weights {name.strip()}: no such file {path.strip()!r}")
-    return name.strip().lower(), path.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -516,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = RealEvaluationConfig(
             movies=tuple(args.movies), data_dir=None if args.no_data else args.data,
             engines=tuple(e.strip() for e in args.engines.split(",") if e.strip()),
-            window=args.window, weights=dict(_weights_arg(w) for w in args.weights), optics=optics,
+            window=args.window, weights=dict(parse_weights_arg(w) for w in args.weights), optics=optics,
             out=args.out, device=args.device, threads=args.threads, figure=not args.no_figure,
             figure_windows=args.figure_windows, progress=not args.quiet)
         missing = [str(m) for m in cfg.movies if not m.is_file()]

@@ -9,7 +9,9 @@ stateful, backend targets) from here, so each fact is written once.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "ANY_ENGINE_MIN_WINDOW",
@@ -23,6 +25,7 @@ __all__ = [
     "canonical_backend",
     "default_window",
     "neural_engines",
+    "parse_weights_arg",
 ]
 
 
@@ -88,3 +91,17 @@ def default_window(name: str | None = None) -> int:
 def neural_engines() -> tuple[str, ...]:
     """The engines that run a trained network (the ones training and fine-tuning can make)."""
     return tuple(n for n, e in ENGINES.items() if e.needs_weights)
+
+
+class WeightsArgError(argparse.ArgumentTypeError, ValueError):
+    """A bad ``--weights ENGINE=PATH``: argparse prints its message, callers may catch ValueError."""
+
+
+def parse_weights_arg(text: str) -> tuple[str, str]:
+    """``"convgru=runs/x.pt"`` -> ``("convgru", "runs/x.pt")``; the file must exist."""
+    name, sep, path = (part.strip() for part in text.partition("="))
+    if not sep or not name or not path:
+        raise WeightsArgError(f"--weights must look like ENGINE=PATH, got {text!r}")
+    if not Path(path).is_file():
+        raise WeightsArgError(f"--weights {name}: no such file {path!r}")
+    return name.lower(), path

@@ -39,6 +39,17 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (the 2-core CI machine runs other tests' processes too)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def free_tcp_addr() -> str:
     """A ``tcp://127.0.0.1:PORT`` that is free right now."""
     return free_tcp_address()

@@ -15,12 +15,7 @@ from engines.nn_common import LegacyWeightsWarning, NormConfig, WeightsError, sa
 SHIPPED = Path(__file__).resolve().parents[1] / "engines" / "weights" / "convgru.pt"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(window: int = 4) -> tuple[ConvGRUNet, ConvGRUConfig]:

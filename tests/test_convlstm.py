@@ -16,12 +16,7 @@ from engines.nn_common import NormConfig, WeightsError, count_conv_macs, save_we
 SHIPPED = Path(__file__).resolve().parents[1] / "engines" / "weights" / "convlstm.pt"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _movie(t: int = 9, h: int = 8, w: int = 10, seed: int = 1) -> np.ndarray:

@@ -14,12 +14,7 @@ from engines import Engine, EngineBase, EngineUnavailableError, available_engine
 from engines.base import as_tensor, resolve_device
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -37,12 +37,7 @@ from engines.nn_common import WEIGHTS_DIR, describe_weights_file, read_weights, 
 SOFI = {"lag": 0, "bleach_order": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scene(size: int = 48, **kw) -> BlinkingScene:

@@ -21,12 +21,7 @@ from engines.nn_common import (
 from engines.training import TrainConfig, _build, compute_loss, main, predict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = DataConfig(size=8, frames=4)
