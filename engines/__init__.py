@@ -31,7 +31,9 @@ __all__ = [
     "Optics",
     "assess_blinking",
     "available_engines",
+    "exception_reason",
     "load_engine",
+    "load_engine_for_scoring",
     "register_engine",
 ]
 
@@ -118,3 +120,28 @@ def load_engine(
         if wrapped is not None:
             engine = wrapped
     return engine
+
+
+def exception_reason(exc: BaseException) -> str:
+    """``"ValueError: first line of the message"``: one line for a table cell or a log."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_engine_for_scoring(name: str, *, device: str, window: int | None = None,
+                            weights: str | Path | None = None) -> tuple[Engine | None, str]:
+    """``(engine, "")``, or ``(None, "unavailable: why")`` so an evaluation scores the other
+    engines; a legacy-weights warning is silenced (callers report ``engine.legacy`` as a note)."""
+    import warnings
+
+    kwargs: dict[str, Any] = {"device": device}
+    if window is not None:
+        kwargs["window"] = window
+    if weights is not None:
+        kwargs["weights"] = weights
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_engine(name, **kwargs), ""
+    except Exception as exc:  # missing weights, unknown engine, no CUDA: say why, go on
+        return None, f"unavailable: {exception_reason(exc)}"

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
+from engines import exception_reason
 from engines.data import DataConfig, random_sim_config
 from engines.metrics import decorrelation_resolution, evaluate_image, invented_structure
 from engines.registry import parse_weights_arg
@@ -235,32 +236,18 @@ class EngineRun:
 
 def _load(spec: EngineSpec, cfg: EvaluationConfig) -> EngineRun:
     run = EngineRun(spec)
-    try:
-        import warnings
+    from engines import load_engine_for_scoring  # torch is imported only when an engine is needed
 
-        from engines import load_engine  # torch is imported only when an engine is needed
-
-        kwargs: dict[str, Any] = {"device": cfg.device}
-        if spec.window is not None:
-            kwargs["window"] = spec.window
-        if spec.engine in cfg.weights:
-            kwargs["weights"] = cfg.weights[spec.engine]
-        with warnings.catch_warnings():  # a legacy-weights warning is reported as a note
-            warnings.simplefilter("ignore")
-            run.engine = load_engine(spec.engine, **kwargs)
-    except Exception as exc:  # missing weights, unknown engine, no CUDA: report and go on
-        run.status = f"unavailable: {_reason(exc)}"
+    run.engine, problem = load_engine_for_scoring(spec.engine, device=cfg.device, window=spec.window,
+                                                  weights=cfg.weights.get(spec.engine))
+    if run.engine is None:
+        run.status = problem
         return run
     if getattr(run.engine, "legacy", False):
         run.note = "legacy weights: trained towards the old target, output not in ADU^2"
     window = int(run.engine.window)
     run.n_input = max(window, cfg.frames) if spec.engine != "sofi" else window
     return run
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _run_engine(run: EngineRun, movie: np.ndarray) -> tuple[np.ndarray, list[float]]:
@@ -353,7 +340,7 @@ def _evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
                 twin_out = _run_engine(run, twin)[0] if twin is not None else None
                 scores = score(out, gt, pixel_nm, twin_out)
             except Exception as exc:  # one crashing engine must not lose the others' results
-                run.status = f"error: {_reason(exc)}"
+                run.status = f"error: {exception_reason(exc)}"
                 continue
             run.samples.append({**meta, **scores})
             run.times_ms.extend(times)

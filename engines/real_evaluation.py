@@ -37,13 +37,13 @@ import math
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from engines import exception_reason
 from engines.blinking import assess_blinking
 from engines.metrics import invented_filaments, invented_structure, pearson, window_consistency
 from engines.registry import parse_weights_arg
@@ -164,26 +164,14 @@ class RowRun:
     window: int = 0
 
 
-def _reason(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _load_network(row: Row, cfg: RealEvaluationConfig) -> RowRun:
     run = RowRun(row)
-    try:
-        from engines import load_engine
+    from engines import load_engine_for_scoring
 
-        kwargs: dict[str, Any] = {"device": cfg.device}
-        if row.window is not None:
-            kwargs["window"] = row.window
-        if row.engine in cfg.weights:
-            kwargs["weights"] = cfg.weights[row.engine]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a legacy-weights warning becomes a note
-            run.engine = load_engine(row.engine, **kwargs)
-    except Exception as exc:  # missing weights, unknown engine, no CUDA: say why, go on
-        run.status = f"unavailable: {_reason(exc)}"
+    run.engine, problem = load_engine_for_scoring(row.engine, device=cfg.device, window=row.window,
+                                                  weights=cfg.weights.get(row.engine))
+    if run.engine is None:
+        run.status = problem
         return run
     if getattr(run.engine, "legacy", False):
         run.note = "legacy weights"
@@ -230,7 +218,7 @@ def evaluate_movie(path: Path, runs: list[RowRun], cfg: RealEvaluationConfig) ->
     try:
         stack = load_replay_stack(path)
     except Exception as exc:
-        res["status"] = f"skipped: {_reason(exc)}"
+        res["status"] = f"skipped: {exception_reason(exc)}"
         return res
     frames = stack.frames
     t, h, w = frames.shape
@@ -280,7 +268,7 @@ def evaluate_movie(path: Path, runs: list[RowRun], cfg: RealEvaluationConfig) ->
                             "invented_filaments": invented_filaments(out, reference)})
                 outs.append(out)
         except Exception as exc:  # one failing engine must not lose the others' numbers
-            entry["status"] = f"error: {_reason(exc)}"
+            entry["status"] = f"error: {exception_reason(exc)}"
             continue
         entry["windows"] = per
         entry["n_windows"] = len(per)

@@ -225,6 +225,13 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
+def _check_seq_range(seq_first: Any, seq_last: Any) -> tuple[int, int]:
+    first, last = _check_int("seq_first", seq_first), _check_int("seq_last", seq_last)
+    if last < first:
+        raise ProtocolError("field", f"seq_last ({last}) < seq_first ({first})")
+    return first, last
+
+
 def _check_int(name: str, v: Any, minimum: int | None = 0) -> int:
     if not _is_int(v):
         raise ProtocolError("field", f"{name} must be an int, got {type(v).__name__}")
@@ -321,10 +328,7 @@ def _validate(h: Header) -> Header:
             stream_key=_check_str("stream_key", h.stream_key),
         )
     if isinstance(h, ResultHeader):
-        first = _check_int("seq_first", h.seq_first)
-        last = _check_int("seq_last", h.seq_last)
-        if last < first:
-            raise ProtocolError("field", f"seq_last ({last}) < seq_first ({first})")
+        first, last = _check_seq_range(h.seq_first, h.seq_last)
         return ResultHeader(
             seq_first=first,
             seq_last=last,
@@ -339,10 +343,7 @@ def _validate(h: Header) -> Header:
             info=_check_info(h.info),
         )
     if isinstance(h, ReferenceHeader):
-        first = _check_int("seq_first", h.seq_first)
-        last = _check_int("seq_last", h.seq_last)
-        if last < first:
-            raise ProtocolError("field", f"seq_last ({last}) < seq_first ({first})")
+        first, last = _check_seq_range(h.seq_first, h.seq_last)
         return ReferenceHeader(
             seq_first=first, seq_last=last, shape=_check_shape(h.shape), engine=_check_str("engine", h.engine),
             dtype=_check_dtype(h.dtype), stream=_check_stream(h.stream),
