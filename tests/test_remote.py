@@ -103,15 +103,23 @@ class Rig:
     def eos(self, n: int) -> None:
         self.push.send_multipart(encode_eos(EndOfStream(frames_sent=n)))
 
-    def drain(self, wait_ms: int = 0) -> None:
+    def drain(self, wait_ms: int = 0) -> int:
+        n = 0
         while self.sub.poll(wait_ms):
             wait_ms = 0
+            n += 1
             h, img = decode(self.sub.recv_multipart())
             if isinstance(h, ResultHeader):
                 self.results.append(h)
                 self.images[h.seq_last] = img.copy()
             elif isinstance(h, StatsMessage) and h.final:
                 self.final = h
+        return n
+
+    def wait_subscribed(self, timeout: float = 5.0) -> bool:
+        """PUB/SUB drops what is published before our subscription reaches the client: wait
+        for one of its periodic stats messages, proof that it has."""
+        return _wait(lambda: self.drain(20) > 0, timeout)
 
     def close(self) -> None:
         self.push.close()
@@ -216,6 +224,7 @@ def test_two_engines_share_one_stream_every_output_once_in_order():
         )
         client.run_in_thread()
         assert client.wait_ready(10)
+        assert rig.wait_subscribed()
         rng = np.random.default_rng(0)
         frames = rng.poisson(200, (n_frames, *SHAPE)).astype(np.uint16)
         for seq in range(n_frames):
@@ -309,6 +318,8 @@ def test_remote_engine_with_curve_serves_allowed_client_and_refuses_unknown(keys
             client.run_in_thread()
             try:
                 ready = client.wait_ready(3 if not allowed else 10)
+                if allowed:
+                    assert ready and rig.wait_subscribed()
                 _stream(rig, 0, 40)
                 rig.drain(200)
                 if allowed:
@@ -412,6 +423,7 @@ def test_network_drop_never_blocks_acquisition_and_outputs_resume():
     gw2 = None
     try:
         assert client.wait_ready(10)
+        assert rig.wait_subscribed()
         _stream(rig, 0, 50)
         assert _wait(lambda: (rig.drain(), rig.results and rig.results[-1].seq_last == 49)[1], 5)
         gw.close()  # the engine is gone
