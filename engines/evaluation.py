@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
-from engines import exception_reason
+from engines import exception_reason, load_engine_for_scoring  # torch-free until an engine loads
 from engines.data import DataConfig, random_sim_config
 from engines.metrics import decorrelation_resolution, evaluate_image, invented_structure
 from engines.registry import parse_weights_arg
@@ -236,8 +236,6 @@ class EngineRun:
 
 def _load(spec: EngineSpec, cfg: EvaluationConfig) -> EngineRun:
     run = EngineRun(spec)
-    from engines import load_engine_for_scoring  # torch is imported only when an engine is needed
-
     run.engine, problem = load_engine_for_scoring(spec.engine, device=cfg.device, window=spec.window,
                                                   weights=cfg.weights.get(spec.engine))
     if run.engine is None:

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engines import exception_reason
+from engines import exception_reason, load_engine_for_scoring  # torch-free until an engine loads
 from engines.blinking import assess_blinking
 from engines.metrics import invented_filaments, invented_structure, pearson, window_consistency
 from engines.registry import parse_weights_arg
@@ -166,8 +166,6 @@ class RowRun:
 
 def _load_network(row: Row, cfg: RealEvaluationConfig) -> RowRun:
     run = RowRun(row)
-    from engines import load_engine_for_scoring
-
     run.engine, problem = load_engine_for_scoring(row.engine, device=cfg.device, window=row.window,
                                                   weights=cfg.weights.get(row.engine))
     if run.engine is None:
