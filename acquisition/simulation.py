@@ -536,6 +536,38 @@ class BlinkingScene:
             img = img + render_cumulant(yx, w, (c.size, c.size), c.sigma_eff_px)
         return img.copy()
 
+    def oracle_cumulant(self, frames: int, known_rates: bool = False) -> np.ndarray:
+        """Noise-free SOFI of the next `frames` frames: the cumulant image of the switching the
+        blinking emitters really did in them (their true on/off states, no photons, camera
+        noise or flicker), float32 (2H, 2W) in ADU^2 on expected_cumulant()'s grid.
+
+        Why: an engine that uses only what those frames carry cannot know an emitter that did
+        not switch in them, so its agreement with expected_cumulant() is bounded near this
+        image's; above it lies only a learned prior (benchmarks/information_ceiling.py).
+        Advances the scene `frames` frames (then expected_cumulant() is the target at the end
+        of the window). Static, non-diffusing scenes only. With `known_rates` every emitter
+        that switched in the window gets its expected weight b^2 rho (1 - rho) instead of its
+        window's sample variance: the best a detector of switching emitters could draw.
+        """
+        c = self.cfg
+        if frames < 2:
+            raise ValueError(f"frames must be >= 2, got {frames}")
+        if c.moves or self._diffusing.any():
+            raise ValueError("oracle_cumulant needs a static scene without diffusing molecules")
+        blink = ~self._static
+        s = np.zeros(self.n_emitters)
+        for _ in range(frames):
+            self._next_state()
+            s += self._on & self._alive & blink
+        p = s / frames
+        b = c.photons * self._brightness * self.adu_per_photon
+        w = b * b * p * (1.0 - p)  # the window's sample variance of a 0/1 state, times b^2
+        if known_rates:
+            w = np.where(w > 0, b * b * self._rho * (1.0 - self._rho), 0.0)
+        m = blink & (w > 0)
+        return render_cumulant(self.emitters_nm[m] / c.pixel_nm, w[m], (c.size, c.size),
+                               c.sigma_eff_px).astype(np.float32)
+
     def ground_truth(self, upsample: int = 2, blur_fwhm_nm: float | None = None) -> np.ndarray:
         """LEGACY target (what the first networks were trained on): every alive emitter,
         blinking or not, blurred with half the PSF FWHM on the `upsample`x grid, max 1.

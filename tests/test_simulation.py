@@ -1,6 +1,8 @@
 """The simulator is the source of training data, targets and the demo camera: check its physics,
 that every structure class is what it claims, and that the target has SOFI's units."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -257,3 +259,22 @@ def test_bad_config_is_refused():
         SimulationConfig(noise_correlation=0.6)
     with pytest.raises(ValueError, match="camera kind"):
         CameraNoise(kind="ccd")  # type: ignore[arg-type]
+
+
+def test_oracle_window_cumulant_bounds_what_n_frames_carry():
+    """The noise-free N-frame oracle: zero for a sample that never blinks, closer to the
+    long-acquisition target as N grows (its Pearson at N = 20 is benchmarks' ceiling)."""
+    cfg = SimulationConfig(size=24, seed=5, off_ms=490.0)  # on-ratio 2 %
+    r = {}
+    for n in (20, 2000):
+        sc = BlinkingScene(cfg)
+        oracle = sc.oracle_cumulant(n)
+        assert oracle.shape == sc.expected_cumulant().shape == (48, 48)
+        r[n] = np.corrcoef(oracle[8:-8, 8:-8].ravel(), sc.expected_cumulant()[8:-8, 8:-8].ravel())[0, 1]
+    assert r[2000] > 0.97
+    assert r[20] < r[2000] - 0.05
+    detect = BlinkingScene(cfg).oracle_cumulant(20, known_rates=True)
+    assert detect.any() and not np.allclose(detect, BlinkingScene(cfg).oracle_cumulant(20))
+    assert not BlinkingScene(replace(cfg, static_fraction=1.0)).oracle_cumulant(20).any()
+    with pytest.raises(ValueError, match="static scene"):
+        BlinkingScene(SimulationConfig(size=24, seed=5, drift_px_per_frame=(0.1, 0.0))).oracle_cumulant(20)
