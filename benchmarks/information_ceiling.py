@@ -17,7 +17,9 @@ emitter's rates), i.e. the best a perfect detector of switching emitters could d
 results.csv) each engine's Pearson is printed next to the ceiling of its window, and as a
 share of it.
 
-Prints a table; with ``--out`` also writes ``information_ceiling.json`` there.
+Prints a table; with ``--out`` also writes ``information_ceiling.json`` there, and with
+``--results`` a bar chart ``information_ceiling.png`` (per thesis class: the ceiling-20 and
+each 20-frame engine's Pearson).
 """
 
 from __future__ import annotations
@@ -117,6 +119,40 @@ def _pooled(engines: dict[tuple[str, str], dict[str, float]], set_name: str) -> 
     return {e: float(np.mean(v)) for e, v in per.items()}
 
 
+def write_figure(path: Path, summ: dict[str, dict[str, float]],
+                 engines: dict[tuple[str, str], dict[str, float]]) -> None:
+    """Per thesis class: ceiling-20 / detect-20 bars with each 20-frame engine next to them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in summ if g.startswith("thesis/") and g != "thesis/all"] + ["thesis/all"]
+    names = [e for e in ENGINE_WINDOW if ENGINE_WINDOW[e] == 20
+             and any(e in d for (s, _), d in engines.items() if s == "thesis")]
+    series = [("ceiling-20 (perfect frames)", [summ[g]["ceiling20"] for g in groups])]
+    for e in names:
+        per = [(engines.get(("thesis", g.split("/")[1])) or
+                (_pooled(engines, "thesis") if g == "thesis/all" else {})).get(e, np.nan)
+               for g in groups]
+        series.append((e, per))
+    fig, ax = plt.subplots(figsize=(10, 3.6), dpi=110)
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    for i, (label, vals) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label,
+               color="0.75" if i == 0 else None, edgecolor="0.3" if i == 0 else None)
+    ax.axhline(0.85, color="crimson", lw=1, ls="--", label="issue-14 target 0.85")
+    ax.set_xticks(x, [g.split("/")[1] for g in groups])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Pearson with the long-acquisition target")
+    ax.set_title("Thesis SNR, 20 frames: what the frames carry (grey) and what each engine draws")
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.information_ceiling",
                                 description=__doc__.split("\n\n")[0])
@@ -146,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         path.write_text(json.dumps({"windows": windows, "summary": summ, "scenes": rows,
                                     "seed": a.seed}, indent=1))
         print(f"wrote {path}")
+        if engines:
+            fig = a.out / "information_ceiling.png"
+            write_figure(fig, summ, engines)
+            print(f"wrote {fig}")
     return 0
 
 
