@@ -201,3 +201,22 @@ def test_shipped_networks_reach_the_issue_14_targets_at_the_thesis_snr(tmp_path)
         assert rows[("thesis", "all", net)]["invented"]["mean"] <= sofi_inv
         assert rows[("zero", "all", net)]["level"]["mean"] < 0.1
 
+
+
+def test_information_ceiling_scores_the_evaluation_scenes(tmp_path, capsys):
+    """The oracle benchmark runs on evaluate's scenes, writes what it says it wrote, and a bad
+    --windows is one error line and exit 2 (no file)."""
+    from benchmarks.information_ceiling import main as ceiling_main
+
+    assert ceiling_main(["--n", "1", "--n-wide", "0", "--windows", "20,60", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "thesis/all" in out and f"wrote {tmp_path / 'information_ceiling.json'}" in out
+    data = json.loads((tmp_path / "information_ceiling.json").read_text())
+    rows = data["scenes"]
+    assert len(rows) == 7 and {r["set"] for r in rows} == {"thesis"}
+    for r in rows:  # more frames carry more: the ceiling rises with the window
+        assert 0 < r["ceiling20"] < r["ceiling60"] <= 1
+        assert r["detect20"] > 0
+    bad = tmp_path / "bad"
+    assert ceiling_main(["--windows", "1", "--out", str(bad)]) == 2
+    assert "--windows" in capsys.readouterr().err and not bad.exists()
