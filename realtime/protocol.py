@@ -13,11 +13,16 @@ msgspec check the header and maps its errors to :class:`ProtocolError` (and noth
 "dtype", "length", "parts") so that receivers can count malformed messages by kind. The
 encoders check what they send with the same types, so a receiver never sees what we refused.
 
-Every message carries the ``stream`` id of the run it belongs to (a random 64-bit hex string
-made by :func:`new_stream_id` when a run starts; "" = not tied to a run). Two runs on one
-machine can end up on each other's sockets (a fixed port reused, a stale engine); a receiver
-that knows its run's id counts a message of another stream as malformed with reason
+Two ids, never mixed up: ``run_id`` is the run a message belongs to (a random 64-bit hex
+string made by :func:`new_run_id` when a run starts; "" = not tied to a run), ``stream`` is
+the MDA stream within the run (position/channel/z, e.g. "p0/c1/z0"; "" in live mode). Two
+runs on one machine can end up on each other's sockets (a fixed port reused, a stale engine);
+a receiver that knows its run's id counts a message of another run as malformed with reason
 ``"foreign"`` (:data:`FOREIGN`) and drops it, so another run's image is never shown.
+
+The engine's counters travel as one :class:`EngineCounts` (inside every :class:`StatsMessage`):
+the worker keeps one, the remote client and the pipeline add them up over engines and
+restarts with ``+``, and the run's metrics hold the total.
 
 Note on zero-copy: :func:`decode` returns a *read-only* numpy view on the received buffer;
 copy it if you need to write into it. :func:`encode_frame` / :func:`encode_result` return a
@@ -29,6 +34,7 @@ from __future__ import annotations
 import re
 import secrets
 import sys
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import msgspec
@@ -38,6 +44,7 @@ __all__ = [
     "ALLOWED_DTYPES",
     "FOREIGN",
     "EndOfStream",
+    "EngineCounts",
     "FrameHeader",
     "Header",
     "MAX_HEADER_BYTES",
@@ -52,13 +59,15 @@ __all__ = [
     "encode_reference",
     "encode_result",
     "encode_stats",
-    "new_stream_id",
+    "new_run_id",
 ]
 
-#: 2: every header carries ``stream``; stats carry ``window`` and may say "preparing"
-PROTOCOL_VERSION = 2
+#: 2: every header carries its run; stats carry ``window`` and may say "preparing".
+#: 3: ``stream`` -> ``run_id`` and ``stream_key`` -> ``stream``; stats carry ``counts``
+#: (EngineCounts); ``frames_dropped`` of results and stats -> ``outputs_skipped``
+PROTOCOL_VERSION = 3
 
-#: ProtocolError-style reason under which receivers count messages of another run's stream
+#: ProtocolError-style reason under which receivers count messages of another run
 FOREIGN = "foreign"
 
 #: A header larger than this is garbage (real headers are a few hundred bytes).
@@ -69,8 +78,8 @@ MAX_INFO_ENTRIES = 64
 MAX_INFO_TEXT = 512
 
 
-def new_stream_id() -> str:
-    """A fresh per-run stream id: 16 hex digits (64 random bits)."""
+def new_run_id() -> str:
+    """A fresh run id: 16 hex digits (64 random bits)."""
     return secrets.token_hex(8)
 
 
@@ -106,7 +115,7 @@ Shape = tuple[Annotated[int, msgspec.Meta(gt=0)], Annotated[int, msgspec.Meta(gt
 #: finite (the bounds also refuse NaN, which JSON would otherwise carry as null)
 Finite = Annotated[float, msgspec.Meta(ge=-_MAX_FLOAT, le=_MAX_FLOAT)]
 Positive = Annotated[float, msgspec.Meta(gt=0, le=_MAX_FLOAT)]
-StreamId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{0,32}$")]
+RunId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{0,32}$")]
 InfoValue = Union[Annotated[str, msgspec.Meta(max_length=MAX_INFO_TEXT)], bool, int, Finite, None]
 #: what an engine used and how the data looked: flat and small (it rides on every result)
 Info = Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_INFO_TEXT)], InfoValue],
@@ -140,10 +149,10 @@ class FrameHeader(_Message, tag="frame"):
     exposure_ms: Finite = 0.0
     pixel_size_um: Positive | None = None
     elapsed_ms: Finite | None = None  # camera's ElapsedTime-ms metadata, when present
-    stream: StreamId = ""  # the run's stream id (new_stream_id)
+    run_id: RunId = ""  # the run's id (new_run_id)
     # MDA stream (position/channel/z, e.g. "p0/c1/z0"; "" in live mode): seq counts frames
-    # of one stream, and frames of different keys never share an engine window
-    stream_key: str = ""
+    # of one stream, and frames of different streams never share an engine window
+    stream: str = ""
 
 
 class ResultHeader(_Message, tag="result"):
@@ -157,9 +166,9 @@ class ResultHeader(_Message, tag="result"):
     engine: str
     dtype: Dtype = "float32"
     timings_ns: dict[str, Count] = {}  # received/start/done/published
-    frames_dropped: Count = 0  # cumulative outputs skipped by the worker to keep up
-    stream: StreamId = ""  # stream id of the frames it was computed from
-    stream_key: str = ""  # the stream the window came from (FrameHeader.stream_key)
+    outputs_skipped: Count = 0  # cumulative outputs skipped by the worker to keep up
+    run_id: RunId = ""  # the run of the frames it was computed from
+    stream: str = ""  # the MDA stream the window came from (FrameHeader.stream)
     # what the engine used and how the data looked (flat: str -> str/int/float/bool/None), e.g.
     # SOFI's "psf_fwhm_px"/"psf_source"/"lag", and the live blinking check as "blinking_check.*"
     info: Info = {}
@@ -180,8 +189,8 @@ class ReferenceHeader(_Message, tag="reference"):
     shape: Shape
     engine: str = "sofi"
     dtype: Dtype = "float32"
-    stream: StreamId = ""
-    stream_key: str = ""
+    run_id: RunId = ""
+    stream: str = ""
     info: Info = {}  # e.g. "trust.agreement"
 
     def __post_init__(self) -> None:
@@ -194,28 +203,67 @@ class EndOfStream(_Message, tag="eos"):
     kind: ClassVar[str] = "eos"
     frames_sent: Count
     reason: str = "stopped"
-    stream: StreamId = ""
+    run_id: RunId = ""
+
+
+class EngineCounts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What an engine worker counted (totals since it started); ``a + b`` adds two up.
+
+    The worker keeps one and sends it in every :class:`StatsMessage`; the remote client adds
+    up its engines' (and their restarted processes') with :meth:`total`; the pipeline keeps
+    the total of a run's engine processes and puts it in the run's metrics.
+    """
+
+    frames_received: Count = 0
+    outputs: Count = 0
+    outputs_skipped: Count = 0  # outputs that were due but skipped so the engine could keep up
+    malformed: dict[str, Count] = {}  # by ProtocolError.reason
+    engine_errors: Count = 0
+    last_error: str = ""  # the newest engine error
+
+    def __add__(self, other: EngineCounts) -> EngineCounts:
+        return EngineCounts(**{f: _plus(getattr(self, f), getattr(other, f)) for f in self.__struct_fields__})
+
+    def __neg__(self) -> EngineCounts:
+        return EngineCounts(**{f: _minus(getattr(self, f)) for f in self.__struct_fields__})
+
+    def __sub__(self, other: EngineCounts) -> EngineCounts:
+        return self + -other
+
+    @classmethod
+    def total(cls, counts: Iterable[EngineCounts]) -> EngineCounts:
+        """The sum of several engines' (or engine processes') counts."""
+        return sum(counts, cls())
+
+
+def _plus(a: Any, b: Any) -> Any:
+    if isinstance(a, dict):  # malformed: by reason
+        return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+    if isinstance(a, str):  # last_error: the newer one
+        return b or a
+    return a + b
+
+
+def _minus(a: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: -v for k, v in a.items()}
+    return a if isinstance(a, str) else -a
 
 
 class StatsMessage(_Message, tag="stats"):
     """Worker bookkeeping (kind "stats"), published periodically and once more at the end.
 
-    Carries what cannot ride on a result: malformed-message counts, engine errors, and the
-    final totals once the stream ended (``final=True``).
+    Carries what cannot ride on a result: the worker's counts (malformed messages, engine
+    errors, ...), and the final totals once the stream ended (``final=True``).
     """
 
     kind: ClassVar[str] = "stats"
     engine: str
     state: StatsState = "running"
-    frames_received: Count = 0
-    outputs: Count = 0
-    frames_dropped: Count = 0
-    malformed: dict[str, Count] = {}
-    engine_errors: Count = 0
-    last_error: str = ""
+    counts: EngineCounts = msgspec.field(default_factory=EngineCounts)
     frames_sent: Count | None = None  # from the EndOfStream, in the final message
     final: bool = False
-    stream: StreamId = ""  # the stream the worker serves ("" while it waits for one)
+    run_id: RunId = ""  # the run the worker serves ("" while it waits for one)
     window: Count = 0  # frames the engine needs per output (0: not loaded yet)
 
 
