@@ -137,7 +137,7 @@ def _check_seq_range(seq_first: int, seq_last: int) -> None:
         raise ProtocolError("field", f"seq_last ({seq_last}) < seq_first ({seq_first})")
 
 
-class FrameHeader(_Message, tag="frame"):
+class FrameHeader(_Message, tag="frame", frozen=True):
     """One camera frame (kind "frame"), published by the acquisition thread."""
 
     kind: ClassVar[str] = "frame"
@@ -155,7 +155,7 @@ class FrameHeader(_Message, tag="frame"):
     stream: str = ""
 
 
-class ResultHeader(_Message, tag="result"):
+class ResultHeader(_Message, tag="result", frozen=True):
     """One reconstructed image (kind "result"), published by the engine worker."""
 
     kind: ClassVar[str] = "result"
@@ -177,7 +177,7 @@ class ResultHeader(_Message, tag="result"):
         _check_seq_range(self.seq_first, self.seq_last)
 
 
-class ReferenceHeader(_Message, tag="reference"):
+class ReferenceHeader(_Message, tag="reference", frozen=True):
     """The image a learned engine's output is checked against (kind "reference"), published by
     the engine worker next to the results, at most a few times a second: the companion SOFI of
     the trust signal (``engines.trust``) over frames ``seq_first..seq_last``. Not a result: it
@@ -197,7 +197,7 @@ class ReferenceHeader(_Message, tag="reference"):
         _check_seq_range(self.seq_first, self.seq_last)
 
 
-class EndOfStream(_Message, tag="eos"):
+class EndOfStream(_Message, tag="eos", frozen=True):
     """Sent by the frame publisher when it stops (kind "eos")."""
 
     kind: ClassVar[str] = "eos"
@@ -250,7 +250,7 @@ def _minus(a: Any) -> Any:
     return a if isinstance(a, str) else -a
 
 
-class StatsMessage(_Message, tag="stats"):
+class StatsMessage(_Message, tag="stats", frozen=True):
     """Worker bookkeeping (kind "stats"), published periodically and once more at the end.
 
     Carries what cannot ride on a result: the worker's counts (malformed messages, engine
@@ -281,7 +281,7 @@ def _enc_hook(obj: Any) -> Any:
 
 
 _ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
-_DECODERS = {kind: msgspec.json.Decoder(cls) for kind, cls in _KINDS.items()}
+_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {k: msgspec.json.Decoder(c) for k, c in _KINDS.items()}
 
 
 class _Envelope(msgspec.Struct):
@@ -304,16 +304,17 @@ _INFO_WORDS = (
                                                        f"at most {MAX_INFO_ENTRIES} allowed"),
     ("Expected `object`", "info must be an object"),
     ("of length <= ", f"an info value is longer than {MAX_INFO_TEXT} characters"),
-    ("Expected `float`", "info values must be finite"),
+    ("a finite `float`", "info values must be finite"),
     ("Number out of range", "info values must be finite"),
     ("", "info values must be a string, number, bool or null"),
 )
+_FINITE = re.compile(r"`float` [<>]=? -?" + re.escape(repr(_MAX_FLOAT)))  # our NaN/inf bound
 _PATH = re.compile(r"`(\$[^`]*)`$")  # msgspec ends its message with the JSON path: "... - at `$.shape[0]`"
 
 
 def _protocol_error(e: msgspec.ValidationError, kind: str) -> ProtocolError:
     """The reason (by the field msgspec names) and a readable message for a rejected header."""
-    text = str(e)
+    text = _FINITE.sub("a finite `float`", str(e))
     m = _PATH.search(text)
     path = m.group(1) if m else "$"
     if path.startswith("$.shape"):
@@ -356,7 +357,7 @@ def _pixel_buffer(h: ImageHeader, img: np.ndarray) -> memoryview:
         raise ProtocolError("encode", f"image dtype {img.dtype} != header dtype {h.dtype}")
     wire = np.dtype(h.dtype).newbyteorder("<")
     arr = np.ascontiguousarray(img, dtype=wire)  # no copy for native little-endian contiguous
-    return memoryview(arr).cast("B")
+    return arr.data.cast("B")
 
 
 def _encode(cls: type[_Message], h: Header, img: np.ndarray | None = None) -> list:

@@ -982,8 +982,8 @@ class RemoteEngineClient:
     def _aggregate_stats(self, *, final: bool) -> StatsMessage:
         """One StatsMessage for the pipeline: the engines' counts added up (earlier engine
         processes included), outputs as released here, and this client's own bad messages."""
-        latest = [lk.stats.final or lk.stats.last_stats for lk in self._links]
-        latest = [s for s in latest if s is not None]
+        newest = (lk.stats.final or lk.stats.last_stats for lk in self._links)
+        latest = [s for s in newest if s is not None]
         total = EngineCounts.total([s.counts for s in latest] + [lk.stats.base for lk in self._links])
         malformed = {k: v for k, v in total.malformed.items() if v}
         for prefix, counts in (("remote_", self.stats.malformed_remote), ("local_", self.stats.malformed_local)):

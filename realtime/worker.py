@@ -59,6 +59,7 @@ from .protocol import (
     ReferenceHeader,
     ResultHeader,
     StatsMessage,
+    StatsState,
     decode,
     encode_reference,
     encode_result,
@@ -401,7 +402,7 @@ class EngineWorker:
             pub.send_multipart(encode_stats(self._stats_message("final", final=True)))
             time.sleep(0.1)
 
-    def _stats_message(self, state: str, final: bool = False) -> StatsMessage:
+    def _stats_message(self, state: StatsState, final: bool = False) -> StatsMessage:
         return StatsMessage(
             engine=self._engine_name,
             state=state,
@@ -483,7 +484,7 @@ class EngineWorker:
         self._setup_engine(engine, pub)
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
-        state = "ready"
+        state: StatsState = "ready"
         pub.send_multipart(encode_stats(self._stats_message(state)))
         self._ready_event.set()
         next_stats = time.monotonic() + self.stats_interval_s
