@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         res.update({
             "frames_acquired": m.frames_acquired, "frames_published": m.frames_published,
             "frames_received_by_engine": m.frames_received,
-            "outputs": m.outputs, "outputs_skipped_by_engine": m.frames_dropped_by_engine,
+            "outputs": m.outputs, "outputs_skipped_by_engine": m.outputs_skipped,
             "pipeline_latency_ms": m.latency_ms,
         })
         res["frames_lost"] = int(m.frames_acquired - m.frames_received)

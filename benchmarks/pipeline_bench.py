@@ -112,7 +112,7 @@ def run_pipeline(*, engine: str = "sofi", size: int = 128, fps: float = 100.0,
             "frames_acquired": m["frames_acquired"], "frames_received": m["frames_received"],
             "frames_lost_in_transit": m["frames_published"] - m["frames_received"],
             "outputs": m["outputs"], "outputs_received": m["outputs_received"],
-            "frames_dropped_by_engine": m["frames_dropped_by_engine"],
+            "outputs_skipped": m["outputs_skipped"],
             "fps_acquired": m["fps_acquired"], "fps_output": m["fps_output"],
             "latency_acq_to_received_ms": _pcts(e2e),
             "latency_acq_to_published_ms": m["latency_ms"],
@@ -130,7 +130,7 @@ def print_result(r: dict[str, Any]) -> None:
     print(f"  frames acquired {r['frames_acquired']}, received by engine {r['frames_received']} "
           f"(lost in transit {r['frames_lost_in_transit']})")
     print(f"  outputs {r['outputs']} ({r['fps_output']:.1f}/s), received {r['outputs_received']}, "
-          f"frames skipped by the engine to keep up {r['frames_dropped_by_engine']}")
+          f"frames skipped by the engine to keep up {r['outputs_skipped']}")
     print(f"  latency acquisition -> result received: p50 {fmt(lat['p50'])} ms, p90 "
           f"{fmt(lat['p90'])} ms, p99 {fmt(lat['p99'])} ms, max {fmt(lat['max'])} ms")
     parts = [f"{k} p50 {fmt(v['p50'])}" for k, v in r["stages_ms"].items()]
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {r['engine']:9s} {r['size']:4d} px  camera {r['camera_fps']:6.1f} fps -> "
                       f"{r['fps_output']:6.1f} outputs/s  (capacity {r['capacity_per_s']:.1f}/s, "
                       f"{100 * r['output_share_of_capacity']:.0f} %; frames skipped "
-                      f"{r['frames_dropped_by_engine']})")
+                      f"{r['outputs_skipped']})")
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = a.stem or f"pipeline_{a.device.split(':')[0]}"
@@ -211,13 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(csv_path, "w") as f:
         f.write(f"# {machine_line(machine)}\n")
         f.write("engine,backend,precision,size,camera_fps,seconds,frames_acquired,frames_received,"
-                "outputs,frames_dropped_by_engine,fps_output,lat_p50_ms,lat_p90_ms,lat_p99_ms,"
+                "outputs,outputs_skipped,fps_output,lat_p50_ms,lat_p90_ms,lat_p99_ms,"
                 "lat_max_ms,errors\n")
         for r in results:
             lat = r.get("latency_acq_to_received_ms", {})
             vals = [r.get("engine"), r.get("backend"), r.get("precision"), r.get("size"),
                     r.get("camera_fps"), r.get("seconds"), r.get("frames_acquired"),
-                    r.get("frames_received"), r.get("outputs"), r.get("frames_dropped_by_engine"),
+                    r.get("frames_received"), r.get("outputs"), r.get("outputs_skipped"),
                     r.get("fps_output"), lat.get("p50"), lat.get("p90"), lat.get("p99"),
                     lat.get("max"), len(r.get("errors", [])) if "errors" in r else r.get("status")]
             f.write(",".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))

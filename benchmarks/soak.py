@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 "latency_p50_ms": round(_pct(lat, 50), 2),
                 "latency_p99_ms": round(_pct(lat, 99), 2),
                 "latency_max_ms": round(float(lat.max()), 2) if lat.size else float("nan"),
-                "skipped_by_engine": m.frames_dropped_by_engine,
+                "skipped_by_engine": m.outputs_skipped,
                 "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan"),
             }
             last = {"t": now, "acq": m.frames_acquired}
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiff_pages_on_disk": pages,
         "recorded_frames_lost": (final.frames_acquired - pages) if pages is not None else None,
         "outputs_received": final.outputs_received,
-        "skipped_by_engine": final.frames_dropped_by_engine,
+        "skipped_by_engine": final.outputs_skipped,
         "publish_drops": getattr(pipe.publisher, "publish_drops", None),
         "latency_ms_overall": final.latency_ms,
         "latency_p99_ms_first_last_sample": [float(p99[warm][0]), float(p99[-1])] if warm.any() else None,

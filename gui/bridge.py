@@ -170,8 +170,8 @@ def counters(m: Any) -> dict[str, Any]:
         out["recorded"] = int(rec)
     if hasattr(m, "outputs_received"):
         out["results"] = int(m.outputs_received)
-    if hasattr(m, "frames_dropped_by_engine"):
-        out["dropped"] = int(m.frames_dropped_by_engine)
+    if hasattr(m, "outputs_skipped"):
+        out["dropped"] = int(m.outputs_skipped)
     mal = getattr(m, "malformed_messages", None)
     if isinstance(mal, dict):
         out["malformed"] = int(sum(mal.values()))

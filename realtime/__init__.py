@@ -14,6 +14,7 @@ from .config import Addresses, PipelineConfig
 from .protocol import (
     PROTOCOL_VERSION,
     EndOfStream,
+    EngineCounts,
     FrameHeader,
     ProtocolError,
     ReferenceHeader,
@@ -29,6 +30,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Addresses",
     "EndOfStream",
+    "EngineCounts",
     "EngineWorker",
     "FrameHeader",
     "LatencyTracker",

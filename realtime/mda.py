@@ -234,7 +234,7 @@ class LiveSR:
     ``with LiveSR(core, engine="sofi") as sr, mda_listeners_connected(sr, mda_events=...)``:
     entering loads the engine (in its own process) and returns once it is ready; the
     listener records (``record=``), streams every frame to the engine and emits
-    ``resultReady(ResultHeader, image)`` per super-resolved image (``header.stream_key``
+    ``resultReady(ResultHeader, image)`` per super-resolved image (``header.stream``
     says which position/channel/z); leaving waits for the last result and closes files.
     One `LiveSR` serves one MDA run. Keyword options are `PipelineConfig` fields
     (``window``, ``stride``, ``backend``, ``device``, ``save_sr``, ``json``, ...).

@@ -7,6 +7,7 @@ published by the engine worker. Both clocks are ``time.time_ns()`` on the same m
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from array import array
@@ -15,21 +16,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
-__all__ = ["LatencyTracker", "PipelineMetrics", "RateMeter"]
+from .protocol import EngineCounts
+
+__all__ = ["LatencyTracker", "MeanRate", "PipelineMetrics"]
 
 
 @dataclass
 class PipelineMetrics:
-    """Summary of a run (all counts are totals since start)."""
+    """Summary of a run (all counts are totals since start).
+
+    ``counts`` is what the run's engine(s) counted (``EngineCounts``, summed over restarted
+    engine processes; ``outputs`` at least the results received, ``malformed`` also holds
+    the collector's own "results:*" counts); its fields read as attributes of the metrics
+    and are written flat into the JSON (``malformed`` as ``malformed_messages``).
+    """
 
     frames_acquired: int = 0  # frames popped from the camera
     frames_published: int = 0  # frames the acquisition sent on the frames socket
-    frames_received: int = 0  # frames the engine worker received
-    outputs: int = 0  # results published by the engine worker
+    counts: EngineCounts = field(default_factory=EngineCounts)
     outputs_received: int = 0  # results that reached the collector (GUI/CLI)
-    frames_dropped_by_engine: int = 0  # outputs skipped so the engine could keep up
     fps_acquired: float = 0.0
     fps_output: float = 0.0
     latency_ms: dict[str, float] = field(
@@ -38,8 +46,6 @@ class PipelineMetrics:
     frames_recorded: int | None = None  # None when not recording
     frames_not_recorded: int | None = None  # acquired after the recording failed (None: off)
     sr_images_recorded: int | None = None  # --save-sr images on disk (None: off)
-    malformed_messages: dict[str, int] = field(default_factory=dict)  # by ProtocolError.reason
-    engine_errors: int = 0
     engine: str = ""
     duration_s: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -53,12 +59,44 @@ class PipelineMetrics:
     trust: dict[str, Any] | None = None
 
     @property
+    def frames_received(self) -> int:
+        """Frames the engine worker(s) received."""
+        return self.counts.frames_received
+
+    @property
+    def outputs(self) -> int:
+        """Results published by the engine worker(s)."""
+        return self.counts.outputs
+
+    @property
+    def outputs_skipped(self) -> int:
+        """Outputs that were due but skipped so the engine could keep up."""
+        return self.counts.outputs_skipped
+
+    @property
+    def engine_errors(self) -> int:
+        return self.counts.engine_errors
+
+    @property
+    def malformed_messages(self) -> dict[str, int]:
+        """Malformed messages by ProtocolError.reason (the collector's as "results:<reason>")."""
+        return self.counts.malformed
+
+    def copy(self) -> PipelineMetrics:
+        """A snapshot nobody else writes into."""
+        return copy.deepcopy(self)
+
+    @property
     def output_fraction(self) -> float:
         """Outputs per acquired frame (1.0 = an output for every frame at stride 1)."""
         return self.outputs / self.frames_acquired if self.frames_acquired else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        counts = msgspec.structs.asdict(d.pop("counts"))
+        del counts["last_error"]  # the errors are in "errors"
+        counts["malformed_messages"] = dict(counts.pop("malformed"))
+        d.update(counts)
         d["malformed_messages_total"] = sum(self.malformed_messages.values())
         d["output_fraction"] = self.output_fraction
         return d
@@ -90,7 +128,7 @@ class PipelineMetrics:
             f"frames published  {self.frames_published}   received by engine {self.frames_received}",
             f"outputs           {self.outputs}  ({self.fps_output:.1f} fps, "
             f"{100 * self.output_fraction:.1f}% of frames)",
-            f"skipped to keep up {self.frames_dropped_by_engine}",
+            f"skipped to keep up {self.outputs_skipped}",
             "latency ms        " + "  ".join(f"{k} {_fmt(v)}" for k, v in lat.items()),
             f"frames recorded   {rec}",
             f"malformed msgs    {bad}" + (f"  {self.malformed_messages}" if bad else ""),
@@ -172,8 +210,9 @@ class LatencyTracker:
         return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(data.max())}
 
 
-class RateMeter:
-    """Events per second from the first to the last event timestamp."""
+class MeanRate:
+    """Mean events per second of a whole run: from the first to the last event timestamp
+    (the GUI's ``gui.relay.RateMeter`` is the recent rate, over a sliding window)."""
 
     def __init__(self) -> None:
         self.count = 0

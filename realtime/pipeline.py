@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 import numpy as np
 import zmq
 from psygnal import Signal
@@ -35,8 +36,9 @@ from psygnal import Signal
 from engines.trust import TRUST_PREFIX, TrustTally  # numpy / scipy only
 
 from .config import Addresses, PipelineConfig, memory_problem
-from .metrics import LatencyTracker, PipelineMetrics, RateMeter
-from .protocol import FOREIGN, ProtocolError, ReferenceHeader, ResultHeader, StatsMessage, decode, new_stream_id
+from .metrics import LatencyTracker, MeanRate, PipelineMetrics
+from .protocol import (FOREIGN, EngineCounts, ProtocolError, ReferenceHeader, ResultHeader, StatsMessage, decode,
+                       new_run_id)
 from .worker import EngineWorker
 
 __all__ = ["BLINKING_PREFIX", "TRUST_PREFIX", "Pipeline", "PipelineError"]
@@ -121,8 +123,8 @@ class Pipeline:
         self.latency = LatencyTracker()
         self._lock = threading.Lock()
         self._m = PipelineMetrics(engine=self._engine_label())
-        self._acq_rate = RateMeter()
-        self._out_rate = RateMeter()
+        self._acq_rate = MeanRate()
+        self._out_rate = MeanRate()
         self._stats: StatsMessage | None = None
         self._t_start: float | None = None
         self._t_end: float | None = None
@@ -134,14 +136,14 @@ class Pipeline:
         self._acq_ended = threading.Event()
         self._acq_started = False
         self._stop_thread: threading.Thread | None = None
-        self.stream = new_stream_id()  # stamped on every frame; only its results are shown
+        self.run_id = new_run_id()  # stamped on every frame; only its results are shown
         self.endpoints: Addresses | None = None  # the bound endpoints (port 0 resolved)
         self._sub_ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
         self._local_malformed: dict[str, int] = {}  # bad messages seen by the collector
         self.json_written: Any = None  # the --json path once it was written
-        self._base = _StatsBase()  # totals of engine processes that died and were restarted
-        self._dropped_seen = 0
+        self._base = EngineCounts()  # totals of engine processes that died and were restarted
+        self._skipped_seen = 0  # the newest result's outputs_skipped (ahead of the stats)
         self._engine_warnings: set[str] = set()
         self._trust = TrustTally()
 
@@ -253,7 +255,7 @@ class Pipeline:
             engine_options=self._engine_options(cfg),
             threads=cfg.threads,
             socket_setup=self._socket_setup,
-            stream=self.stream,
+            run_id=self.run_id,
             connect_results=True,
             warmup_shape=(int(self.core.getImageHeight()), int(self.core.getImageWidth())),
             trust=None if cfg.trust else False,
@@ -324,33 +326,22 @@ class Pipeline:
                 m.frames_not_recorded = int(self.recorder.frames_not_recorded)
             if self.sr_recorder is not None:
                 m.sr_images_recorded = int(self.sr_recorder.frames_recorded)
-            st, base = self._stats, self._base
-            if st is not None:
-                m.frames_received = base.frames_received + st.frames_received
-                m.outputs = max(base.outputs + st.outputs, m.outputs_received)
-                m.frames_dropped_by_engine = max(base.frames_dropped + st.frames_dropped,
-                                                 self._dropped_seen)
-                m.engine_errors = base.engine_errors + st.engine_errors
-                if st.engine:
-                    m.engine = st.engine
-            m.frames_dropped_by_engine = max(m.frames_dropped_by_engine, self._dropped_seen)
-            malformed = dict(base.malformed)
-            for k, v in (st.malformed if st is not None else {}).items():
-                malformed[k] = malformed.get(k, 0) + v
-            for k, v in self._local_malformed.items():
-                malformed[k] = malformed.get(k, 0) + v
-            m.malformed_messages = malformed
+            st = self._stats
+            counts = self._base + (st.counts if st is not None else EngineCounts())
+            if st is not None and st.engine:
+                m.engine = st.engine
+            m.counts = msgspec.structs.replace(
+                counts + EngineCounts(malformed=self._local_malformed),
+                outputs=max(counts.outputs, m.outputs_received),
+                outputs_skipped=max(counts.outputs_skipped, self._skipped_seen))
             m.fps_acquired = self._acq_rate.rate
             m.fps_output = self._out_rate.rate
             m.latency_ms = self.latency.percentiles()
             if self._t_start is not None:
                 m.duration_s = (self._t_end or time.monotonic()) - self._t_start
-            return PipelineMetrics(**{**m.__dict__, "latency_ms": dict(m.latency_ms),
-                                      "malformed_messages": dict(m.malformed_messages),
-                                      "errors": list(m.errors), "warnings": list(m.warnings),
-                                      "engine_info": dict(m.engine_info),
-                                      "trust": self._trust.summary(),
-                                      "blinking_check": None if m.blinking_check is None else dict(m.blinking_check)})
+            snapshot = m.copy()
+            snapshot.trust = self._trust.summary()
+            return snapshot
 
     # ================================================================== setup
     def _engine_label(self) -> str:
@@ -425,7 +416,7 @@ class Pipeline:
         from .publisher import FramePublisher
 
         try:
-            return FramePublisher(address, socket_setup=self._socket_setup, stream=self.stream)
+            return FramePublisher(address, socket_setup=self._socket_setup, run_id=self.run_id)
         except RuntimeError as e:
             raise PipelineError(f"{e}{_PORT_HINT}") from None
 
@@ -473,7 +464,7 @@ class Pipeline:
             window=cfg.window,
             stride=cfg.stride,
         )
-        client = RemoteEngineClient(opts, addrs.frames, addrs.results, stream=self.stream,
+        client = RemoteEngineClient(opts, addrs.frames, addrs.results, run_id=self.run_id,
                                     connect_results=True)
 
         def died(reason: str) -> None:
@@ -603,7 +594,7 @@ class Pipeline:
                 st = self._handle_message(sub.recv_multipart(copy=False))
                 if st is not None:
                     if st.final:
-                        self._emit_error(st.last_error or worker.startup_error()
+                        self._emit_error(st.counts.last_error or worker.startup_error()
                                          or "engine worker ended before it was ready")
                         return False
                     if st.state != "preparing":
@@ -700,7 +691,7 @@ class Pipeline:
     def _handle_message(self, parts: list) -> StatsMessage | None:
         """Account for one message from the worker; returns it if it is a StatsMessage.
 
-        A message of another run's stream is counted ("results:foreign") and dropped: it is
+        A message of another run is counted ("results:foreign") and dropped: it is
         never shown and never changes this run's numbers.
         """
         t_recv = time.time_ns()
@@ -709,17 +700,17 @@ class Pipeline:
         except ProtocolError as e:
             self._count_local_malformed(e.reason, str(e))
             return None
-        if isinstance(header, (ResultHeader, ReferenceHeader, StatsMessage)) and header.stream != self.stream:
-            self._count_local_malformed(FOREIGN, f"{header.kind} of stream {header.stream!r}, "
-                                                 f"this run is {self.stream!r}")
+        if isinstance(header, (ResultHeader, ReferenceHeader, StatsMessage)) and header.run_id != self.run_id:
+            self._count_local_malformed(FOREIGN, f"{header.kind} of run {header.run_id!r}, "
+                                                 f"this run is {self.run_id!r}")
             return None
         if isinstance(header, ResultHeader):
             published = header.timings_ns.get("published", t_recv)
             self.latency.add((published - header.t_acq_ns) / 1e6, header.seq_last)
             with self._lock:
                 self._m.outputs_received += 1
-                self._dropped_seen = max(self._dropped_seen,
-                                         self._base.frames_dropped + header.frames_dropped)
+                self._skipped_seen = max(self._skipped_seen,
+                                         self._base.outputs_skipped + header.outputs_skipped)
             if header.info:
                 self._adopt_info(header.info)
             self._out_rate.tick(time.monotonic())
@@ -732,18 +723,19 @@ class Pipeline:
             return None
         if isinstance(header, StatsMessage):
             prev = self._stats
-            if prev is not None and (header.frames_received < prev.frames_received
-                                     or header.outputs < prev.outputs):
+            if prev is not None and (header.counts.frames_received < prev.counts.frames_received
+                                     or header.counts.outputs < prev.counts.outputs):
                 # a restarted engine process counts from zero again: keep the earlier totals
                 with self._lock:
-                    self._base.add(prev)
+                    self._base += prev.counts
             self._stats = header
-            if header.engine_errors > (prev.engine_errors if prev else 0) and header.last_error:
+            new, old = header.counts, (prev.counts if prev is not None else EngineCounts())
+            if new.engine_errors > old.engine_errors and new.last_error:
                 if not (header.final and not self._acq_started):  # a load failure: said once
-                    self._emit_error(f"engine error: {header.last_error}")
-            new_bad = sum(header.malformed.values()) - (sum(prev.malformed.values()) if prev else 0)
-            if new_bad > 0 and (prev is None or not prev.malformed):
-                self._emit_error(f"engine worker received malformed messages: {header.malformed}")
+                    self._emit_error(f"engine error: {new.last_error}")
+            new_bad = sum(new.malformed.values()) - sum(old.malformed.values())
+            if new_bad > 0 and not old.malformed:
+                self._emit_error(f"engine worker received malformed messages: {new.malformed}")
             return header
         self._count_local_malformed("unexpected_kind", f"{header.kind!r} message on the results socket")
         return None
@@ -771,7 +763,7 @@ class Pipeline:
                     name=f"livesr {header.engine} super-resolved",
                     settings={**getattr(info, "settings", {}), "upsample": up}))
             rec.append(np.array(img), FrameMeta(
-                seq=n, frame=n, t_acq_ns=header.t_acq_ns, stream_key=header.stream_key,
+                seq=n, frame=n, t_acq_ns=header.t_acq_ns, stream_key=header.stream,
                 source_range=(header.seq_first, header.seq_last)))
         except Exception as e:
             if getattr(rec, "error", None) is None and not getattr(self, "_sr_failed", False):
@@ -918,22 +910,6 @@ class Pipeline:
             signal.emit(*args)
         except Exception:  # a broken listener must not stop the pipeline
             logger.exception("a listener of %s raised", getattr(signal, "name", "a signal"))
-
-
-class _StatsBase:
-    """Counters of earlier engine processes of this run (a restarted one starts from zero)."""
-
-    def __init__(self) -> None:
-        self.frames_received = self.outputs = self.frames_dropped = self.engine_errors = 0
-        self.malformed: dict[str, int] = {}
-
-    def add(self, st: StatsMessage) -> None:
-        self.frames_received += st.frames_received
-        self.outputs += st.outputs
-        self.frames_dropped += st.frames_dropped
-        self.engine_errors += st.engine_errors
-        for k, v in st.malformed.items():
-            self.malformed[k] = self.malformed.get(k, 0) + v
 
 
 def _version() -> str:

@@ -1,21 +1,28 @@
-"""Wire protocol between acquisition, engine worker and viewers (numpy + json + stdlib only).
+"""Wire protocol between acquisition, engine worker and viewers (msgspec + numpy + stdlib only).
 
 One ZeroMQ multipart message is ``[header_json_bytes, pixel_buffer]`` (frames and results) or
 ``[header_json_bytes]`` (end-of-stream and stats). The header is a small versioned JSON object
 so that any language can read it; the pixels travel as a raw buffer so that no copy or
 pickling is needed on the hot path.
 
-Every message coming off a socket is untrusted: :func:`decode` validates the version, kind,
-every field's type, the shape, the dtype and the buffer length, and raises
-:class:`ProtocolError` (and nothing else) for anything malformed. ``ProtocolError.reason``
-is a short category ("json", "version", "kind", "field", "shape", "dtype", "length",
-"parts") so that receivers can count malformed messages by kind.
+Each header kind is a frozen ``msgspec.Struct``: a tagged union on ``kind``, unknown fields
+forbidden, every field typed with its constraints (``Count`` >= 0, ``Shape`` of two positive
+ints, ``Dtype`` from a fixed list, ...). The types *are* the validation: :func:`decode` lets
+msgspec check the header and maps its errors to :class:`ProtocolError` (and nothing else).
+``ProtocolError.reason`` is a short category ("json", "version", "kind", "field", "shape",
+"dtype", "length", "parts") so that receivers can count malformed messages by kind. The
+encoders check what they send with the same types, so a receiver never sees what we refused.
 
-Every message carries the ``stream`` id of the run it belongs to (a random 64-bit hex string
-made by :func:`new_stream_id` when a run starts; "" = not tied to a run). Two runs on one
-machine can end up on each other's sockets (a fixed port reused, a stale engine); a receiver
-that knows its run's id counts a message of another stream as malformed with reason
+Two ids, never mixed up: ``run_id`` is the run a message belongs to (a random 64-bit hex
+string made by :func:`new_run_id` when a run starts; "" = not tied to a run), ``stream`` is
+the MDA stream within the run (position/channel/z, e.g. "p0/c1/z0"; "" in live mode). Two
+runs on one machine can end up on each other's sockets (a fixed port reused, a stale engine);
+a receiver that knows its run's id counts a message of another run as malformed with reason
 ``"foreign"`` (:data:`FOREIGN`) and drops it, so another run's image is never shown.
+
+The engine's counters travel as one :class:`EngineCounts` (inside every :class:`StatsMessage`):
+the worker keeps one, the remote client and the pipeline add them up over engines and
+restarts with ``+``, and the run's metrics hold the total.
 
 Note on zero-copy: :func:`decode` returns a *read-only* numpy view on the received buffer;
 copy it if you need to write into it. :func:`encode_frame` / :func:`encode_result` return a
@@ -24,18 +31,20 @@ memoryview on the image: keep the image alive (zmq does, when sent with ``copy=F
 
 from __future__ import annotations
 
-import json
-import math
+import re
 import secrets
-from dataclasses import dataclass, field, fields
-from typing import Any, Union
+import sys
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
+import msgspec
 import numpy as np
 
 __all__ = [
     "ALLOWED_DTYPES",
     "FOREIGN",
     "EndOfStream",
+    "EngineCounts",
     "FrameHeader",
     "Header",
     "MAX_HEADER_BYTES",
@@ -45,50 +54,33 @@ __all__ = [
     "ResultHeader",
     "StatsMessage",
     "decode",
-    "encode",
     "encode_eos",
     "encode_frame",
     "encode_reference",
     "encode_result",
     "encode_stats",
-    "new_stream_id",
+    "new_run_id",
 ]
 
-#: 2: every header carries ``stream``; stats carry ``window`` and may say "preparing"
-PROTOCOL_VERSION = 2
+#: 2: every header carries its run; stats carry ``window`` and may say "preparing".
+#: 3: ``stream`` -> ``run_id`` and ``stream_key`` -> ``stream``; stats carry ``counts``
+#: (EngineCounts); ``frames_dropped`` of results and stats -> ``outputs_skipped``
+PROTOCOL_VERSION = 3
 
-#: ProtocolError-style reason under which receivers count messages of another run's stream
+#: ProtocolError-style reason under which receivers count messages of another run
 FOREIGN = "foreign"
-
-#: states a StatsMessage may report: "preparing" (engine loaded, compiling / warming up for
-#: the camera's frame size), "ready" (idle, waiting for frames), "running", "final"
-STATS_STATES = ("preparing", "ready", "running", "final")
-
-
-def new_stream_id() -> str:
-    """A fresh per-run stream id: 16 hex digits (64 random bits)."""
-    return secrets.token_hex(8)
-
-#: Real-valued pixel types a camera or an engine may send. Byte order on the wire is
-#: little-endian; complex, bool, object and string dtypes are rejected.
-ALLOWED_DTYPES: frozenset[str] = frozenset(
-    {
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "float16",
-        "float32",
-        "float64",
-    }
-)
 
 #: A header larger than this is garbage (real headers are a few hundred bytes).
 MAX_HEADER_BYTES = 64 * 1024
+
+#: ``ResultHeader.info``: at most this many entries, keys and string values at most this long
+MAX_INFO_ENTRIES = 64
+MAX_INFO_TEXT = 512
+
+
+def new_run_id() -> str:
+    """A fresh run id: 16 hex digits (64 random bits)."""
+    return secrets.token_hex(8)
 
 
 class ProtocolError(ValueError):
@@ -104,291 +96,259 @@ class ProtocolError(ValueError):
         self.reason = reason
 
 
+# ----------------------------------------------------------------------------- field types
+
+#: Real-valued pixel types a camera or an engine may send. Byte order on the wire is
+#: little-endian; complex, bool, object and string dtypes are rejected.
+Dtype = Literal["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+                "float16", "float32", "float64"]
+ALLOWED_DTYPES: frozenset[str] = frozenset(get_args(Dtype))
+
+#: states a StatsMessage may report: "preparing" (engine loaded, compiling / warming up for
+#: the camera's frame size), "ready" (idle, waiting for frames), "running", "final"
+StatsState = Literal["preparing", "ready", "running", "final"]
+STATS_STATES: tuple[str, ...] = get_args(StatsState)
+
+_MAX_FLOAT = sys.float_info.max
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Shape = tuple[Annotated[int, msgspec.Meta(gt=0)], Annotated[int, msgspec.Meta(gt=0)]]
+#: finite (the bounds also refuse NaN, which JSON would otherwise carry as null)
+Finite = Annotated[float, msgspec.Meta(ge=-_MAX_FLOAT, le=_MAX_FLOAT)]
+Positive = Annotated[float, msgspec.Meta(gt=0, le=_MAX_FLOAT)]
+RunId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{0,32}$")]
+InfoValue = Union[Annotated[str, msgspec.Meta(max_length=MAX_INFO_TEXT)], bool, int, Finite, None]
+#: what an engine used and how the data looked: flat and small (it rides on every result)
+Info = Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_INFO_TEXT)], InfoValue],
+                 msgspec.Meta(max_length=MAX_INFO_ENTRIES)]
+
+
 # ----------------------------------------------------------------------------- headers
 
 
-@dataclass(frozen=True)
-class FrameHeader:
+class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"):
+    """Fields every header has; ``kind`` (the tag) says which header it is."""
+
+    kind: ClassVar[str]
+    version: int = PROTOCOL_VERSION
+
+
+def _check_seq_range(seq_first: int, seq_last: int) -> None:
+    if seq_last < seq_first:  # (msgspec reports it as a ValidationError while decoding)
+        raise ProtocolError("field", f"seq_last ({seq_last}) < seq_first ({seq_first})")
+
+
+class FrameHeader(_Message, tag="frame", frozen=True):
     """One camera frame (kind "frame"), published by the acquisition thread."""
 
-    seq: int  # 0-based, consecutive while a sequence runs
-    t_acq_ns: int  # time.time_ns() when the frame was popped from the camera buffer
-    shape: tuple[int, int]
-    dtype: str = "uint16"
+    kind: ClassVar[str] = "frame"
+    seq: Count  # 0-based, consecutive while a sequence runs
+    t_acq_ns: Count  # time.time_ns() when the frame was popped from the camera buffer
+    shape: Shape
+    dtype: Dtype = "uint16"
     camera: str = ""
-    exposure_ms: float = 0.0
-    pixel_size_um: float | None = None
-    elapsed_ms: float | None = None  # camera's ElapsedTime-ms metadata, when present
-    stream: str = ""  # the run's stream id (new_stream_id)
+    exposure_ms: Finite = 0.0
+    pixel_size_um: Positive | None = None
+    elapsed_ms: Finite | None = None  # camera's ElapsedTime-ms metadata, when present
+    run_id: RunId = ""  # the run's id (new_run_id)
     # MDA stream (position/channel/z, e.g. "p0/c1/z0"; "" in live mode): seq counts frames
-    # of one stream, and frames of different keys never share an engine window
-    stream_key: str = ""
-
-    kind = "frame"
+    # of one stream, and frames of different streams never share an engine window
+    stream: str = ""
 
 
-@dataclass(frozen=True)
-class ResultHeader:
+class ResultHeader(_Message, tag="result", frozen=True):
     """One reconstructed image (kind "result"), published by the engine worker."""
 
-    seq_first: int  # first input frame of the window the output was computed from
-    seq_last: int  # newest input frame of that window
-    t_acq_ns: int  # acquisition time of seq_last (for latency)
-    shape: tuple[int, int]
+    kind: ClassVar[str] = "result"
+    seq_first: Count  # first input frame of the window the output was computed from
+    seq_last: Count  # newest input frame of that window
+    t_acq_ns: Count  # acquisition time of seq_last (for latency)
+    shape: Shape
     engine: str
-    dtype: str = "float32"
-    timings_ns: dict[str, int] = field(default_factory=dict)  # received/start/done/published
-    frames_dropped: int = 0  # cumulative outputs skipped by the worker to keep up
-    stream: str = ""  # stream id of the frames it was computed from
-    stream_key: str = ""  # the stream the window came from (FrameHeader.stream_key)
+    dtype: Dtype = "float32"
+    timings_ns: dict[str, Count] = {}  # received/start/done/published
+    outputs_skipped: Count = 0  # cumulative outputs skipped by the worker to keep up
+    run_id: RunId = ""  # the run of the frames it was computed from
+    stream: str = ""  # the MDA stream the window came from (FrameHeader.stream)
     # what the engine used and how the data looked (flat: str -> str/int/float/bool/None), e.g.
     # SOFI's "psf_fwhm_px"/"psf_source"/"lag", and the live blinking check as "blinking_check.*"
-    info: dict[str, Any] = field(default_factory=dict)
+    info: Info = {}
 
-    kind = "result"
+    def __post_init__(self) -> None:
+        _check_seq_range(self.seq_first, self.seq_last)
 
 
-@dataclass(frozen=True)
-class ReferenceHeader:
+class ReferenceHeader(_Message, tag="reference", frozen=True):
     """The image a learned engine's output is checked against (kind "reference"), published by
     the engine worker next to the results, at most a few times a second: the companion SOFI of
     the trust signal (``engines.trust``) over frames ``seq_first..seq_last``. Not a result: it
     never counts as an output; a viewer may show it next to the network's image."""
 
-    seq_first: int
-    seq_last: int
-    shape: tuple[int, int]
+    kind: ClassVar[str] = "reference"
+    seq_first: Count
+    seq_last: Count
+    shape: Shape
     engine: str = "sofi"
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
+    run_id: RunId = ""
     stream: str = ""
-    stream_key: str = ""
-    info: dict[str, Any] = field(default_factory=dict)  # e.g. "trust.agreement"
+    info: Info = {}  # e.g. "trust.agreement"
 
-    kind = "reference"
+    def __post_init__(self) -> None:
+        _check_seq_range(self.seq_first, self.seq_last)
 
 
-@dataclass(frozen=True)
-class EndOfStream:
+class EndOfStream(_Message, tag="eos", frozen=True):
     """Sent by the frame publisher when it stops (kind "eos")."""
 
-    frames_sent: int
+    kind: ClassVar[str] = "eos"
+    frames_sent: Count
     reason: str = "stopped"
-    stream: str = ""
-
-    kind = "eos"
+    run_id: RunId = ""
 
 
-@dataclass(frozen=True)
-class StatsMessage:
-    """Worker bookkeeping (kind "stats"), published periodically and once more at the end.
+class EngineCounts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What an engine worker counted (totals since it started); ``a + b`` adds two up.
 
-    Carries what cannot ride on a result: malformed-message counts, engine errors, and the
-    final totals once the stream ended (``final=True``).
+    The worker keeps one and sends it in every :class:`StatsMessage`; the remote client adds
+    up its engines' (and their restarted processes') with :meth:`total`; the pipeline keeps
+    the total of a run's engine processes and puts it in the run's metrics.
     """
 
-    engine: str
-    state: str = "running"  # one of STATS_STATES
-    frames_received: int = 0
-    outputs: int = 0
-    frames_dropped: int = 0
-    malformed: dict[str, int] = field(default_factory=dict)
-    engine_errors: int = 0
-    last_error: str = ""
-    frames_sent: int | None = None  # from the EndOfStream, in the final message
-    final: bool = False
-    stream: str = ""  # the stream the worker serves ("" while it waits for one)
-    window: int = 0  # frames the engine needs per output (0: not loaded yet)
+    frames_received: Count = 0
+    outputs: Count = 0
+    outputs_skipped: Count = 0  # outputs that were due but skipped so the engine could keep up
+    malformed: dict[str, Count] = {}  # by ProtocolError.reason
+    engine_errors: Count = 0
+    last_error: str = ""  # the newest engine error
 
-    kind = "stats"
+    def __add__(self, other: EngineCounts) -> EngineCounts:
+        return EngineCounts(**{f: _plus(getattr(self, f), getattr(other, f)) for f in self.__struct_fields__})
+
+    def __neg__(self) -> EngineCounts:
+        return EngineCounts(**{f: _minus(getattr(self, f)) for f in self.__struct_fields__})
+
+    def __sub__(self, other: EngineCounts) -> EngineCounts:
+        return self + -other
+
+    @classmethod
+    def total(cls, counts: Iterable[EngineCounts]) -> EngineCounts:
+        """The sum of several engines' (or engine processes') counts."""
+        return sum(counts, cls())
+
+
+def _plus(a: Any, b: Any) -> Any:
+    if isinstance(a, dict):  # malformed: by reason
+        return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+    if isinstance(a, str):  # last_error: the newer one
+        return b or a
+    return a + b
+
+
+def _minus(a: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: -v for k, v in a.items()}
+    return a if isinstance(a, str) else -a
+
+
+class StatsMessage(_Message, tag="stats", frozen=True):
+    """Worker bookkeeping (kind "stats"), published periodically and once more at the end.
+
+    Carries what cannot ride on a result: the worker's counts (malformed messages, engine
+    errors, ...), and the final totals once the stream ended (``final=True``).
+    """
+
+    kind: ClassVar[str] = "stats"
+    engine: str
+    state: StatsState = "running"
+    counts: EngineCounts = msgspec.field(default_factory=EngineCounts)
+    frames_sent: Count | None = None  # from the EndOfStream, in the final message
+    final: bool = False
+    run_id: RunId = ""  # the run the worker serves ("" while it waits for one)
+    window: Count = 0  # frames the engine needs per output (0: not loaded yet)
 
 
 Header = Union[FrameHeader, ResultHeader, ReferenceHeader, EndOfStream, StatsMessage]
+ImageHeader = Union[FrameHeader, ResultHeader, ReferenceHeader]
 
-_KINDS: dict[str, type] = {
-    "frame": FrameHeader,
-    "result": ResultHeader,
-    "reference": ReferenceHeader,
-    "eos": EndOfStream,
-    "stats": StatsMessage,
-}
-_HAS_BUFFER = {"frame": True, "result": True, "reference": True, "eos": False, "stats": False}
+_KINDS: dict[str, type[_Message]] = {c.kind: c for c in get_args(Header)}
+_IMAGE_KINDS = frozenset(c.kind for c in get_args(ImageHeader))
 
 
-# ----------------------------------------------------------------------------- field checks
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, float):  # numpy.float64 is a float: send it as one
+        return float(obj)
+    raise NotImplementedError(f"{type(obj).__name__} is not a wire type")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
+_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {k: msgspec.json.Decoder(c) for k, c in _KINDS.items()}
 
 
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+class _Envelope(msgspec.Struct):
+    """The two fields read first (other fields skipped): a header is then decoded as its kind,
+    and a message of another version or an unknown kind is counted as such whatever else it holds."""
+
+    version: Any = None
+    kind: Any = None
 
 
-def _check_seq_range(seq_first: Any, seq_last: Any) -> tuple[int, int]:
-    first, last = _check_int("seq_first", seq_first), _check_int("seq_last", seq_last)
-    if last < first:
-        raise ProtocolError("field", f"seq_last ({last}) < seq_first ({first})")
-    return first, last
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
 
 
-def _check_int(name: str, v: Any, minimum: int | None = 0) -> int:
-    if not _is_int(v):
-        raise ProtocolError("field", f"{name} must be an int, got {type(v).__name__}")
-    if minimum is not None and v < minimum:
-        raise ProtocolError("field", f"{name} must be >= {minimum}, got {v}")
-    return int(v)
+# ----------------------------------------------------------------------------- errors
+
+#: msgspec's words -> ours, for ``info`` (the one free-form field, where users see them)
+_INFO_WORDS = (
+    ("at `key`", f"info keys must be non-empty strings of at most {MAX_INFO_TEXT} characters"),
+    (f"of length <= {MAX_INFO_ENTRIES} - at `$.info`", f"info has more than {MAX_INFO_ENTRIES} entries, "
+                                                       f"at most {MAX_INFO_ENTRIES} allowed"),
+    ("Expected `object`", "info must be an object"),
+    ("of length <= ", f"an info value is longer than {MAX_INFO_TEXT} characters"),
+    ("a finite `float`", "info values must be finite"),
+    ("Number out of range", "info values must be finite"),
+    ("", "info values must be a string, number, bool or null"),
+)
+_FINITE = re.compile(r"`float` [<>]=? -?" + re.escape(repr(_MAX_FLOAT)))  # our NaN/inf bound
+_PATH = re.compile(r"`(\$[^`]*)`$")  # msgspec ends its message with the JSON path: "... - at `$.shape[0]`"
 
 
-def _check_number(name: str, v: Any, *, optional: bool = False, positive: bool = False) -> Any:
-    if v is None and optional:
-        return None
-    if not _is_number(v):
-        raise ProtocolError("field", f"{name} must be a finite number, got {v!r}")
-    if positive and v <= 0:
-        raise ProtocolError("field", f"{name} must be > 0, got {v}")
-    return float(v)
+def _protocol_error(e: msgspec.ValidationError, kind: str) -> ProtocolError:
+    """The reason (by the field msgspec names) and a readable message for a rejected header."""
+    text = _FINITE.sub("a finite `float`", str(e))
+    m = _PATH.search(text)
+    path = m.group(1) if m else "$"
+    if path.startswith("$.shape"):
+        return ProtocolError("shape", f"{kind} header: shape must be 2 positive ints ({text})")
+    if path == "$.dtype":
+        return ProtocolError("dtype", f"{kind} header: dtype must be one of {sorted(ALLOWED_DTYPES)} ({text})")
+    if path.startswith("$.info"):
+        words = next(w for key, w in _INFO_WORDS if key in text)
+        return ProtocolError("field", f"{kind} header: {words} ({text})")
+    return ProtocolError("field", f"{kind} header: {text}")
 
 
-def _check_str(name: str, v: Any) -> str:
-    if not isinstance(v, str):
-        raise ProtocolError("field", f"{name} must be a string, got {type(v).__name__}")
-    return v
-
-
-def _check_shape(v: Any) -> tuple[int, int]:
-    if not isinstance(v, (list, tuple)) or len(v) != 2:
-        raise ProtocolError("shape", f"shape must be a list of 2 ints, got {v!r}")
-    if not all(_is_int(s) and s > 0 for s in v):
-        raise ProtocolError("shape", f"shape entries must be positive ints, got {v!r}")
-    return (int(v[0]), int(v[1]))
-
-
-def _check_dtype(v: Any) -> str:
-    if not isinstance(v, str) or v not in ALLOWED_DTYPES:
-        raise ProtocolError("dtype", f"dtype must be one of {sorted(ALLOWED_DTYPES)}, got {v!r}")
-    return v
-
-
-def _check_stream(v: Any) -> str:
-    if not isinstance(v, str) or len(v) > 32 or any(c not in "0123456789abcdef" for c in v):
-        raise ProtocolError("field", f"stream must be a lowercase hex id of <= 32 digits, got {v!r}")
-    return v
-
-
-def _check_int_dict(name: str, v: Any) -> dict[str, int]:
-    if not isinstance(v, dict):
-        raise ProtocolError("field", f"{name} must be an object, got {type(v).__name__}")
-    out = {}
-    for k, x in v.items():
-        out[_check_str(f"{name} key", k)] = _check_int(f"{name}[{k!r}]", x, minimum=0)
-    return out
-
-
-#: ``ResultHeader.info``: at most this many entries, keys and string values at most this long
-MAX_INFO_ENTRIES = 64
-MAX_INFO_TEXT = 512
-
-
-def _check_info(v: Any) -> dict[str, Any]:
-    """A flat dict of str -> str / int / finite float / bool / None (small: it rides on every result)."""
-    if not isinstance(v, dict):
-        raise ProtocolError("field", f"info must be an object, got {type(v).__name__}")
-    if len(v) > MAX_INFO_ENTRIES:
-        raise ProtocolError("field", f"info has {len(v)} entries, at most {MAX_INFO_ENTRIES} allowed")
-    out: dict[str, Any] = {}
-    for k, x in v.items():
-        if not isinstance(k, str) or not k or len(k) > MAX_INFO_TEXT:
-            raise ProtocolError("field", f"info keys must be non-empty strings, got {k!r}")
-        if isinstance(x, str):
-            if len(x) > MAX_INFO_TEXT:
-                raise ProtocolError("field", f"info[{k!r}] is longer than {MAX_INFO_TEXT} characters")
-        elif isinstance(x, float):
-            if not math.isfinite(x):
-                raise ProtocolError("field", f"info[{k!r}] must be finite, got {x!r}")
-        elif x is not None and not isinstance(x, (bool, int)):
-            raise ProtocolError("field", f"info[{k!r}] must be a string, number, bool or null, got {type(x).__name__}")
-        out[k] = x
-    return out
-
-
-def _validate(h: Header) -> Header:
-    """Check every field of a header; return it (normalised) or raise ProtocolError."""
-    if isinstance(h, FrameHeader):
-        return FrameHeader(
-            seq=_check_int("seq", h.seq),
-            t_acq_ns=_check_int("t_acq_ns", h.t_acq_ns),
-            shape=_check_shape(h.shape),
-            dtype=_check_dtype(h.dtype),
-            camera=_check_str("camera", h.camera),
-            exposure_ms=_check_number("exposure_ms", h.exposure_ms),
-            pixel_size_um=_check_number("pixel_size_um", h.pixel_size_um, optional=True, positive=True),
-            elapsed_ms=_check_number("elapsed_ms", h.elapsed_ms, optional=True),
-            stream=_check_stream(h.stream),
-            stream_key=_check_str("stream_key", h.stream_key),
-        )
-    if isinstance(h, ResultHeader):
-        first, last = _check_seq_range(h.seq_first, h.seq_last)
-        return ResultHeader(
-            seq_first=first,
-            seq_last=last,
-            t_acq_ns=_check_int("t_acq_ns", h.t_acq_ns),
-            shape=_check_shape(h.shape),
-            engine=_check_str("engine", h.engine),
-            dtype=_check_dtype(h.dtype),
-            timings_ns=_check_int_dict("timings_ns", h.timings_ns),
-            frames_dropped=_check_int("frames_dropped", h.frames_dropped),
-            stream=_check_stream(h.stream),
-            stream_key=_check_str("stream_key", h.stream_key),
-            info=_check_info(h.info),
-        )
-    if isinstance(h, ReferenceHeader):
-        first, last = _check_seq_range(h.seq_first, h.seq_last)
-        return ReferenceHeader(
-            seq_first=first, seq_last=last, shape=_check_shape(h.shape), engine=_check_str("engine", h.engine),
-            dtype=_check_dtype(h.dtype), stream=_check_stream(h.stream),
-            stream_key=_check_str("stream_key", h.stream_key), info=_check_info(h.info))
-    if isinstance(h, EndOfStream):
-        return EndOfStream(
-            frames_sent=_check_int("frames_sent", h.frames_sent),
-            reason=_check_str("reason", h.reason),
-            stream=_check_stream(h.stream),
-        )
-    if isinstance(h, StatsMessage):
-        if h.state not in STATS_STATES:
-            raise ProtocolError("field", f"state must be one of {'/'.join(STATS_STATES)}, got {h.state!r}")
-        if not isinstance(h.final, bool):
-            raise ProtocolError("field", "final must be a bool")
-        return StatsMessage(
-            engine=_check_str("engine", h.engine),
-            state=h.state,
-            frames_received=_check_int("frames_received", h.frames_received),
-            outputs=_check_int("outputs", h.outputs),
-            frames_dropped=_check_int("frames_dropped", h.frames_dropped),
-            malformed=_check_int_dict("malformed", h.malformed),
-            engine_errors=_check_int("engine_errors", h.engine_errors),
-            last_error=_check_str("last_error", h.last_error),
-            frames_sent=None if h.frames_sent is None else _check_int("frames_sent", h.frames_sent),
-            final=h.final,
-            stream=_check_stream(h.stream),
-            window=_check_int("window", h.window),
-        )
-    raise ProtocolError("kind", f"not a protocol header: {type(h).__name__}")
+def _parts_error(kind: str, n_parts: int) -> ProtocolError | None:
+    expected = 2 if kind in _IMAGE_KINDS else 1
+    if n_parts != expected:
+        return ProtocolError("parts", f"a {kind!r} message has {expected} part(s), got {n_parts}")
+    return None
 
 
 # ----------------------------------------------------------------------------- encode
 
 
 def _header_bytes(h: Header) -> bytes:
-    h = _validate(h)
-    d: dict[str, Any] = {"version": PROTOCOL_VERSION, "kind": h.kind}
-    for f in fields(h):
-        v = getattr(h, f.name)
-        d[f.name] = list(v) if isinstance(v, tuple) else v
-    return json.dumps(d, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    """The JSON of a header, checked against its type first (what a receiver will check)."""
+    try:
+        msgspec.convert(msgspec.to_builtins(h, enc_hook=_enc_hook), type(h))
+        return _ENCODER.encode(h)
+    except msgspec.ValidationError as e:
+        raise _protocol_error(e, h.kind) from None
+    except (TypeError, NotImplementedError) as e:
+        raise ProtocolError("field", f"{h.kind} header: {e}") from None
 
 
-def _pixel_buffer(h: FrameHeader | ResultHeader | ReferenceHeader, img: np.ndarray) -> memoryview:
+def _pixel_buffer(h: ImageHeader, img: np.ndarray) -> memoryview:
     if not isinstance(img, np.ndarray):
         raise ProtocolError("encode", f"image must be a numpy array, got {type(img).__name__}")
     if tuple(img.shape) != tuple(h.shape):
@@ -397,57 +357,40 @@ def _pixel_buffer(h: FrameHeader | ResultHeader | ReferenceHeader, img: np.ndarr
         raise ProtocolError("encode", f"image dtype {img.dtype} != header dtype {h.dtype}")
     wire = np.dtype(h.dtype).newbyteorder("<")
     arr = np.ascontiguousarray(img, dtype=wire)  # no copy for native little-endian contiguous
-    return memoryview(arr).cast("B")
+    return arr.data.cast("B")
+
+
+def _encode(cls: type[_Message], h: Header, img: np.ndarray | None = None) -> list:
+    if not isinstance(h, cls):
+        raise ProtocolError("encode", f"encode_{cls.kind} needs a {cls.__name__}")
+    if img is None:
+        return [_header_bytes(h)]
+    return [_header_bytes(h), _pixel_buffer(h, img)]  # type: ignore[arg-type]
 
 
 def encode_frame(h: FrameHeader, img: np.ndarray) -> list:
     """``[header, pixels]`` for one camera frame; raises ProtocolError if they disagree."""
-    if not isinstance(h, FrameHeader):
-        raise ProtocolError("encode", "encode_frame needs a FrameHeader")
-    return [_header_bytes(h), _pixel_buffer(h, img)]
+    return _encode(FrameHeader, h, img)
 
 
 def encode_result(h: ResultHeader, img: np.ndarray) -> list:
     """``[header, pixels]`` for one reconstructed image."""
-    if not isinstance(h, ResultHeader):
-        raise ProtocolError("encode", "encode_result needs a ResultHeader")
-    return [_header_bytes(h), _pixel_buffer(h, img)]
+    return _encode(ResultHeader, h, img)
 
 
 def encode_reference(h: ReferenceHeader, img: np.ndarray) -> list:
     """``[header, pixels]`` for the image a learned engine's output was checked against."""
-    if not isinstance(h, ReferenceHeader):
-        raise ProtocolError("encode", "encode_reference needs a ReferenceHeader")
-    return [_header_bytes(h), _pixel_buffer(h, img)]
+    return _encode(ReferenceHeader, h, img)
 
 
 def encode_eos(h: EndOfStream) -> list:
     """``[header]`` marking the end of a frame stream."""
-    if not isinstance(h, EndOfStream):
-        raise ProtocolError("encode", "encode_eos needs an EndOfStream")
-    return [_header_bytes(h)]
+    return _encode(EndOfStream, h)
 
 
 def encode_stats(h: StatsMessage) -> list:
     """``[header]`` with worker statistics."""
-    if not isinstance(h, StatsMessage):
-        raise ProtocolError("encode", "encode_stats needs a StatsMessage")
-    return [_header_bytes(h)]
-
-
-def encode(h: Header, img: np.ndarray | None = None) -> list:
-    """Encode any header (with its image for frames and results)."""
-    if isinstance(h, FrameHeader):
-        return encode_frame(h, img)  # type: ignore[arg-type]
-    if isinstance(h, ResultHeader):
-        return encode_result(h, img)  # type: ignore[arg-type]
-    if isinstance(h, ReferenceHeader):
-        return encode_reference(h, img)  # type: ignore[arg-type]
-    if img is not None:
-        raise ProtocolError("encode", f"a {type(h).__name__} carries no image")
-    if isinstance(h, EndOfStream):
-        return encode_eos(h)
-    return encode_stats(h)  # raises for non-headers
+    return _encode(StatsMessage, h)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -466,23 +409,6 @@ def _as_buffer(part: Any) -> memoryview:
     raise ProtocolError("parts", f"message part of type {type(part).__name__} is not a buffer")
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"non-finite number {name} in JSON")
-
-
-def _parse_header(raw: memoryview) -> dict[str, Any]:
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError("json", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        text = bytes(raw).decode("utf-8")
-        d = json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ProtocolError("json", f"header is not UTF-8 JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ProtocolError("json", f"header must be a JSON object, got {type(d).__name__}")
-    return d
-
-
 def decode(parts: list) -> tuple[Header, np.ndarray | None]:
     """Validate and decode one multipart message into ``(header, image_or_None)``.
 
@@ -499,39 +425,34 @@ def decode(parts: list) -> tuple[Header, np.ndarray | None]:
 def _decode(parts: list) -> tuple[Header, np.ndarray | None]:
     if not isinstance(parts, (list, tuple)) or not parts:
         raise ProtocolError("parts", "expected a non-empty list of message parts")
-    d = _parse_header(_as_buffer(parts[0]))
-
-    version = d.pop("version", None)
-    if not _is_int(version) or version != PROTOCOL_VERSION:
+    raw = _as_buffer(parts[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("json", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        env = _ENVELOPE.decode(raw)
+    except msgspec.ValidationError:
+        raise ProtocolError("json", "header must be a JSON object") from None
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise ProtocolError("json", f"header is not UTF-8 JSON ({e})") from None
+    version, kind = env.version, env.kind
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    kind = d.pop("kind", None)
     if not isinstance(kind, str) or kind not in _KINDS:
         raise ProtocolError("kind", f"unknown message kind {kind!r}")
-    cls = _KINDS[kind]
-
-    expected_parts = 2 if _HAS_BUFFER[kind] else 1
-    if len(parts) != expected_parts:
-        raise ProtocolError(
-            "parts", f"a {kind!r} message has {expected_parts} part(s), got {len(parts)}"
-        )
-
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ProtocolError("field", f"unknown field(s) in {kind!r} header: {sorted(unknown)}")
-    missing = {f.name for f in fields(cls) if f.name not in d and _required(f)}
-    if missing:
-        raise ProtocolError("field", f"missing field(s) in {kind!r} header: {sorted(missing)}")
-    # shape/dtype get their own categories before generic field checks
-    if "shape" in d:
-        d["shape"] = _check_shape(d["shape"])
-    if "dtype" in d:
-        d["dtype"] = _check_dtype(d["dtype"])
-    header = _validate(cls(**d))
-
-    if not _HAS_BUFFER[kind]:
+    parts_error = _parts_error(kind, len(parts))
+    if parts_error is not None:
+        raise parts_error
+    try:
+        header = _DECODERS[kind].decode(raw)
+    except msgspec.ValidationError as e:
+        raise _protocol_error(e, kind) from None
+    if header.kind not in _IMAGE_KINDS:
         return header, None
-    buf = _as_buffer(parts[1])
+    return header, _image(header, _as_buffer(parts[1]))  # type: ignore[arg-type]
+
+
+def _image(header: ImageHeader, buf: memoryview) -> np.ndarray:
+    """A read-only view on the pixel buffer (it must hold exactly the header's shape)."""
     dt = np.dtype(header.dtype).newbyteorder("<")
     h, w = header.shape
     expected = h * w * dt.itemsize
@@ -544,10 +465,4 @@ def _decode(parts: list) -> tuple[Header, np.ndarray | None]:
     if not dt.isnative:
         img = img.astype(dt.newbyteorder("="))
     img.flags.writeable = False  # shares memory with the message: nobody may scribble on it
-    return header, img
-
-
-def _required(f: Any) -> bool:
-    from dataclasses import MISSING
-
-    return f.default is MISSING and f.default_factory is MISSING
+    return img

@@ -2,10 +2,10 @@
 
 `append` never blocks the acquisition: it puts the frame on a bounded backlog that the
 publisher's own thread sends (PUSH/PULL, so nothing is dropped in transit). When the
-engine is slow and the socket's queue is full, frames wait in the backlog, and only
-beyond its bound are the oldest unsent frames given up (``publish_drops``; the seq gap
-tells the engine to restart its window rather than mix non-consecutive frames). The
-recorder is a separate sink fed before this one, so a given-up frame is still recorded.
+engine is slow and the socket's queue is full, frames wait in the backlog (a
+``DropOldestQueue``), and only beyond its bound are the oldest unsent frames given up
+(``publish_drops``; the seq gap tells the engine to restart its window rather than mix
+non-consecutive frames). The recorder is a separate sink fed before this one, so a given-up frame is still recorded.
 `close` flushes the backlog (up to ``linger_ms``) and sends an `EndOfStream`.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +22,7 @@ import zmq
 from acquisition.sinks import FrameMeta, StreamInfo
 
 from .protocol import EndOfStream, FrameHeader, encode_eos, encode_frame
+from .send_queue import DropOldestQueue
 
 __all__ = ["FramePublisher"]
 
@@ -36,19 +36,18 @@ class FramePublisher:
 
     With port 0 (``tcp://127.0.0.1:0``) the OS picks a free port; ``address`` is then the real
     endpoint read back from ZeroMQ, which engines must connect to (no bind-close-rebind race).
-    ``stream`` is the run's stream id, stamped on every frame and on the EndOfStream.
+    ``run_id`` is the run's id, stamped on every frame and on the EndOfStream.
     """
 
     name = "frame publisher"
 
     def __init__(self, address: str, *, sndhwm: int = 1000, backlog: int = 1000,
                  linger_ms: int = 2000, socket_setup: SocketSetup | None = None,
-                 context: zmq.Context | None = None, stream: str = "") -> None:
+                 context: zmq.Context | None = None, run_id: str = "") -> None:
         if backlog < 1 or sndhwm < 1:
             raise ValueError("sndhwm and backlog must be >= 1")
         self.address = address
-        self.stream = stream
-        self._backlog_max = int(backlog)
+        self.run_id = run_id
         self._linger_ms = int(linger_ms)
         self._own_context = context is None
         self._context = context or zmq.Context()
@@ -65,22 +64,25 @@ class FramePublisher:
             raise RuntimeError(f"cannot bind the frame socket at {address}: {e.strerror}") from e
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock: zmq.Socket | None = sock
-        self._items: deque[tuple[np.ndarray, FrameMeta]] = deque()
+        self._backlog: DropOldestQueue[tuple[np.ndarray, FrameMeta]] = DropOldestQueue(max_items=int(backlog))
         self._cv = threading.Condition()
         self._closing = False
         self._end_reason = "stopped"
         self._info: StreamInfo | None = None
-        self._in_flight: FrameMeta | None = None
         self._thread: threading.Thread | None = None
         self.frames_appended = 0
         self.frames_published = 0
-        self.publish_drops = 0
         self.error: str | None = None
 
     @property
     def publish_backlog(self) -> int:
         """Frames waiting here for the engine's socket to accept them."""
-        return len(self._items)
+        return len(self._backlog)
+
+    @property
+    def publish_drops(self) -> int:
+        """Frames given up: the backlog was full, or they never reached an engine before the stop."""
+        return self._backlog.dropped
 
     # ------------------------------------------------------------------ sink API
     def setup(self, info: StreamInfo) -> None:
@@ -94,11 +96,7 @@ class FramePublisher:
             raise RuntimeError(self.error)
         with self._cv:
             self.frames_appended += 1
-            self._items.append((frame, meta))
-            if len(self._items) > self._backlog_max:
-                # oldest first (the engine wants the newest), but not the one being sent
-                del self._items[1 if self._items[0][1] is self._in_flight else 0]
-                self.publish_drops += 1
+            if self._backlog.put((frame, meta)):  # the oldest went (the engine wants the newest)
                 if self.publish_drops == 1 or self.publish_drops % 1000 == 0:
                     log.warning("engine too slow: %d frame(s) not published (the recording "
                                 "keeps them)", self.publish_drops)
@@ -129,12 +127,12 @@ class FramePublisher:
         try:
             while True:
                 with self._cv:
-                    while not self._items and not self._closing:
+                    while not self._backlog and not self._closing:
                         self._cv.wait()
-                    if not self._items:
+                    if not self._backlog:
                         break
-                    frame, meta = self._items[0]
-                    self._in_flight = meta
+                    frame, meta = self._backlog.peek()
+                    self._backlog.head_in_flight = True
                 if not self._send(frame, meta, deadline=None):
                     break
         except Exception as e:
@@ -147,7 +145,7 @@ class FramePublisher:
         """Send the oldest backlog frame once the socket takes it; False if closing ran out."""
         sock = self._sock
         assert sock is not None
-        parts = encode_frame(_header(frame, meta, self.stream), frame)
+        parts = encode_frame(_header(frame, meta, self.run_id), frame)
         while True:
             try:
                 sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
@@ -161,8 +159,7 @@ class FramePublisher:
                     return False
             sock.poll(50, zmq.POLLOUT)
         with self._cv:
-            self._items.popleft()  # the in-flight frame is never given up, so it is [0]
-            self._in_flight = None
+            self._backlog.pop()  # the in-flight frame is never given up, so it is the head
             self.frames_published += 1
         return True
 
@@ -171,12 +168,12 @@ class FramePublisher:
         if sock is None:
             return
         try:
-            if self._items:
-                log.warning("%d frame(s) never reached an engine before the stop", len(self._items))
-                self.publish_drops += len(self._items)
-                self._items.clear()
+            with self._cv:
+                unsent = self._backlog.clear()
+            if unsent:
+                log.warning("%d frame(s) never reached an engine before the stop", unsent)
             eos = encode_eos(EndOfStream(frames_sent=self.frames_appended, reason=self._end_reason,
-                                         stream=self.stream))
+                                         run_id=self.run_id))
             if sock.poll(self._linger_ms, zmq.POLLOUT):
                 sock.send_multipart(eos, flags=zmq.NOBLOCK)
             else:
@@ -193,16 +190,16 @@ class FramePublisher:
             self._context = None  # type: ignore[assignment]
 
 
-def _header(frame: np.ndarray, meta: FrameMeta, stream: str) -> FrameHeader:
+def _header(frame: np.ndarray, meta: FrameMeta, run_id: str) -> FrameHeader:
     return FrameHeader(
         seq=meta.seq,
         t_acq_ns=meta.t_acq_ns,
         shape=(int(frame.shape[0]), int(frame.shape[1])),
-        dtype=frame.dtype.name,
+        dtype=frame.dtype.name,  # type: ignore[arg-type]  # a Dtype: checked when encoded
         camera=meta.camera,
         exposure_ms=float(meta.exposure_ms or 0.0),
         pixel_size_um=meta.pixel_size_um,
         elapsed_ms=meta.elapsed_ms,
-        stream=stream,
-        stream_key=meta.stream_key,
+        run_id=run_id,
+        stream=meta.stream_key,
     )

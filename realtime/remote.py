@@ -34,19 +34,18 @@ a recorded frame. ZeroMQ reconnects by itself when the network returns.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import zmq
 from psygnal import Signal
 from zmq.utils.monitor import recv_monitor_message
@@ -57,6 +56,7 @@ from .config import SofiOptions, add_sofi_arguments
 from .protocol import (
     FOREIGN,
     EndOfStream,
+    EngineCounts,
     FrameHeader,
     ProtocolError,
     ReferenceHeader,
@@ -68,6 +68,7 @@ from .protocol import (
     encode_stats,
 )
 from .reorder import ResultReorderer
+from .send_queue import DropOldestQueue
 from .security import (
     CurveClient,
     CurveServer,
@@ -510,19 +511,9 @@ class LinkStats:
     engine_restarts: int = 0  # seen as the engine's counters starting again from zero
     last_stats: StatsMessage | None = None
     final: StatsMessage | None = None
-    # totals of earlier engine processes behind this link (counters restart with them)
-    base_received: int = 0
-    base_dropped: int = 0
-    base_errors: int = 0
-    base_malformed: dict[str, int] = field(default_factory=dict)
-
-    def carry_over(self, old: StatsMessage, sign: int = 1) -> None:
-        """Add (or with sign=-1 subtract) an engine's counters to this link's baseline."""
-        self.base_received += sign * old.frames_received
-        self.base_dropped += sign * old.frames_dropped
-        self.base_errors += sign * old.engine_errors
-        for k, v in old.malformed.items():
-            self.base_malformed[k] = self.base_malformed.get(k, 0) + sign * v
+    # totals of earlier engine processes behind this link (counters restart with them), less
+    # what a server engine had counted for earlier clients when this run first heard of it
+    base: EngineCounts = field(default_factory=EngineCounts)
 
 
 @dataclass
@@ -537,12 +528,12 @@ class ClientStats:
 class _Link:
     """One remote engine: PUSH for frames, SUB for results, a queue, a monitor."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, setup: CurveClient | None, hwm: int):
+    def __init__(self, ctx: zmq.Context, endpoint: str, setup: CurveClient | None, hwm: int,
+                 queue_bytes: float):
         self.endpoint = endpoint
         self.results_endpoint = results_endpoint_for(endpoint)
         self.stats = LinkStats(endpoint)
-        self.queue: deque[tuple[list, int]] = deque()
-        self.queued_bytes = 0
+        self.queue: DropOldestQueue[list] = DropOldestQueue(max_cost=queue_bytes)  # cost: bytes
         self.just_recovered = False  # heard again after an outage; not yet a stats message
         push = ctx.socket(zmq.PUSH)
         sub = ctx.socket(zmq.SUB)
@@ -582,8 +573,8 @@ class RemoteEngineClient:
 
     Pulls frames from `in_addr` (the acquisition's PUSH), publishes results and stats on
     `out_addr` (PUB; bound, or connected to the pipeline's SUB with `connect_results`) like
-    a worker does, so the pipeline and GUI need no changes. `stream` is the run's stream id:
-    its stats carry it, and a remote result of any other stream is counted
+    a worker does, so the pipeline and GUI need no changes. `run_id` is the run's id: its
+    stats carry it, and a remote result of any other run is counted
     ("remote_foreign") and dropped.
 
     Signals (emitted from the client thread): `engineDied(str)` when an engine falls
@@ -603,14 +594,14 @@ class RemoteEngineClient:
         out_addr: str,
         *,
         exit_on_eos: bool = True,
-        stream: str = "",
+        run_id: str = "",
         connect_results: bool = False,
     ):
         self.options = options.validate()
         self.in_addr = in_addr
         self.out_addr = out_addr
         self.exit_on_eos = exit_on_eos
-        self.stream = stream
+        self.run_id = run_id
         self.connect_results = connect_results
         self._setup = options.socket_setup()  # key errors surface here, before any thread
         self.window = options.window_or_guess  # corrected by the first result if not given
@@ -705,7 +696,8 @@ class RemoteEngineClient:
                 pub.connect(self.out_addr)
             else:
                 pub.bind(self.out_addr)
-            links = [_Link(ctx, ep, self._setup, hwm=16) for ep in o.endpoints]
+            links = [_Link(ctx, ep, self._setup, hwm=16, queue_bytes=o.queue_mib * 2**20)
+                     for ep in o.endpoints]
             self._links = links
             self.stats.links = [lk.stats for lk in links]
             pull.connect(self.in_addr)
@@ -785,24 +777,17 @@ class RemoteEngineClient:
                 self._enqueue(self._links[i], parts, nbytes)
 
     def _enqueue(self, lk: _Link, parts: list, nbytes: int) -> None:
-        limit = self.options.queue_mib * 2**20
-        lk.queue.append((parts, nbytes))
-        lk.queued_bytes += nbytes
-        while lk.queued_bytes > limit and len(lk.queue) > 1:
-            _, n = lk.queue.popleft()  # the display wants the newest frames
-            lk.queued_bytes -= n
-            lk.stats.frames_dropped += 1
+        lk.stats.frames_dropped += lk.queue.put(parts, nbytes)  # the display wants the newest frames
         self._flush_queue(lk)
 
     def _flush_queue(self, lk: _Link) -> None:
         while lk.queue:
-            parts, n = lk.queue[0]
+            parts = lk.queue.peek()
             try:
                 lk.push.send_multipart(parts, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            lk.queue.popleft()
-            lk.queued_bytes -= n
+            lk.queue.pop()
             if len(parts) == 2:
                 lk.stats.frames_sent += 1
 
@@ -811,7 +796,7 @@ class RemoteEngineClient:
         self._eos_deadline = time.monotonic() + self.options.eos_timeout_s
         msg = encode_eos(eos)
         for lk in self._links:
-            lk.queue.append((msg, 0))
+            lk.queue.put(msg, 0)
             self._flush_queue(lk)
 
     def _finished(self, now: float) -> bool:
@@ -837,11 +822,11 @@ class RemoteEngineClient:
             except ProtocolError as e:
                 self._count(self.stats.malformed_remote, e.reason)
                 continue
-            if isinstance(header, (ResultHeader, ReferenceHeader)) and header.stream != self.stream:
+            if isinstance(header, (ResultHeader, ReferenceHeader)) and header.run_id != self.run_id:
                 self._count(self.stats.malformed_remote, FOREIGN)  # another run's image
                 continue
-            if isinstance(header, StatsMessage) and header.stream not in ("", self.stream):
-                continue  # the engine serves another microscope's stream: alive, not ours
+            if isinstance(header, StatsMessage) and header.run_id not in ("", self.run_id):
+                continue  # the engine serves another microscope's run: alive, not ours
             if isinstance(header, ResultHeader):
                 lk.stats.results += 1
                 if not self._window_known:
@@ -854,11 +839,10 @@ class RemoteEngineClient:
                 prev = lk.stats.last_stats
                 if prev is None:
                     # a server engine counts across client sessions: start from its totals now
-                    lk.stats.carry_over(header, sign=-1)
-                elif (
-                    header.frames_received < prev.frames_received or header.outputs < prev.outputs
-                ):
-                    lk.stats.carry_over(prev)
+                    lk.stats.base -= header.counts
+                elif (header.counts.frames_received < prev.counts.frames_received
+                      or header.counts.outputs < prev.counts.outputs):
+                    lk.stats.base += prev.counts
                     lk.stats.engine_restarts += 1
                     if not lk.just_recovered:  # an outage already reported it otherwise
                         self._engine_replaced(lk)
@@ -875,16 +859,16 @@ class RemoteEngineClient:
         * Timings: the engine's clock is another machine's, so its stamps move to
           ``remote_*`` keys and ``published`` becomes the arrival time here: latency is then
           measured on one clock, network included.
-        * ``frames_dropped``: a server engine counts across client sessions and each engine
+        * ``outputs_skipped``: a server engine counts across client sessions and each engine
           only its own skips; the collector reads it as this run's total, so put that.
         """
-        total = header.frames_dropped + self._links[i].stats.base_dropped
+        total = header.outputs_skipped + self._links[i].stats.base.outputs_skipped
         for j, lk in enumerate(self._links):
             if j != i and lk.stats.last_stats is not None:
-                total += lk.stats.last_stats.frames_dropped + lk.stats.base_dropped
+                total += lk.stats.last_stats.counts.outputs_skipped + lk.stats.base.outputs_skipped
         timings = {f"remote_{k}": v for k, v in header.timings_ns.items()}
         timings["published"] = time.time_ns()
-        fixed = dataclasses.replace(header, frames_dropped=max(0, total), timings_ns=timings)
+        fixed = msgspec.structs.replace(header, outputs_skipped=max(0, total), timings_ns=timings)
         return [encode_result(fixed, img)[0], parts[1]]  # the pixel frame is passed on as is
 
     def _learn_window(self, window: int) -> None:
@@ -996,21 +980,16 @@ class RemoteEngineClient:
 
     # ------------------------------------------------------------------ stats
     def _aggregate_stats(self, *, final: bool) -> StatsMessage:
-        latest = [lk.stats.final or lk.stats.last_stats for lk in self._links]
-        latest = [s for s in latest if s is not None]
-        malformed: dict[str, int] = {}
-        for s in latest:
-            for k, v in s.malformed.items():
-                malformed[k] = malformed.get(k, 0) + v
-        for lk in self._links:
-            for k, v in lk.stats.base_malformed.items():
-                malformed[k] = malformed.get(k, 0) + v
-        malformed = {k: v for k, v in malformed.items() if v}
-        for k, v in self.stats.malformed_remote.items():
-            malformed["remote_" + k] = malformed.get("remote_" + k, 0) + v
-        for k, v in self.stats.malformed_local.items():
-            malformed["local_" + k] = malformed.get("local_" + k, 0) + v
-        last_error = next((s.last_error for s in latest if s.last_error), "")
+        """One StatsMessage for the pipeline: the engines' counts added up (earlier engine
+        processes included), outputs as released here, and this client's own bad messages."""
+        newest = (lk.stats.final or lk.stats.last_stats for lk in self._links)
+        latest = [s for s in newest if s is not None]
+        total = EngineCounts.total([s.counts for s in latest] + [lk.stats.base for lk in self._links])
+        malformed = {k: v for k, v in total.malformed.items() if v}
+        for prefix, counts in (("remote_", self.stats.malformed_remote), ("local_", self.stats.malformed_local)):
+            for k, v in counts.items():
+                malformed[prefix + k] = malformed.get(prefix + k, 0) + v
+        last_error = next((s.counts.last_error for s in latest if s.counts.last_error), "")
         down = [lk.endpoint for lk in self._links if not lk.stats.up]
         if down and not last_error:
             last_error = "no contact with engine(s) at " + ", ".join(down)
@@ -1022,18 +1001,11 @@ class RemoteEngineClient:
         return StatsMessage(
             engine=engine,
             state="final" if final else ("running" if running else "ready"),
-            frames_received=sum(s.frames_received for s in latest)
-            + sum(lk.stats.base_received for lk in self._links),
-            outputs=self.stats.results_out,
-            frames_dropped=sum(s.frames_dropped for s in latest)
-            + sum(lk.stats.base_dropped for lk in self._links),
-            malformed=malformed,
-            engine_errors=sum(s.engine_errors for s in latest)
-            + sum(lk.stats.base_errors for lk in self._links),
-            last_error=last_error,
+            counts=msgspec.structs.replace(total, outputs=self.stats.results_out, malformed=malformed,
+                                           last_error=last_error),
             frames_sent=self._eos.frames_sent if (final and self._eos is not None) else None,
             final=final,
-            stream=self.stream,
+            run_id=self.run_id,
             window=self.window if self._window_known else 0,
         )
 

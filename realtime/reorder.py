@@ -93,22 +93,8 @@ class ResultReorderer(Generic[T]):
         self.stats = ReorderStats()
 
     @property
-    def next_expected(self) -> int | None:
-        return self._next
-
-    @property
     def pending(self) -> int:
         return len(self._heap)
-
-    def add_source(self, source: Hashable) -> None:
-        """Register another worker (e.g. one that joined or restarted)."""
-        with self._lock:
-            self._progress.setdefault(source, -1)
-
-    def remove_source(self, source: Hashable) -> None:
-        """Forget a worker that left, so its silence no longer holds gaps open."""
-        with self._lock:
-            self._progress.pop(source, None)
 
     def push(self, seq: int, item: T, source: Hashable | None = None) -> list[tuple[int, T]]:
         """Offer one result; return the results now releasable, in order."""

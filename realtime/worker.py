@@ -6,7 +6,7 @@ Why it looks like this:
   compute never competes with acquisition for the GIL; tests use ``run_in_thread``.
 * When the engine is slower than the camera, frames queue up. The worker then drains every
   queued message first and computes only the *newest* output that is due, counting the
-  outputs it skipped (``frames_dropped``). Frames are never dropped in transit (PUSH/PULL)
+  outputs it skipped (``outputs_skipped``). Frames are never dropped in transit (PUSH/PULL)
   and an output is only ever computed from consecutive frames of one stream: a sequence gap
   or a shape change restarts the window and the engine.
 * Every engine's input is also watched by the blinking check (``engines.blinking``): the newest
@@ -26,11 +26,12 @@ Why it looks like this:
   ``ProtocolError.reason`` and reported in the periodic :class:`StatsMessage`; it never
   crashes the worker and never becomes an image. An engine that raises is counted too
   (``engine_errors``) and restarted on the next frame.
-* Every frame names its run's ``stream``. A worker started for one run (``stream=``) counts
-  frames of any other stream as malformed ("foreign") and drops them; a server worker
-  (``stream=None``) adopts the stream of the first frame it gets, and the next client's
-  stream once the current one ended or fell silent. Results and stats carry the stream, so
-  the receiver can drop what is not its own.
+* Every frame names its run (``run_id``). A worker started for one run (``run_id=``) counts
+  frames of any other run as malformed ("foreign") and drops them; a server worker
+  (``run_id=None``) adopts the run of the first frame it gets, and the next client's run
+  once the current one ended or fell silent. Results and stats carry the run, so the
+  receiver can drop what is not its own. Within a run, frames of different MDA streams
+  (``FrameHeader.stream``, e.g. "p0/c1/z0") each get their own window and engine state.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -53,11 +53,13 @@ import zmq
 from .protocol import (
     FOREIGN,
     EndOfStream,
+    EngineCounts,
     FrameHeader,
     ProtocolError,
     ReferenceHeader,
     ResultHeader,
     StatsMessage,
+    StatsState,
     decode,
     encode_reference,
     encode_result,
@@ -65,7 +67,7 @@ from .protocol import (
 )
 from .window import RollingWindow, StreamContinuity
 
-__all__ = ["EngineLoadError", "EngineWorker", "WorkerStats", "default_compute_threads", "plan_stateful_feed"]
+__all__ = ["EngineLoadError", "EngineWorker", "default_compute_threads", "plan_stateful_feed"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,19 +115,6 @@ def plan_stateful_feed(queued: int, *, per_frame_s: float | None, per_output_s: 
     return max(1, min(queued, int(budget / per_frame_s + 1e-9)))
 
 
-@dataclass
-class WorkerStats:
-    """Running totals of one worker (published as a StatsMessage)."""
-
-    frames_received: int = 0
-    outputs: int = 0
-    frames_dropped: int = 0  # outputs that were due but skipped to keep up
-    malformed: dict[str, int] = field(default_factory=dict)
-    engine_errors: int = 0
-    last_error: str = ""
-    frames_sent: int | None = None  # from the EndOfStream
-
-
 class EngineWorker:
     """Pull frames from ``in_addr`` (connect), publish results on ``out_addr`` (bind).
 
@@ -137,8 +126,8 @@ class EngineWorker:
     With ``exit_on_eos`` the worker finishes after the first EndOfStream; otherwise it resets
     and waits for the next stream until :meth:`stop`.
 
-    ``stream``: the run's stream id; frames of other streams are counted "foreign" and
-    dropped (None: adopt each client's stream in turn, see the module docstring).
+    ``run_id``: the run's id; frames of other runs are counted "foreign" and dropped
+    (None: adopt each client's run in turn, see the module docstring).
     ``connect_results``: connect the result PUB to a subscriber that bound ``out_addr``
     (the pipeline binds every socket in its own process, on port 0 if asked) instead of
     binding it here.
@@ -165,9 +154,9 @@ class EngineWorker:
         use_push: bool | None = None,
         result_hwm: int = 100,
         threads: int | None = None,
-        stream: str | None = None,
+        run_id: str | None = None,
         connect_results: bool = False,
-        stream_idle_s: float = 1.0,
+        run_idle_s: float = 1.0,
         warmup_shape: tuple[int, int] | None = None,
         blinking_check: bool = True,
         blinking_frames: int = 24,
@@ -190,19 +179,20 @@ class EngineWorker:
         self.use_push = use_push
         self.result_hwm = result_hwm
         self.threads = default_compute_threads() if threads is None else int(threads)
-        self.expected_stream = stream
+        self.expected_run_id = run_id
         self.connect_results = connect_results
         self.warmup_shape = None if warmup_shape is None else (int(warmup_shape[0]), int(warmup_shape[1]))
-        self.stream_idle_s = stream_idle_s
-        self._stream: str | None = stream  # the stream being served now
-        self._stream_seen = 0.0  # monotonic time of its last frame
+        self.run_idle_s = run_idle_s
+        self._run_id: str | None = run_id  # the run being served now
+        self._run_seen = 0.0  # monotonic time of its last frame
         self.blinking_check = bool(blinking_check)
         self.blinking_frames = int(blinking_frames)
         self.blinking_every = int(blinking_every)
         self.blinking_pixels = int(blinking_pixels)  # 16 x 16 tiles spread over the frame: ~8 ms a check
         self.trust = trust  # None: on for learned engines (networks), off for SOFI
         self.trust_options = dict(trust_options or {})  # engines.trust.TrustConfig fields
-        self.stats = WorkerStats()
+        self.stats = EngineCounts()  # running totals, sent in every StatsMessage
+        self.frames_sent: int | None = None  # from the EndOfStream
         self._stop_event: Any = threading.Event()
         self._ready_event: Any = threading.Event()
         self._failure: Any = queue.SimpleQueue()  # why the worker could not start
@@ -412,20 +402,14 @@ class EngineWorker:
             pub.send_multipart(encode_stats(self._stats_message("final", final=True)))
             time.sleep(0.1)
 
-    def _stats_message(self, state: str, final: bool = False) -> StatsMessage:
-        s = self.stats
+    def _stats_message(self, state: StatsState, final: bool = False) -> StatsMessage:
         return StatsMessage(
             engine=self._engine_name,
             state=state,
-            frames_received=s.frames_received,
-            outputs=s.outputs,
-            frames_dropped=s.frames_dropped,
-            malformed=dict(s.malformed),
-            engine_errors=s.engine_errors,
-            last_error=s.last_error,
-            frames_sent=s.frames_sent,
+            counts=self.stats,  # (encoded at once, before the next frame changes it)
+            frames_sent=self.frames_sent,
             final=final,
-            stream=self._stream or "",
+            run_id=self._run_id or "",
             window=int(getattr(self, "window", 0) or 0),
         )
 
@@ -455,7 +439,7 @@ class EngineWorker:
         self._stateful = self._streaming and bool(getattr(engine, "stateful", False))
         self._cost_frame_s: float | None = None  # EMA of a stateful engine's cost per frame fed
         self._cost_output_s: float | None = None  # ... and per output
-        self._stream_key = ""
+        self._stream = ""  # the MDA stream (FrameHeader.stream) whose window is current
         self._parked: dict[str, dict[str, Any]] = {}  # other streams' window state
         self._info_fn = getattr(engine, "output_info", None)
         self._monitor: Any = None
@@ -500,7 +484,7 @@ class EngineWorker:
         self._setup_engine(engine, pub)
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
-        state = "ready"
+        state: StatsState = "ready"
         pub.send_multipart(encode_stats(self._stats_message(state)))
         self._ready_event.set()
         next_stats = time.monotonic() + self.stats_interval_s
@@ -517,13 +501,13 @@ class EngineWorker:
                 if self._check_due and eos is None and not poller.poll(0):
                     self._run_check()  # only while no frame waits: it never delays a queued frame
                 if eos is not None:
-                    self.stats.frames_sent = eos.frames_sent
+                    self.frames_sent = eos.frames_sent
                     logger.info("end of stream (%s) after %d frames sent", eos.reason, eos.frames_sent)
                     if self.exit_on_eos:
                         ended = True
                     else:
                         pub.send_multipart(encode_stats(self._stats_message("final", final=True)))
-                        self._new_stream()
+                        self._new_run()
                         state = "ready"
             now = time.monotonic()
             if now >= next_stats and not ended:
@@ -534,27 +518,27 @@ class EngineWorker:
                     break
         pub.send_multipart(encode_stats(self._stats_message("final", final=True)))
 
-    def _new_stream(self) -> None:
+    def _new_run(self) -> None:
         self._parked.clear()
         self._continuity.reset()
         self._rolling.reset()
         self._engine_reset()
-        self._stream = self.expected_stream
+        self._run_id = self.expected_run_id
         self._reset_monitor()
 
-    def _own_stream(self, stream: str) -> bool:
-        """Does a frame / EndOfStream of ``stream`` belong to the stream served now?"""
+    def _own_run(self, run_id: str) -> bool:
+        """Does a frame / EndOfStream of run ``run_id`` belong to the run served now?"""
         now = time.monotonic()
-        if stream == self._stream:
-            self._stream_seen = now
+        if run_id == self._run_id:
+            self._run_seen = now
             return True
-        if self.expected_stream is None and (
-            self._stream is None or now - self._stream_seen > self.stream_idle_s
+        if self.expected_run_id is None and (
+            self._run_id is None or now - self._run_seen > self.run_idle_s
         ):
-            if self._stream is not None:
-                logger.info("stream %s silent for %.1f s: serving stream %s now",
-                            self._stream, now - self._stream_seen, stream)
-            self._stream, self._stream_seen = stream, now  # a seq restart resets the window
+            if self._run_id is not None:
+                logger.info("run %s silent for %.1f s: serving run %s now",
+                            self._run_id, now - self._run_seen, run_id)
+            self._run_id, self._run_seen = run_id, now  # a seq restart resets the window
             return True
         return False
 
@@ -567,9 +551,9 @@ class EngineWorker:
         """Make `key`'s window the current one (the single-stream code below then runs on
         it unchanged); a stream seen for the first time gets a fresh window and, for a
         streaming engine, its own engine copy, so frames of different streams never mix."""
-        if key == self._stream_key:
+        if key == self._stream:
             return
-        self._parked[self._stream_key] = {a: getattr(self, a) for a in self._STREAM_STATE}
+        self._parked[self._stream] = {a: getattr(self, a) for a in self._STREAM_STATE}
         state = self._parked.pop(key, None)
         if state is None:
             state = {"_engine": self._engine_for_new_stream(), "_continuity": StreamContinuity(),
@@ -579,7 +563,7 @@ class EngineWorker:
                      "_trust": self._new_trust(), "_trust_info": {}}
         for a, v in state.items():
             setattr(self, a, v)
-        self._stream_key = key
+        self._stream = key
         if state["_engine_next_seq"] is None:
             self._engine_reset()
 
@@ -674,7 +658,7 @@ class EngineWorker:
         img = np.ascontiguousarray(img, dtype=np.float32)
         ref = ReferenceHeader(
             seq_first=max(0, first), seq_last=max(0, last), shape=(int(img.shape[0]), int(img.shape[1])),
-            engine="sofi", stream=h.stream, stream_key=h.stream_key,
+            engine="sofi", run_id=h.run_id, stream=h.stream,
             info={k: v for k, v in self._trust_info.items() if k in ("trust.agreement", "trust.measured_at")})
         self._pub.send_multipart(encode_reference(ref, img), copy=True)
 
@@ -699,9 +683,9 @@ class EngineWorker:
             except ProtocolError as e:
                 self._count_malformed(e.reason, str(e))
                 continue
-            if isinstance(header, (FrameHeader, EndOfStream)) and not self._own_stream(header.stream):
-                self._count_malformed(FOREIGN, f"{header.kind!r} of stream {header.stream!r}, "
-                                               f"serving {self._stream!r}")
+            if isinstance(header, (FrameHeader, EndOfStream)) and not self._own_run(header.run_id):
+                self._count_malformed(FOREIGN, f"{header.kind!r} of run {header.run_id!r}, "
+                                               f"serving {self._run_id!r}")
                 continue
             if isinstance(header, FrameHeader):
                 self.stats.frames_received += 1
@@ -723,7 +707,7 @@ class EngineWorker:
         """Feed one drained batch, stream by stream (MDA positions/channels/z never mix)."""
         groups: dict[str, list[tuple[FrameHeader, np.ndarray, int]]] = {}
         for f in frames:
-            groups.setdefault(f[0].stream_key, []).append(f)
+            groups.setdefault(f[0].stream, []).append(f)
         for key, group in groups.items():
             self._select_stream(key)
             self._process_stream_batch(group)
@@ -749,7 +733,7 @@ class EngineWorker:
                 continue
             dues = [i for i in range(a, b) if due[i]]
             last_due = dues[-1] if dues else None
-            self.stats.frames_dropped += max(0, len(dues) - 1)
+            self.stats.outputs_skipped += max(0, len(dues) - 1)
             if new_run[a]:
                 self._rolling.reset()
                 self._engine_reset()
@@ -796,7 +780,7 @@ class EngineWorker:
             self._engine_error(e)
             self._continuity.reset()  # the next frame starts a fresh run on the reset engine
         if dues and not published:  # the others were counted by the caller
-            self.stats.frames_dropped += 1
+            self.stats.outputs_skipped += 1
 
     def _push_frames(self, imgs: list, want_output: bool) -> Any:
         """Feed frames to a stateful engine (push_many when it has one); learn its costs."""
@@ -852,7 +836,7 @@ class EngineWorker:
             return False
         if is_output:
             if out is None:
-                self.stats.frames_dropped += 1  # the engine had not warmed up (should not happen)
+                self.stats.outputs_skipped += 1  # the engine had not warmed up (should not happen)
                 return True
             try:
                 self._publish(h, out, t_recv, t_start)
@@ -890,9 +874,9 @@ class EngineWorker:
             engine=self._engine_name,
             dtype="float32",
             timings_ns={"received": t_recv, "start": t_start, "done": t_done, "published": time.time_ns()},
-            frames_dropped=self.stats.frames_dropped,
+            outputs_skipped=self.stats.outputs_skipped,
+            run_id=h.run_id,
             stream=h.stream,
-            stream_key=h.stream_key,
             info=self._result_info(),
         )
         # copy=True: an engine may reuse its output buffer on the next push

@@ -145,7 +145,7 @@ def test_headless_demo_run_writes_summary_json_and_recording(tmp_path, capsys):
     d = json.loads(js.read_text())
     assert d["engine"] == "sofi" and d["frames_acquired"] > 30 and d["errors"] == []
     assert d["frames_recorded"] == d["frames_acquired"] == tifffile.imread(rec).shape[0]
-    assert d["outputs"] + d["frames_dropped_by_engine"] == d["frames_acquired"] - 4 + 1
+    assert d["outputs"] + d["outputs_skipped"] == d["frames_acquired"] - 4 + 1
 
 
 # ----------------------------------------------------------------------------- SOFI flags

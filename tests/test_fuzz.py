@@ -77,7 +77,8 @@ def _bad_messages(rng: random.Random, n: int) -> list[tuple[list[bytes], str]]:
         # truncated: a valid header cut short
         (lambda: [_header()[: rng.randrange(1, len(_header()) - 1)], GOOD_PIXELS], "json"),
         # wrong version / kind
-        (lambda: [_header(version=rng.choice([0, 1, 3, "2", None, 2.0])), GOOD_PIXELS], "version"),
+        (lambda: [_header(version=rng.choice([0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION),
+                                                None, float(PROTOCOL_VERSION)])), GOOD_PIXELS], "version"),
         (lambda: [_header(kind=rng.choice(["frames", "", None, 7, "FRAME"])), GOOD_PIXELS], "kind"),
         # wrong number of parts
         (lambda: [_header()], "parts"),

@@ -379,7 +379,7 @@ def test_another_runs_results_are_never_displayed(make_window, qtbot, monkeypatc
 
     import zmq
 
-    from realtime.protocol import ResultHeader, StatsMessage, encode_result, encode_stats, new_stream_id
+    from realtime.protocol import ResultHeader, StatsMessage, encode_result, encode_stats, new_run_id
 
     win = make_window()
     titles: list[str] = []
@@ -390,16 +390,16 @@ def test_another_runs_results_are_never_displayed(make_window, qtbot, monkeypatc
     ctx = zmq.Context()
     intruder = ctx.socket(zmq.PUB)
     intruder.connect(win.pipeline.endpoints.results)
-    other = new_stream_id()
+    other = new_run_id()
     foreign_img = np.full((2 * SIZE, 2 * SIZE), 12345.0, np.float32)
     header = ResultHeader(seq_first=511, seq_last=530, t_acq_ns=time.time_ns(),
-                          shape=foreign_img.shape, engine="other-run", stream=other)
+                          shape=foreign_img.shape, engine="other-run", run_id=other)
     counts = []
     try:
         for _ in range(60):
             intruder.send_multipart(encode_result(header, foreign_img))
             intruder.send_multipart(encode_stats(StatsMessage(engine="other-run", final=True,
-                                                              state="final", stream=other)))
+                                                              state="final", run_id=other)))
             qtbot.wait(30)
             counts.append((win.counters.value("displayed"), win.counters.value("results")))
             assert not np.array_equal(win.views.sr.item.image, foreign_img)

@@ -30,7 +30,7 @@ from realtime.protocol import (
     encode_frame,
     encode_result,
     encode_stats,
-    new_stream_id,
+    new_run_id,
 )
 from realtime.worker import EngineWorker
 
@@ -61,7 +61,7 @@ def test_two_runs_on_one_machine_with_default_ports_keep_their_own_results(tmp_p
         assert d["errors"] == [] and d["malformed_messages"] == {}
         assert d["frames_received"] == d["frames_acquired"] > 0
     # each run's outputs come from its own frames (window 6 vs 4): 1 output per due frame
-    assert s["outputs"] + s["frames_dropped_by_engine"] == s["frames_acquired"] - 6 + 1
+    assert s["outputs"] + s["outputs_skipped"] == s["frames_acquired"] - 6 + 1
     assert s["outputs_received"] <= s["outputs"] and s["duration_s"] < 4.0
 
 
@@ -82,11 +82,11 @@ def test_foreign_results_and_stats_are_counted_and_never_shown():
     intruder = ctx.socket(zmq.PUB)
     intruder.connect(pipe.endpoints.results)  # the pipeline binds its results SUB
     try:
-        other = new_stream_id()
+        other = new_run_id()
         img = np.full((32, 32), 7.0, np.float32)
         bad = ResultHeader(seq_first=0, seq_last=2, t_acq_ns=time.time_ns(), shape=(32, 32),
-                           engine="other-run", stream=other)
-        final = StatsMessage(engine="other-run", state="final", final=True, stream=other)
+                           engine="other-run", run_id=other)
+        final = StatsMessage(engine="other-run", state="final", final=True, run_id=other)
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
             intruder.send_multipart(encode_result(bad, img))
@@ -98,46 +98,46 @@ def test_foreign_results_and_stats_are_counted_and_never_shown():
         intruder.close(0)
         ctx.term()
     assert m.malformed_messages.get("results:foreign", 0) > 0
-    assert shown and all(h.engine == "mean" and h.stream == pipe.stream for h in shown)
+    assert shown and all(h.engine == "mean" and h.run_id == pipe.run_id for h in shown)
     assert m.errors == [] and m.outputs_received == len(shown)
 
 
-def _frame(seq: int, stream: str) -> list:
-    h = FrameHeader(seq=seq, t_acq_ns=time.time_ns(), shape=(8, 8), stream=stream)
+def _frame(seq: int, run_id: str) -> list:
+    h = FrameHeader(seq=seq, t_acq_ns=time.time_ns(), shape=(8, 8), run_id=run_id)
     return encode_frame(h, seq_frame(seq))
 
 
 def test_worker_for_one_run_drops_frames_of_another(frame_pusher, make_tcp_addr):
-    mine, other = new_stream_id(), new_stream_id()
-    w = EngineWorker(MeanEngine(window=2), frame_pusher.addr, make_tcp_addr(), stream=mine,
+    mine, other = new_run_id(), new_run_id()
+    w = EngineWorker(MeanEngine(window=2), frame_pusher.addr, make_tcp_addr(), run_id=mine,
                      stats_interval_s=0.05)
     w.run_in_thread()
     assert w.wait_ready(20)
     rc = ResultCollector(w.out_addr)
     try:
-        assert rc.wait_ready().stream == mine
+        assert rc.wait_ready().run_id == mine
         for s in range(5):
             frame_pusher.raw([bytes(p) for p in _frame(s, other)])
-        frame_pusher.raw(encode_eos(EndOfStream(frames_sent=5, stream=other)))  # not ours: ignored
+        frame_pusher.raw(encode_eos(EndOfStream(frames_sent=5, run_id=other)))  # not ours: ignored
         for s in range(4):
             frame_pusher.raw([bytes(p) for p in _frame(s, mine)])
             time.sleep(0.005)
-        frame_pusher.raw(encode_eos(EndOfStream(frames_sent=4, stream=mine)))
+        frame_pusher.raw(encode_eos(EndOfStream(frames_sent=4, run_id=mine)))
         final = rc.wait_final()
     finally:
         w.stop()
         w.join(5)
         rc.close()
-    assert final.malformed == {"foreign": 6} and final.frames_received == 4
-    assert final.stream == mine and final.window == 2
-    assert rc.results and all(h.stream == mine for h, _ in rc.results)
+    assert final.counts.malformed == {"foreign": 6} and final.counts.frames_received == 4
+    assert final.run_id == mine and final.window == 2
+    assert rc.results and all(h.run_id == mine for h, _ in rc.results)
 
 
 def test_server_worker_adopts_the_next_client_stream_once_the_first_falls_silent(frame_pusher,
                                                                                 make_tcp_addr):
-    a, b = new_stream_id(), new_stream_id()
+    a, b = new_run_id(), new_run_id()
     w = EngineWorker(MeanEngine(window=2), frame_pusher.addr, make_tcp_addr(), exit_on_eos=False,
-                     stats_interval_s=0.05, stream_idle_s=0.3)
+                     stats_interval_s=0.05, run_idle_s=0.3)
     w.run_in_thread()
     assert w.wait_ready(20)
     rc = ResultCollector(w.out_addr)
@@ -152,12 +152,12 @@ def test_server_worker_adopts_the_next_client_stream_once_the_first_falls_silent
             frame_pusher.raw([bytes(p) for p in _frame(s, b)])
             time.sleep(0.005)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(h.stream == b for h, _ in rc.results):
+        while time.monotonic() < deadline and not any(h.run_id == b for h, _ in rc.results):
             rc._recv(0.1)
     finally:
         w.stop()
         w.join(5)
         rc.close()
-    streams = [h.stream for h, _ in rc.results]
-    assert a in streams and b in streams
+    runs = [h.run_id for h, _ in rc.results]
+    assert a in runs and b in runs
     assert w.stats.malformed == {"foreign": 1}

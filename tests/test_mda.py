@@ -61,7 +61,7 @@ def test_the_worker_never_mixes_frames_of_different_streams(make_tcp_addr):
         for t in range(8):
             for k, key in enumerate(keys):
                 img = _frame(k, t)
-                h = FrameHeader(seq=t, t_acq_ns=time.time_ns(), shape=img.shape, stream_key=key)
+                h = FrameHeader(seq=t, t_acq_ns=time.time_ns(), shape=img.shape, stream=key)
                 push.send_multipart(encode_frame(h, img))
             time.sleep(0.01)
         push.send_multipart(encode_eos(EndOfStream(frames_sent=32)))
@@ -74,11 +74,11 @@ def test_the_worker_never_mixes_frames_of_different_streams(make_tcp_addr):
     assert results.results
     got: dict[str, list[int]] = {}
     for h, img in results.results:
-        k = keys.index(h.stream_key)
+        k = keys.index(h.stream)
         assert h.seq_last - h.seq_first + 1 == 3
         expected = np.mean([1000 * k + t for t in range(h.seq_first, h.seq_last + 1)])
         np.testing.assert_allclose(img, expected)  # one stream's frames, nothing else
-        got.setdefault(h.stream_key, []).append(h.seq_last)
+        got.setdefault(h.stream, []).append(h.seq_last)
     assert sorted(got) == keys
     # a window mixing streams would have given outputs from the 3rd interleaved frame on
     assert all(min(v) >= 2 for v in got.values())

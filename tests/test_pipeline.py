@@ -74,7 +74,7 @@ def test_simulated_camera_end_to_end_with_recording(tmp_path):
     assert n >= 50, f"only {n} frames in 1.5 s at 100 fps"
     assert m.frames_published == m.frames_received == n == len(rec.frames)
     assert sorted(rec.frames) == list(range(n))
-    assert m.outputs + m.frames_dropped_by_engine == n - W + 1
+    assert m.outputs + m.outputs_skipped == n - W + 1
     assert m.outputs_received == m.outputs == len(rec.results)
     assert m.malformed_messages == {} and m.engine_errors == 0
     assert m.fps_acquired > 50 and m.fps_output > 0
@@ -89,7 +89,7 @@ def test_simulated_camera_end_to_end_with_recording(tmp_path):
 
     # the JSON summary has the documented fields
     d = json.loads(cfg.json.read_text())
-    for key in ("frames_acquired", "frames_published", "outputs", "frames_dropped_by_engine", "fps_acquired",
+    for key in ("frames_acquired", "frames_published", "outputs", "outputs_skipped", "fps_acquired",
                 "fps_output", "latency_ms", "frames_recorded", "malformed_messages"):
         assert key in d
     assert d["frames_acquired"] == n and set(d["latency_ms"]) == {"p50", "p90", "p99", "max"}
@@ -104,7 +104,7 @@ def test_replay_once_ends_by_itself(shared_data):
     m = pipe.metrics()
     assert rec.finished and m.errors == []
     assert m.frames_acquired == m.frames_received == 100
-    assert m.outputs + m.frames_dropped_by_engine == 100 - W + 1
+    assert m.outputs + m.outputs_skipped == 100 - W + 1
     assert rec.results[-1][0].seq_last == 99
     _check_results_match_frames(rec, W)
     movie = tifffile.imread(shared_data / MOVIE)
@@ -188,7 +188,7 @@ def test_replay_real_movie_through_sofi_in_a_process(shared_data, tmp_path):
     m = pipe.run_for(None)
     assert m.errors == [] and m.engine_errors == 0
     assert m.frames_acquired == m.frames_received == 100
-    assert m.outputs + m.frames_dropped_by_engine == 100 - 20 + 1
+    assert m.outputs + m.outputs_skipped == 100 - 20 + 1
     h, img = rec.results[-1]
     assert h.seq_last == 99 and h.engine == "sofi" and img.shape == (204, 216)
     assert np.isfinite(img).all() and img.max() > 0

@@ -246,7 +246,7 @@ def test_two_engines_share_one_stream_every_output_once_in_order():
     assert seqs == sorted(set(seqs)), "outputs out of order or duplicated"
     # an engine that falls behind skips outputs on purpose (latency first) and counts
     # them; on an idle machine that count is 0 and every output arrives
-    skipped = sum(lk.final.frames_dropped for lk in client.stats.links)
+    skipped = sum(lk.final.counts.outputs_skipped for lk in client.stats.links)
     expected = list(range(window - 1, n_frames))
     assert len(seqs) + skipped == len(expected), (len(seqs), skipped)
     assert set(seqs) <= set(expected)
@@ -262,7 +262,7 @@ def test_two_engines_share_one_stream_every_output_once_in_order():
     for s in sorted(set(seqs) & {window - 1, 60, 61, 79, 80, 99, 100, n_frames - 1}):
         want = ref.reconstruct(frames[s - window + 1 : s + 1])
         np.testing.assert_allclose(rig.images[s], want, rtol=1e-4, atol=1e-4)
-    assert rig.final.frames_sent == n_frames and rig.final.outputs == len(seqs)
+    assert rig.final.frames_sent == n_frames and rig.final.counts.outputs == len(seqs)
     assert rig.blocked_sends == 0
 
 
@@ -534,14 +534,14 @@ def test_pipeline_with_a_remote_engine_over_curve(keys, tmp_path):
     n = m.frames_acquired
     assert n >= 50 and m.frames_recorded == n
     assert m.frames_received == n, "every frame reached the remote engine"
-    assert m.outputs + m.frames_dropped_by_engine == n - 4 + 1
+    assert m.outputs + m.outputs_skipped == n - 4 + 1
     seqs = [h.seq_last for h in results]
     assert seqs == sorted(set(seqs)) and len(seqs) == m.outputs_received
     assert all("remote_published" in h.timings_ns for h in results)
     assert m.latency_ms["p50"] > 0
     # the summary names what the remote really runs (issue 15: it said "sofi", the default)
     assert m.engine == "mean-stack" and all(h.engine == "mean-stack" for h in results)
-    assert all(h.stream == pipe.stream for h in results)  # the client's stream id flowed through
+    assert all(h.run_id == pipe.run_id for h in results)  # the client's stream id flowed through
 
 
 def test_refused_client_gives_up_with_a_clear_error(keys):

@@ -153,6 +153,6 @@ def test_pipeline_survives_its_engine_process_being_killed(tmp_path):
     assert after and all(h.seq_last - h.seq_first + 1 == WINDOW for h in after)
     assert not pipe.worker.is_alive()
     # counters span both engine processes (issue 15: "received by engine 2129" vs 2880 outputs)
-    new_worker = pipe._stats.frames_received
+    new_worker = pipe._stats.counts.frames_received
     assert m.frames_received >= reported + new_worker, "the first engine's frames were forgotten"
     assert m.outputs_received <= m.outputs <= m.frames_received <= m.frames_acquired

@@ -149,7 +149,7 @@ def test_tally_summarises_verdicts_once_per_measurement():
 
 def test_reference_message_round_trips():
     img = np.arange(12, dtype=np.float32).reshape(3, 4)
-    h = ReferenceHeader(seq_first=0, seq_last=99, shape=(3, 4), stream="ab12", info={"trust.agreement": 0.7})
+    h = ReferenceHeader(seq_first=0, seq_last=99, shape=(3, 4), run_id="ab12", info={"trust.agreement": 0.7})
     back, arr = decode(encode_reference(h, img))
     assert back == h and np.array_equal(arr, img)
     from realtime.protocol import ProtocolError

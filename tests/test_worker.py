@@ -63,9 +63,9 @@ def test_streams_outputs_for_every_due_frame(frame_pusher, start_worker):
         time.sleep(0.005)  # a camera, not a burst
     final = finish(frame_pusher, rc)
     due = 12 - 4 + 1
-    assert final.outputs + final.frames_dropped == due
-    assert final.frames_received == 12 and final.frames_sent == 12 and final.malformed == {}
-    assert len(rc.results) == final.outputs >= 1
+    assert final.counts.outputs + final.counts.outputs_skipped == due
+    assert final.counts.frames_received == 12 and final.frames_sent == 12 and final.counts.malformed == {}
+    assert len(rc.results) == final.counts.outputs >= 1
     assert rc.results[-1][0].seq_last == 11  # the newest window is always computed
     assert_outputs_correct(rc.results, 4)
     h = rc.results[-1][0]
@@ -80,7 +80,7 @@ def test_stack_only_engine_uses_rolling_window(frame_pusher, start_worker):
         frame_pusher.frame(s, seq_frame(s))
         time.sleep(0.005)
     final = finish(frame_pusher, rc)
-    assert final.outputs + final.frames_dropped == 8 and final.outputs >= 1
+    assert final.counts.outputs + final.counts.outputs_skipped == 8 and final.counts.outputs >= 1
     assert_outputs_correct(rc.results, 3)
 
 
@@ -91,7 +91,7 @@ def test_stride(frame_pusher, start_worker):
         time.sleep(0.005)
     final = finish(frame_pusher, rc)
     # due at run counts 4, 7, 10, 13 -> seq 3, 6, 9, 12
-    assert final.outputs + final.frames_dropped == 4
+    assert final.counts.outputs + final.counts.outputs_skipped == 4
     assert {h.seq_last for h, _ in rc.results} <= {3, 6, 9, 12}
     assert_outputs_correct(rc.results, 4)
 
@@ -117,7 +117,7 @@ def test_shape_change_restarts_window(frame_pusher, start_worker):
         frame_pusher.frame(s, seq_frame(s, (6, 10)))
         time.sleep(0.005)
     final = finish(frame_pusher, rc)
-    assert final.engine_errors == 0
+    assert final.counts.engine_errors == 0
     small = [(h, i) for h, i in rc.results if h.seq_last >= 5]
     big = [(h, i) for h, i in rc.results if h.seq_last < 5]
     assert small and all(h.seq_first >= 5 for h, _ in small)
@@ -152,12 +152,12 @@ def test_malformed_messages_are_counted_and_survived(frame_pusher, start_worker)
         s += 1
         time.sleep(0.005)
     final = finish(frame_pusher, rc)
-    assert final.malformed == {**{k: 1 for k in bad}, "unexpected_kind": 1}
-    assert final.frames_received == s == final.frames_sent - 0
-    assert final.outputs >= 1 and rc.results[-1][0].seq_last == s - 1
+    assert final.counts.malformed == {**{k: 1 for k in bad}, "unexpected_kind": 1}
+    assert final.counts.frames_received == s == final.frames_sent - 0
+    assert final.counts.outputs >= 1 and rc.results[-1][0].seq_last == s - 1
     assert_outputs_correct(rc.results, 3)  # no malformed message became (part of) an image
     # the running stats message reports them too, before the end
-    assert any(st.malformed for st in rc.stats)
+    assert any(st.counts.malformed for st in rc.stats)
 
 
 def test_slow_engine_drains_and_computes_only_newest(frame_pusher, start_worker):
@@ -168,11 +168,11 @@ def test_slow_engine_drains_and_computes_only_newest(frame_pusher, start_worker)
         frame_pusher.frame(s, seq_frame(s))
     final = finish(frame_pusher, rc)
     due = n - 4 + 1
-    assert final.frames_received == n
-    assert final.outputs + final.frames_dropped == due
-    assert final.frames_dropped > due // 2, "it should have skipped most outputs to keep up"
+    assert final.counts.frames_received == n
+    assert final.counts.outputs + final.counts.outputs_skipped == due
+    assert final.counts.outputs_skipped > due // 2, "it should have skipped most outputs to keep up"
     assert rc.results[-1][0].seq_last == n - 1  # caught up to the newest window
-    assert rc.results[-1][0].frames_dropped <= final.frames_dropped
+    assert rc.results[-1][0].outputs_skipped <= final.counts.outputs_skipped
     assert_outputs_correct(rc.results, 4)
 
 
@@ -183,7 +183,7 @@ def test_engine_error_is_counted_and_worker_recovers(frame_pusher, start_worker)
         frame_pusher.frame(s, seq_frame(s))
         time.sleep(0.005)
     final = finish(frame_pusher, rc)
-    assert final.engine_errors == 1 and "injected engine failure" in final.last_error
+    assert final.counts.engine_errors == 1 and "injected engine failure" in final.counts.last_error
     assert_outputs_correct(rc.results, 3)
     assert all(not (h.seq_first <= fail_seq <= h.seq_last) for h, _ in rc.results)
     assert rc.results[-1][0].seq_last == 11
@@ -198,7 +198,7 @@ def test_engine_load_failure_is_reported(make_tcp_addr):
     try:
         w.run_in_thread()
         final = rc.wait_final(10)
-        assert final.engine_errors == 1 and "no such weights" in final.last_error
+        assert final.counts.engine_errors == 1 and "no such weights" in final.counts.last_error
         assert w.join(5)
         assert not w.wait_ready(0.1)
     finally:
@@ -236,7 +236,7 @@ def test_run_in_process(frame_pusher, start_worker):
         frame_pusher.frame(s, seq_frame(s))
         time.sleep(0.005)
     final = finish(frame_pusher, rc)
-    assert final.frames_received == 8 and final.outputs >= 1
+    assert final.counts.frames_received == 8 and final.counts.outputs >= 1
     assert_outputs_correct(rc.results, 4)
     assert w.join(10) and w.exitcode == 0
 
@@ -306,7 +306,7 @@ def test_backlog_computes_only_the_newest_window_and_pushes_only_its_frames():
     w, pub = _worker(eng)
     w._process_batch(_batch(range(30)))
     assert [h.seq_last for h, _ in pub.results] == [29]
-    assert w.stats.outputs == 1 and w.stats.frames_dropped == 30 - 4  # 27 due, 1 computed
+    assert w.stats.outputs == 1 and w.stats.outputs_skipped == 30 - 4  # 27 due, 1 computed
     assert eng.pushed == [26, 27, 28, 29]  # frames older than the newest window are skipped
     assert_outputs_correct(pub.results, 4)
     # keeping up afterwards: one frame per batch, every frame pushed, every output computed
@@ -323,7 +323,7 @@ def test_backlog_continuing_a_run_uses_the_engine_state():
     w._process_batch(_batch(range(0, 2)))
     w._process_batch(_batch(range(2, 5)))  # short backlog: no skip, no reset
     assert eng.pushed == [0, 1, 2, 3, 4] and [h.seq_last for h, _ in pub.results] == [4]
-    assert w.stats.frames_dropped == 1  # seq 3 was due but only the newest (4) was computed
+    assert w.stats.outputs_skipped == 1  # seq 3 was due but only the newest (4) was computed
     assert_outputs_correct(pub.results, 4)
 
 
@@ -348,7 +348,7 @@ def test_backlog_asks_a_sums_only_engine_for_the_published_image_alone():
     w._process_batch(_batch(range(0, 4)))
     w._process_batch(_batch(range(4, 8)))  # a short backlog: all pushed, one image computed
     assert eng.pushed == list(range(8)) and [h.seq_last for h, _ in pub.results] == [3, 7]
-    assert eng.images == 2 and w.stats.frames_dropped == 3
+    assert eng.images == 2 and w.stats.outputs_skipped == 3
     assert_outputs_correct(pub.results, 4)
 
 
@@ -365,7 +365,7 @@ def test_backlog_with_stride_computes_the_newest_due_output():
     w, pub = _worker(eng, stride=5)
     w._process_batch(_batch(range(20)))  # due at counts 4, 9, 14, 19 -> seq 3, 8, 13, 18
     assert [h.seq_last for h, _ in pub.results] == [18]
-    assert w.stats.frames_dropped == 3
+    assert w.stats.outputs_skipped == 3
     w._process_batch(_batch([20, 21, 22, 23]))  # next due: seq 23
     assert [h.seq_last for h, _ in pub.results] == [18, 23]
     assert_outputs_correct(pub.results, 4)
@@ -375,7 +375,7 @@ def test_stack_engine_backlog_uses_the_rolling_window():
     w, pub = _worker(StackOnlyMeanEngine(window=3))
     w._process_batch(_batch(range(12)))
     assert [h.seq_last for h, _ in pub.results] == [11]
-    assert w.stats.frames_dropped == 9
+    assert w.stats.outputs_skipped == 9
     assert_outputs_correct(pub.results, 3)
 
 
@@ -458,7 +458,7 @@ def test_stateful_engine_keeps_its_state_through_a_backlog():
     assert eng.resets == resets, "a stateful engine was reset to catch up"
     assert [h.seq_last for h, _ in pub.results] == [4, 39]
     assert eng.pushed[-1] == 39 and len(eng.pushed) == 6  # 1 frame per output at 80 % capacity
-    assert w.stats.frames_dropped == (3 - 1) + (35 - 1)
+    assert w.stats.outputs_skipped == (3 - 1) + (35 - 1)
     # the output carries the state of every frame fed since the reset
     fed = eng.pushed
     expected = np.mean([seq_frame(s).astype(np.float64) for s in fed], axis=0)
