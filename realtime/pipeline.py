@@ -32,9 +32,11 @@ import numpy as np
 import zmq
 from psygnal import Signal
 
+from engines.registry import EngineSpec
 from engines.trust import TRUST_PREFIX, TrustTally  # numpy / scipy only
 
 from .config import Addresses, PipelineConfig, memory_problem
+from .handle import EngineHandle
 from .metrics import LatencyTracker, PipelineMetrics, RateMeter
 from .protocol import FOREIGN, ProtocolError, ReferenceHeader, ResultHeader, StatsMessage, decode, new_stream_id
 from .worker import EngineWorker
@@ -112,7 +114,7 @@ class Pipeline:
 
         self.core: Any = None
         self.acquisition: Any = None  # the frame source (AcquisitionThread or MDASource)
-        self.worker: EngineWorker | None = None
+        self.worker: EngineHandle | None = None
         self.recorder: Any = None
         self.publisher: Any = None
         self.sr_recorder: Any = None  # --save-sr: the super-resolved images
@@ -184,7 +186,7 @@ class Pipeline:
             self.endpoints = Addresses(frames=self.publisher.address, results=self._bind_results())
             if cfg.engine_at:  # remote engine(s): a client stands where the worker would
                 self.worker = self._remote_client(cfg, self.endpoints)
-                self.worker.run_in_thread()
+                self.worker.start()
             else:
                 self._start_local_worker(cfg, self.endpoints)
         except Exception as e:
@@ -230,40 +232,34 @@ class Pipeline:
             "from core pixel-size config"
         return um, where
 
-    def _engine_options(self, cfg: PipelineConfig) -> dict[str, Any]:
-        if cfg.engine != "sofi" or self._engine_override is not None:
-            return cfg.engine_options()
+    def _engine_spec(self, cfg: PipelineConfig) -> EngineSpec:
+        """The run's engine with the camera's pixel size (for optics and the trust companion)."""
         um, where = self.camera_pixel_size()
-        if um is None and cfg.sofi.pixel_size_um is None:
+        spec = cfg.engine_spec(um, where)
+        if (spec.options.get("optics") is not None and self._engine_override is None
+                and um is None and cfg.sofi.pixel_size_um is None):
             self._emit_warning(f"SOFI: the camera's pixel size is unknown ({where}); assuming the default 0.1 um: "
-                       "pass --pixel-size-um for a correct PSF width")
-        return cfg.engine_options(um, where)
-
-    def _trust_options(self, cfg: PipelineConfig) -> dict[str, Any]:
-        """The trust check's settings: its window and the companion SOFI's optics (the camera's pixel)."""
-        um, where = self.camera_pixel_size()
-        return {"window": cfg.trust_window, "sofi": cfg.sofi.engine_options(um, where)}
+                               "pass --pixel-size-um for a correct PSF width")
+        return spec
 
     def _start_local_worker(self, cfg: PipelineConfig, addrs: Addresses) -> None:
-        self.worker = EngineWorker(
-            self._engine_override if self._engine_override is not None else cfg.engine,
+        spec = self._engine_spec(cfg)
+        override = self._engine_override
+        worker = EngineWorker(
+            spec if override is None else override,
             addrs.frames,
             addrs.results,
             cfg.stride,
-            engine_options=self._engine_options(cfg),
             threads=cfg.threads,
             socket_setup=self._socket_setup,
             stream=self.stream,
             connect_results=True,
             warmup_shape=(int(self.core.getImageHeight()), int(self.core.getImageWidth())),
-            trust=None if cfg.trust else False,
-            trust_options=self._trust_options(cfg),
+            trust=None if override is None else spec.trust,
+            trust_options=None if override is None else spec.trust_options,
         )
-        if cfg.worker_mode == "process":
-            self.worker = self._supervised(self.worker)  # restarted if it dies
-            self.worker.run_in_process()
-        else:
-            self.worker.run_in_thread()
+        self.worker = self._supervised(worker) if cfg.worker_mode == "process" else worker
+        self.worker.start()  # a process worker is restarted if it dies
 
     def stop(self, wait: bool = True, timeout: float = 60.0) -> PipelineMetrics:
         """Stop acquiring; the engine finishes what it received. Returns the metrics.
@@ -613,7 +609,7 @@ class Pipeline:
                         said_preparing = True
                         self._emit_status(self._preparing_message())
             if not worker.is_alive():
-                why = worker.startup_error() or f"exit code {worker.exitcode}"
+                why = worker.startup_error() or worker.failure() or "it exited"
                 self._emit_error(f"engine worker ended before it was ready: {why}")
                 return False
             if time.monotonic() > deadline:
@@ -671,8 +667,9 @@ class Pipeline:
                     self._emit_warning(self._low_rate_message(m.fps_acquired))
             if not worker.is_alive():
                 self._drain_after_worker_exit(sub)
-                if worker.exitcode not in (0, None):
-                    self._emit_error(f"engine worker crashed (exit code {worker.exitcode})")
+                why = worker.failure()
+                if why:
+                    self._emit_error(f"engine worker crashed: {why}")
                 return
             if self._acq_ended.is_set():
                 # the worker should answer the EndOfStream with final stats; if the EOS was
@@ -791,11 +788,8 @@ class Pipeline:
             if worker is not None:
                 worker.stop()
                 if not worker.join(10.0):
-                    runner = worker._runner
-                    if hasattr(runner, "terminate"):
-                        logger.warning("engine worker did not stop; terminating it")
-                        runner.terminate()  # type: ignore[union-attr]
-                        worker.join(5.0)
+                    worker.terminate()
+                    worker.join(5.0)
             if self._t_start is not None and self._t_end is None:
                 self._t_end = time.monotonic()
             if self.sr_recorder is not None and self._sr_setup:

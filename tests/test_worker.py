@@ -498,3 +498,21 @@ def test_stateful_engine_in_a_live_pipeline_is_never_rewarmed():
     assert eng.resets == 2, "re-warmed while catching up"  # set-up + first frame only
     # re-warming 5 frames per output would give <= 1 / (5 * 20 ms) = 10 outputs/s
     assert m.outputs > 2 * 10 * m.duration_s, m
+
+
+def test_plan_window_feed_is_the_newest_output_and_the_next_window():
+    """The stateless catch-up plan, called directly: which queued frames a streaming window
+    engine is fed (the frames of the newest due output and the last window), or all of them
+    when its state already runs up to the batch and that is no dearer than a restart."""
+    from realtime.worker import plan_window_feed
+
+    # 10 queued, window 3, newest output due at index 6: frames 4..6 and 7..9
+    assert plan_window_feed(10, window=3, last_due=6, continues=False) == [False] * 4 + [True] * 6
+    # the output is the last frame: only its window
+    assert plan_window_feed(10, window=3, last_due=9, continues=False) == [False] * 7 + [True] * 3
+    # no output due: the last window only (for the outputs after this batch)
+    assert plan_window_feed(5, window=3, last_due=None, continues=False) == [False, False, True, True, True]
+    # a continuing engine keeps its state when the run is at most a window long ...
+    assert plan_window_feed(3, window=3, last_due=None, continues=True) == [True] * 3
+    # ... and restarts over the gap when that is cheaper
+    assert plan_window_feed(8, window=3, last_due=7, continues=True) == [False] * 5 + [True] * 3
