@@ -42,12 +42,12 @@ from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
 from engines import exception_reason, load_engine_for_scoring  # torch-free until an engine loads
 from engines.data import DataConfig, random_sim_config
 from engines.metrics import decorrelation_resolution, evaluate_image, invented_structure
-from engines.registry import ENGINES, REFERENCE_ENGINE, neural_engines, parse_weights_arg
+from engines.registry import ENGINES, REFERENCE_ENGINE, default_window, neural_engines, parse_weights_arg
 
 EVAL_SEED_BASE = 10**9  # training seeds stay far below
 SEEDS_PER_BASE_SEED = 10**5  # --seed s uses 10**9 + s * 10**5 + (set, class, candidate)
 METRICS = ("pearson", "resolution_nm", "tpr", "tnr", "invented")
-REFERENCE_WINDOWS = (20, 100, 500)  # the SOFI rows: the live window and longer ones
+REFERENCE_WINDOWS = (default_window(REFERENCE_ENGINE), 100, 500)  # the SOFI rows: live window, longer ones
 DEFAULT_ENGINES = tuple(f"{REFERENCE_ENGINE}{w}" for w in REFERENCE_WINDOWS) + neural_engines()
 SCORE_BORDER = 3  # evaluate_image's default max_shift: the border left out of the scores
 WIDEFIELD = "mean"  # mean of the first --frames frames: the diffraction-limited baseline

@@ -46,12 +46,13 @@ import numpy as np
 from engines import exception_reason, load_engine_for_scoring  # torch-free until an engine loads
 from engines.blinking import assess_blinking
 from engines.metrics import invented_filaments, invented_structure, pearson, window_consistency
-from engines.registry import ENGINES, REFERENCE_ENGINE, neural_engines, parse_weights_arg
+from engines.registry import ENGINES, REFERENCE_ENGINE, default_window, neural_engines, parse_weights_arg
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 WIDEFIELD = "mean"  # the raw mean of the window: the diffraction-limited baseline
-DEFAULT_ROWS = (f"{WIDEFIELD}20", f"{REFERENCE_ENGINE}20", f"{REFERENCE_ENGINE}100") + neural_engines()
+_LIVE = default_window(REFERENCE_ENGINE)  # the live SOFI window
+DEFAULT_ROWS = (f"{WIDEFIELD}{_LIVE}", f"{REFERENCE_ENGINE}{_LIVE}", f"{REFERENCE_ENGINE}100") + neural_engines()
 FIGURE_COLUMNS = (WIDEFIELD, REFERENCE_ENGINE, "reference") + neural_engines()
 METRICS = ("agreement", "invented", "invented_filaments")
 
@@ -114,7 +115,7 @@ class RealEvaluationConfig:
     movies: tuple[Path, ...] = ()  # extra movies (by path)
     data_dir: Path | None = DEFAULT_DATA  # every *.tif here too (None: none)
     engines: tuple[str, ...] = DEFAULT_ROWS
-    window: int = 20  # frames of the networks' windows (their default) and of the figure's SOFI
+    window: int = default_window()  # frames of the networks' windows (their default) and of the figure's SOFI
     weights: dict[str, str] = field(default_factory=dict)  # engine name -> weights file
     optics: dict[str, Any] = field(default_factory=dict)  # overrides every movie's optics
     out: Path = Path(".")

@@ -143,7 +143,11 @@ class Pipeline:
         self._local_malformed: dict[str, int] = {}  # bad messages seen by the collector
         self.json_written: Any = None  # the --json path once it was written
         self._base = _StatsBase()  # totals of engine processes that died and were restarted
-        self._dropped_seen = 0
+        # the engine's counts as of its newest message (one socket: messages arrive in order):
+        # its last stats, plus the results published since (each one output), and the
+        # skipped-output count every result carries
+        self._outputs_since_stats = 0
+        self._dropped_now = 0
         self._engine_warnings: set[str] = set()
         self._trust = TrustTally()
 
@@ -323,13 +327,11 @@ class Pipeline:
             st, base = self._stats, self._base
             if st is not None:
                 m.frames_received = base.frames_received + st.frames_received
-                m.outputs = max(base.outputs + st.outputs, m.outputs_received)
-                m.frames_dropped_by_engine = max(base.frames_dropped + st.frames_dropped,
-                                                 self._dropped_seen)
+                m.outputs = base.outputs + st.outputs + self._outputs_since_stats
+                m.frames_dropped_by_engine = base.frames_dropped + self._dropped_now
                 m.engine_errors = base.engine_errors + st.engine_errors
                 if st.engine:
                     m.engine = st.engine
-            m.frames_dropped_by_engine = max(m.frames_dropped_by_engine, self._dropped_seen)
             malformed = dict(base.malformed)
             for k, v in (st.malformed if st is not None else {}).items():
                 malformed[k] = malformed.get(k, 0) + v
@@ -715,8 +717,8 @@ class Pipeline:
             self.latency.add((published - header.t_acq_ns) / 1e6, header.seq_last)
             with self._lock:
                 self._m.outputs_received += 1
-                self._dropped_seen = max(self._dropped_seen,
-                                         self._base.frames_dropped + header.frames_dropped)
+                self._outputs_since_stats += 1
+                self._dropped_now = header.frames_dropped
             if header.info:
                 self._adopt_info(header.info)
             self._out_rate.tick(time.monotonic())
@@ -729,12 +731,16 @@ class Pipeline:
             return None
         if isinstance(header, StatsMessage):
             prev = self._stats
-            if prev is not None and (header.frames_received < prev.frames_received
-                                     or header.outputs < prev.outputs):
-                # a restarted engine process counts from zero again: keep the earlier totals
-                with self._lock:
-                    self._base.add(prev)
-            self._stats = header
+            with self._lock:
+                if prev is not None and (header.frames_received < prev.frames_received
+                                         or header.outputs < prev.outputs):
+                    # a restarted engine process counts from zero again: keep the earlier
+                    # totals, as of its newest message (its last stats and the results after)
+                    self._base.add(prev, outputs=prev.outputs + self._outputs_since_stats,
+                                   frames_dropped=self._dropped_now)
+                self._stats = header
+                self._outputs_since_stats = 0
+                self._dropped_now = header.frames_dropped
             if header.engine_errors > (prev.engine_errors if prev else 0) and header.last_error:
                 if not (header.final and not self._acq_started):  # a load failure: said once
                     self._emit_error(f"engine error: {header.last_error}")
@@ -819,8 +825,7 @@ class Pipeline:
     def _check_outcome(self) -> None:
         """Say so when the run did not do what was asked: no frame, no output, a slow camera."""
         m, cfg = self.metrics(), self.config
-        st = self._stats
-        window = st.window if st is not None and st.window else cfg.window
+        window = self._engine_window() or cfg.window
         if m.frames_acquired == 0:
             self._emit_error("no frame was acquired")
         elif m.outputs == 0 and m.outputs_received == 0 and not m.engine_errors:
@@ -844,16 +849,21 @@ class Pipeline:
 
     def _check_movie_length(self) -> None:
         """Before the camera starts: a movie played once that is shorter than the window."""
-        st, cfg = self._stats, self.config
-        if cfg.source_kind != "replay" or cfg.loop or st is None or not st.window:
+        cfg, window = self.config, self._engine_window()
+        if cfg.source_kind != "replay" or cfg.loop or not window:
             return
         try:
             frames = int(self.core.getProperty(self.core.getCameraDevice(), "Frames"))
         except Exception:  # not our replay camera: nothing to say
             return
-        if frames < st.window:
-            self._emit_warning(f"the movie has {frames} frame(s) but the engine needs {st.window} "
+        if frames < window:
+            self._emit_warning(f"the movie has {frames} frame(s) but the engine needs {window} "
                                "per output: no output can be made (use --window, or --loop)")
+
+    def _engine_window(self) -> int | None:
+        """Frames per output as the engine reported them when ready (None before)."""
+        report = self.worker.report() if self.worker is not None else None
+        return report.window if report is not None else None
 
     # ================================================================== helpers
     def _emit_status(self, message: str) -> None:
@@ -921,10 +931,12 @@ class _StatsBase:
         self.frames_received = self.outputs = self.frames_dropped = self.engine_errors = 0
         self.malformed: dict[str, int] = {}
 
-    def add(self, st: StatsMessage) -> None:
+    def add(self, st: StatsMessage, *, outputs: int, frames_dropped: int) -> None:
+        """A finished engine process: its last stats, with its output and skip counts as of
+        its newest message."""
         self.frames_received += st.frames_received
-        self.outputs += st.outputs
-        self.frames_dropped += st.frames_dropped
+        self.outputs += outputs
+        self.frames_dropped += frames_dropped
         self.engine_errors += st.engine_errors
         for k, v in st.malformed.items():
             self.malformed[k] = self.malformed.get(k, 0) + v

@@ -296,9 +296,9 @@ class SupervisedWorker:
     # ------------------------------------------------------------------ starting
     def _spawn(self) -> Any:
         worker = copy.copy(self._template)
-        stats_type = type(getattr(self._template, "stats", None))
-        if stats_type is not type(None):
-            worker.stats = stats_type()
+        stats = getattr(self._template, "stats", None)
+        if stats is not None:  # fresh counters: a restarted worker counts from zero
+            worker.stats = type(stats)()
         proc = worker.run_in_process()
         self._current = worker
         return proc

@@ -44,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -198,7 +199,7 @@ class EngineWorker:
         blinking_every: int = 100,
         blinking_pixels: int = 4096,
         trust: bool | None = None,
-        trust_options: dict[str, Any] | None = None,
+        trust_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
@@ -238,7 +239,7 @@ class EngineWorker:
         self._reports: Any = queue.SimpleQueue()  # the engine's EngineReport, once ready
         self._report: EngineReport | None = None
         self._crash: str | None = None  # a thread worker that raised: why
-        self._log_level = logging.WARNING
+        self.log_level = logging.WARNING
         self._runner: threading.Thread | mp.process.BaseProcess | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -273,7 +274,7 @@ class EngineWorker:
         self._ready_event = ctx.Event()
         self._failure = ctx.SimpleQueue()
         self._reports = ctx.SimpleQueue()
-        self._log_level = logging.getLogger().getEffectiveLevel()
+        self.log_level = logging.getLogger().getEffectiveLevel()
         p = ctx.Process(target=_process_main, args=(self,), name="livesr-engine-worker", daemon=True)
         p.start()  # (a script that spawns needs the `if __name__ == "__main__":` guard)
         self._runner = p
@@ -572,8 +573,9 @@ class EngineWorker:
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         state = "ready"
-        pub.send_multipart(encode_stats(self._stats_message(state)))
+        # the report first: whoever sees "ready" can read it (report())
         self._reports.put(EngineReport(self._engine_name, self.window, self._stateful))
+        pub.send_multipart(encode_stats(self._stats_message(state)))
         self._ready_event.set()
         next_stats = time.monotonic() + self.stats_interval_s
         parent = mp.parent_process()  # None in the main process (thread mode)
@@ -970,7 +972,7 @@ def _first_line(e: BaseException) -> str:
 
 def _process_main(worker: EngineWorker) -> None:
     """Entry point of the spawned worker process."""
-    logging.basicConfig(level=worker._log_level, format="%(asctime)s engine-worker %(levelname)s %(message)s")
+    logging.basicConfig(level=worker.log_level, format="%(asctime)s engine-worker %(levelname)s %(message)s")
     # Ctrl+C in a terminal reaches the whole process group: the parent decides when we stop
     # (it sends the EndOfStream), so that the queued frames are still processed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
