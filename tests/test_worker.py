@@ -19,6 +19,7 @@ from conftest import (
     make_mean_engine,
     seq_frame,
 )
+from realtime.handle import EngineHandle, EngineReport
 from realtime.protocol import PROTOCOL_VERSION, FrameHeader, ResultHeader, encode_frame, encode_result
 from realtime.worker import EngineWorker
 
@@ -239,6 +240,8 @@ def test_run_in_process(frame_pusher, start_worker):
     assert final.frames_received == 8 and final.outputs >= 1
     assert_outputs_correct(rc.results, 4)
     assert w.join(10) and w.exitcode == 0
+    assert w.report() == EngineReport("mean", 4, False)  # what the engine in the child said
+    assert w.failure() is None  # a clean end
 
 
 def test_busy_result_address_is_reported(make_tcp_addr):
@@ -516,3 +519,22 @@ def test_plan_window_feed_is_the_newest_output_and_the_next_window():
     assert plan_window_feed(3, window=3, last_due=None, continues=True) == [True] * 3
     # ... and restarts over the gap when that is cheaper
     assert plan_window_feed(8, window=3, last_due=7, continues=True) == [False] * 5 + [True] * 3
+
+
+def test_the_three_engine_handles_implement_the_protocol():
+    """EngineWorker, SupervisedWorker and RemoteEngineClient are what the Pipeline may hold."""
+    from realtime.remote import RemoteEngineClient, RemoteEngineOptions
+    from realtime.supervisor import SupervisedWorker
+
+    w = EngineWorker(MeanEngine(), "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    client = RemoteEngineClient(RemoteEngineOptions(endpoints=("tcp://127.0.0.1:5570",)),
+                                "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    for handle in (w, SupervisedWorker(w), client):
+        assert isinstance(handle, EngineHandle), type(handle).__name__
+        assert handle.report() is None and handle.failure() is None  # not started
+    assert client.window is None, "no window guessed before the engines report theirs"
+
+
+def test_the_report_is_the_engines_window_not_the_request(frame_pusher, start_worker):
+    w, _ = start_worker(MeanEngine(window=3))
+    assert w.report() == EngineReport("mean", 3, False)
