@@ -525,6 +525,7 @@ class ClientStats:
     malformed_remote: dict[str, int] = field(default_factory=dict)
     results_out: int = 0
     links: list[LinkStats] = field(default_factory=list)
+    frames_not_routed: int = 0  # came before the engines said their window, beyond HELD_FRAMES
 
 
 class _Link:
@@ -588,6 +589,9 @@ class RemoteEngineClient:
     engineDied = Signal(str)
     engineRestarted = Signal(int)
     authFailed = Signal(str)
+    #: frames kept while the engines' window is not known yet (the pipeline starts the camera
+    #: only after their ready stats, so normally none)
+    HELD_FRAMES = 256
 
     def __init__(
         self,
@@ -611,7 +615,7 @@ class RemoteEngineClient:
         self.window: int | None = None
         self.plan: ChunkPlan | None = None
         self.reorderer: ResultReorderer[list] | None = None
-        self._held: list[tuple[FrameHeader, list]] = []
+        self._held: deque[tuple[FrameHeader, list]] = deque()
         if options.window is not None:
             self._start_plan(options.window)
         self.stats = ClientStats()
@@ -632,7 +636,7 @@ class RemoteEngineClient:
         self.reorderer = ResultReorderer(step=o.stride, max_wait_s=o.reorder_wait_s,
                                          max_pending=4 * o.block_size(window) + 64,
                                          sources=list(range(len(o.endpoints))))
-        held, self._held = self._held, []
+        held, self._held = self._held, deque()
         for header, parts in held:
             self._route(header, parts)
 
@@ -793,6 +797,12 @@ class RemoteEngineClient:
             self.stats.frames_in += 1
             if self.plan is None:
                 self._held.append((header, parts))  # routed once the engines said their window
+                if len(self._held) > self.HELD_FRAMES:  # bounded: the oldest are given up
+                    self._held.popleft()
+                    self.stats.frames_not_routed += 1
+                    if self.stats.frames_not_routed == 1:
+                        log.warning("frames arrive before the engines said their window; "
+                                    "holding the newest %d", self.HELD_FRAMES)
             else:
                 self._route(header, parts)
 
