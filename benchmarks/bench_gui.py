@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+from engines.registry import DEFAULT_ENGINE
+
 
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds used so far by each thread of this process (Linux /proc), by name."""
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--fps", type=float, default=100.0)
-    p.add_argument("--engine", default="sofi")
+    p.add_argument("--engine", default=DEFAULT_ENGINE)
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--seconds", type=float, default=20.0, help="measured time after warm-up")
     p.add_argument("--warmup", type=float, default=3.0)

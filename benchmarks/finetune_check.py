@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from engines.registry import DEFAULT_NETWORK, neural_engines
+
 HERE = Path(__file__).resolve().parents[1]
 SCENE = dict(size=128, structure="honeycomb", photons=200.0, background=20.0, on_ms=10.0,
              off_ms=1000.0, emitters_per_um=40.0, bleach_s=0.3, seed=11)
@@ -82,7 +84,7 @@ def replay_scores(heldout: Path, target: np.ndarray, model: str, weights: Path, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.finetune_check", description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["convgru", "convlstm"], default="convgru")
+    p.add_argument("--model", choices=list(neural_engines()), default=DEFAULT_NETWORK)
     p.add_argument("--from", dest="base", type=Path, required=True, help="base weights (copy of the newest)")
     p.add_argument("--minutes", type=float, default=6.0, help="fine-tuning training budget")
     p.add_argument("--steps", type=int, default=1000)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import importlib
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engines.registry import ENGINES
+from engines.registry import DEFAULT_NETWORK, ENGINES, REFERENCE_ENGINE, neural_engines
 
 #: where the project keeps its committed results (benchmarks/results/); runs never write here
 #: unless asked with --out-dir: by default they write into the current folder
@@ -122,23 +121,22 @@ def _untrained(name: str, device: str, precision: str) -> Any:
     """The engine with freshly initialised weights (latency does not depend on weight values)."""
     import torch
 
-    mod = importlib.import_module(f"engines.{name}")
+    from engines import engine_module
+
+    mod = engine_module(name)
     torch.manual_seed(0)
     model, norm = mod.build_model()
-    cls = next(v for v in vars(mod).values() if isinstance(v, type)
-               and getattr(v, "name", None) == name and hasattr(v, "reconstruct"))
-    return cls(model=model, norm=norm, device=device, precision=precision)
+    return mod.engine_from_model(model, norm, device=device, precision=precision)
 
 
 def make_engine(name: str, backend: str, precision: str, device: str,
                 weights: str | None = None, **backend_options: Any) -> tuple[Any, str]:
     """(engine, weights description). Falls back to untrained weights if none can be loaded."""
-    from engines import load_engine
+    from engines import EngineSpec, load_engine
     from engines.backends import apply_backend
 
     try:
-        engine = load_engine(name, backend="eager", device=device, precision=precision,
-                             weights=weights)
+        engine = load_engine(EngineSpec(name, device=device, precision=precision, weights=weights))
         desc = f"trained ({weights or 'default weights'})" if ENGINES[name].needs_weights else "n/a"
     except Exception as e:  # noqa: BLE001 - WeightsError & co: measure latency untrained
         if type(e).__name__ != "WeightsError" or not ENGINES[name].needs_weights:
@@ -340,23 +338,27 @@ def compute_ratios(rows: list[dict]) -> dict[str, Any]:
     for size in sorted({r["size"] for r in rows}):
         for th in sorted({r["threads"] for r in rows}):
             tag = f"{size}px_t{th}"
-            gru_win = _min_of(rows, engine="convgru", mode="window", backend="eager",
+            # every ratio is against the windowed network's full-window cost (eager fp32)
+            net = DEFAULT_NETWORK
+            gru_win = _min_of(rows, engine=net, mode="window", backend="eager",
                               precision="fp32", size=size, threads=th)
-            gru_push = _min_of(rows, engine="convgru", mode="push", backend="eager",
-                               precision="fp32", size=size, threads=th)
-            lstm_push = _min_of(rows, engine="convlstm", mode="push", backend="eager",
-                                precision="fp32", size=size, threads=th)
-            sofi_push = _min_of(rows, engine="sofi", mode="push", size=size, threads=th)
             r: dict[str, Any] = {}
-            if gru_win and lstm_push:
-                r["convgru_window_over_convlstm_push"] = gru_win / lstm_push
-            if gru_win and sofi_push:
-                r["convgru_window_over_sofi_push"] = gru_win / sofi_push
+            for other in neural_engines():
+                if ENGINES[other].stateful:
+                    push = _min_of(rows, engine=other, mode="push", backend="eager",
+                                   precision="fp32", size=size, threads=th)
+                    if gru_win and push:
+                        r[f"{net}_window_over_{other}_push"] = gru_win / push
+            ref_push = _min_of(rows, engine=REFERENCE_ENGINE, mode="push", size=size, threads=th)
+            if gru_win and ref_push:
+                r[f"{net}_window_over_{REFERENCE_ENGINE}_push"] = gru_win / ref_push
+            gru_push = _min_of(rows, engine=net, mode="push", backend="eager",
+                               precision="fp32", size=size, threads=th)
             if gru_win and gru_push:
-                r["convgru_window_over_convgru_cached_push"] = gru_win / gru_push
-            gru_win_cpu = _min_of(rows, "cpu_median_ms", engine="convgru", mode="window",
+                r[f"{net}_window_over_{net}_cached_push"] = gru_win / gru_push
+            gru_win_cpu = _min_of(rows, "cpu_median_ms", engine=net, mode="window",
                                   backend="eager", precision="fp32", size=size, threads=th)
-            cand = [x for x in rows if x["engine"] == "convgru" and x.get("mode") == "window"
+            cand = [x for x in rows if x["engine"] == net and x.get("mode") == "window"
                     and x["size"] == size and x["threads"] == th and x.get("status") == "ok"
                     and "median_ms" in x]
             if gru_win and len(cand) > 1:
@@ -538,8 +540,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         except ImportError:
             bar = None
     for th, size, name in groups:
-        # SOFI has no network: other backends/precisions do not apply, it is measured once
-        group_cfgs = [("eager", "fp32")] if name == "sofi" else configs
+        # an engine without a network (SOFI): other backends/precisions do not apply, measured once
+        group_cfgs = configs if ENGINES[name].backend_targets else [("eager", "fp32")]
         if bar:
             bar.set_postfix_str(f"{name} {size}px t{th or torch.get_num_threads()}")
         rows.extend(measure_group(cfg, name, size, th, group_cfgs, reference))

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.latency import machine_info, machine_line
+from engines.registry import DEFAULT_ENGINE
 
 STAGES = ("transit", "queue", "compute", "publish", "delivery")
 
@@ -49,12 +50,13 @@ def engine_capacity(engine: str, size: int, *, backend: str = "eager", precision
     for a core; the CPU time is the engine's own cost)."""
     import torch
 
-    from engines import load_engine
+    from engines import EngineSpec, load_engine
     from engines.backends import simulated_stack
     from realtime.worker import default_compute_threads
 
     torch.set_num_threads(threads or default_compute_threads())
-    eng = load_engine(engine, backend=backend, precision=precision, device=device, weights=weights)
+    eng = load_engine(EngineSpec(engine, backend=backend, precision=precision, device=device,
+                                 weights=None if weights is None else str(weights)))
     frames = simulated_stack(size, eng.window + reps + 3, seed=2)
     wall, cpu = [], []
     for i, f in enumerate(frames):
@@ -67,7 +69,7 @@ def engine_capacity(engine: str, size: int, *, backend: str = "eager", precision
     return {"push_ms": push_ms, "push_cpu_ms": cpu_ms, "capacity_per_s": 1e3 / cpu_ms}
 
 
-def run_pipeline(*, engine: str = "sofi", size: int = 128, fps: float = 100.0,
+def run_pipeline(*, engine: str = DEFAULT_ENGINE, size: int = 128, fps: float = 100.0,
                  seconds: float = 10.0, backend: str = "eager", precision: str = "fp32",
                  device: str = "cpu", worker_mode: str = "process", stride: int = 1,
                  threads: int | None = None, weights: str | None = None,
@@ -142,7 +144,7 @@ def print_result(r: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="livesr bench --pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="sofi", help="comma list of engines (%(default)s)")
+    p.add_argument("--engines", default=DEFAULT_ENGINE, help="comma list of engines (%(default)s)")
     p.add_argument("--sizes", default="128", help="comma list of frame sizes (%(default)s)")
     p.add_argument("--camera-fps", default="100", help="comma list of camera rates (%(default)s)")
     p.add_argument("--seconds", type=float, default=10.0, help="acquisition time per run")

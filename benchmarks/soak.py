@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from engines.registry import DEFAULT_ENGINE
+
 
 def rss_mib(pid: int | None = None) -> float:
     """Resident set size in MiB (Linux /proc; elsewhere the peak of this process)."""
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3600.0, help="run length (default: one hour)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--fps", type=float, default=100.0)
-    p.add_argument("--engine", default="sofi")
+    p.add_argument("--engine", default=DEFAULT_ENGINE)
     p.add_argument("--threads", type=int, default=None, help="engine compute threads")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     p.add_argument("--out", type=Path, default=Path("soak"),

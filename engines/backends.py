@@ -987,9 +987,3 @@ def make_calibrator(eager_engine: Any, path: str, outputs: int = 8
         return [a for a in record_target_inputs(eager_engine, path, stack) if _signature(a) == sig]
     return calibrate
 
-
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """`livesr export` (the CLI maps it here); the work is in :mod:`engines.onnx_export`."""
-    from engines.onnx_export import main
-
-    return main(argv)

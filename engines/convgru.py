@@ -166,7 +166,31 @@ class ConvGRUEngine(NetworkEngine):
         self._scales.clear()
 
 
+def engine_from_model(model: ConvGRUNet, norm: NormConfig, *, device: str = "cpu",
+                      precision: str = "fp32") -> ConvGRUEngine:
+    """The live engine around a model in memory (fine-tuning scores what the user will see;
+    the latency benchmark times untrained weights)."""
+    return ConvGRUEngine(model=model, norm=norm, device=device, precision=precision)
+
+
+def training_net(*, frames: int, hidden: int | None = None) -> tuple[ConvGRUNet, ConvGRUConfig]:
+    """A fresh network for ``livesr train``: one output per window of ``frames`` frames."""
+    arch = ConvGRUConfig(window=frames)
+    if hidden:
+        arch.hidden = hidden
+    return ConvGRUNet(arch), arch
+
+
+#: ``livesr train --preset``: cpu = a shared 2-core CPU (1.14 s/step on a quiet core), gpu = one
+#: GPU on a 16-core host (see engines.training)
+TRAIN_PRESETS: dict[str, dict] = {
+    "cpu": dict(steps=20000, batch=4, lr=1e-3, lr_final=1e-5, data=dict(size=32, frames=20)),
+    "gpu": dict(steps=40000, batch=32, lr=1e-3, lr_final=1e-5, workers=14, eval_n=64,
+                eval_every=500, ckpt_every=500, data=dict(size=48, frames=20)),
+}
+
+
 def load(*, weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
-         window: int | None = None, **_: object) -> ConvGRUEngine:
+         window: int | None = None) -> ConvGRUEngine:
     """Factory used by engines.load_engine (weights default: engines/weights/convgru.pt)."""
     return ConvGRUEngine(weights, device=device, precision=precision, window=window)

@@ -255,7 +255,34 @@ class ConvLSTMEngine(NetworkEngine):
         self._scales.clear()
 
 
+def engine_from_model(model: ConvLSTMNet, norm: NormConfig, *, device: str = "cpu",
+                      precision: str = "fp32") -> ConvLSTMEngine:
+    """The live engine around a model in memory (fine-tuning scores what the user will see;
+    the latency benchmark times untrained weights)."""
+    return ConvLSTMEngine(model=model, norm=norm, device=device, precision=precision)
+
+
+def training_net(*, frames: int, hidden: int | None = None) -> tuple[ConvLSTMNet, ConvLSTMConfig]:
+    """A fresh network for ``livesr train`` (one output per frame: ``frames``, the training
+    sequence length, does not change the architecture)."""
+    arch = ConvLSTMConfig()
+    if hidden:
+        arch.hidden = hidden
+    return ConvLSTMNet(arch), arch
+
+
+#: ``livesr train --preset``: cpu = a shared 2-core CPU (1.63 s/step on a quiet core), gpu = one
+#: GPU on a 16-core host (see engines.training)
+TRAIN_PRESETS: dict[str, dict] = {
+    "cpu": dict(steps=20000, batch=4, lr=1e-3, lr_final=1e-5, warmup_loss=8,
+                data=dict(size=32, frames=32, per_frame_targets=True, target_from=8, p_moving=0.5)),
+    "gpu": dict(steps=40000, batch=32, lr=1e-3, lr_final=1e-5, warmup_loss=10, workers=14,
+                eval_n=64, eval_every=500, ckpt_every=500,
+                data=dict(size=48, frames=40, per_frame_targets=True, target_from=10, p_moving=0.5)),
+}
+
+
 def load(*, weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
-         window: int | None = None, **_: object) -> ConvLSTMEngine:
+         window: int | None = None) -> ConvLSTMEngine:
     """Factory used by engines.load_engine; `window` sets the warm-up (default: engines.registry)."""
     return ConvLSTMEngine(weights, device=device, precision=precision, warmup=window)

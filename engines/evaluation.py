@@ -42,13 +42,13 @@ from acquisition.simulation import BlinkingScene, CameraNoise, SimulationConfig
 from engines import exception_reason, load_engine_for_scoring  # torch-free until an engine loads
 from engines.data import DataConfig, random_sim_config
 from engines.metrics import decorrelation_resolution, evaluate_image, invented_structure
-from engines.registry import parse_weights_arg
+from engines.registry import ENGINES, REFERENCE_ENGINE, default_window, neural_engines, parse_weights_arg
 
 EVAL_SEED_BASE = 10**9  # training seeds stay far below
 SEEDS_PER_BASE_SEED = 10**5  # --seed s uses 10**9 + s * 10**5 + (set, class, candidate)
 METRICS = ("pearson", "resolution_nm", "tpr", "tnr", "invented")
-DEFAULT_ENGINES = ("sofi20", "sofi100", "sofi500", "convgru", "convlstm")
-STREAMING_ENGINES = {"convlstm"}  # scored as in live use: every frame pushed, last output kept
+REFERENCE_WINDOWS = (default_window(REFERENCE_ENGINE), 100, 500)  # the SOFI rows: live window, longer ones
+DEFAULT_ENGINES = tuple(f"{REFERENCE_ENGINE}{w}" for w in REFERENCE_WINDOWS) + neural_engines()
 SCORE_BORDER = 3  # evaluate_image's default max_shift: the border left out of the scores
 WIDEFIELD = "mean"  # mean of the first --frames frames: the diffraction-limited baseline
 SETS = ("thesis", "wide", "zero")
@@ -105,7 +105,7 @@ class EvaluationConfig:
         if not self.engines:
             raise ValueError("no engines to evaluate")
         for spec in self.engines:
-            parse_engine_spec(spec)
+            parse_scored_engine(spec)
         if self.n_scenes() == 0:
             raise ValueError("no scenes to evaluate (n, n_wide and n_zero are all 0)")
         self.out = Path(self.out)
@@ -198,8 +198,9 @@ def zero_target_config(twin: SimulationConfig, kind: str) -> SimulationConfig:
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    """A row of the table: which engine, its window, and how it is driven."""
+class ScoredEngine:
+    """A row of the table: which engine, its window, and how it is driven (a stateful engine
+    is scored as in live use: every frame pushed, the last output kept)."""
 
     label: str  # "sofi100", "convgru"
     engine: str  # name for load_engine
@@ -207,7 +208,7 @@ class EngineSpec:
     streaming: bool
 
 
-def parse_engine_spec(spec: str) -> EngineSpec:
+def parse_scored_engine(spec: str) -> ScoredEngine:
     """'sofi100' -> SOFI with a 100-frame window; 'convlstm' -> streamed; other names as they are."""
     spec = spec.strip().lower()
     m = re.fullmatch(r"([a-z_]+?)(\d+)?", spec)
@@ -216,7 +217,8 @@ def parse_engine_spec(spec: str) -> EngineSpec:
     name, window = m.group(1), m.group(2)
     if window is not None and int(window) < 1:
         raise ValueError(f"bad engine window in {spec!r}")
-    return EngineSpec(spec, name, int(window) if window else None, name in STREAMING_ENGINES)
+    info = ENGINES.get(name)
+    return ScoredEngine(spec, name, int(window) if window else None, info is not None and info.stateful)
 
 
 # --------------------------------------------------------------------------- running engines
@@ -224,7 +226,7 @@ def parse_engine_spec(spec: str) -> EngineSpec:
 class EngineRun:
     """Per-engine state and per-sample results collected during the run."""
 
-    spec: EngineSpec
+    spec: ScoredEngine
     engine: Any = None
     status: str = "ok"
     n_input: int = 0  # frames fed per sample
@@ -234,7 +236,7 @@ class EngineRun:
     examples: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _load(spec: EngineSpec, cfg: EvaluationConfig) -> EngineRun:
+def _load(spec: ScoredEngine, cfg: EvaluationConfig) -> EngineRun:
     run = EngineRun(spec)
     run.engine, problem = load_engine_for_scoring(spec.engine, device=cfg.device, window=spec.window,
                                                   weights=cfg.weights.get(spec.engine))
@@ -244,7 +246,10 @@ def _load(spec: EngineSpec, cfg: EvaluationConfig) -> EngineRun:
     if getattr(run.engine, "legacy", False):
         run.note = "legacy weights: trained towards the old target, output not in ADU^2"
     window = int(run.engine.window)
-    run.n_input = max(window, cfg.frames) if spec.engine != "sofi" else window
+    # a network sees every frame of the sample (a stateful one warms up on them); an engine
+    # computed from the data alone exactly its window
+    learned = spec.engine not in ENGINES or ENGINES[spec.engine].needs_weights
+    run.n_input = max(window, cfg.frames) if learned else window
     return run
 
 
@@ -298,10 +303,10 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
-    specs = [parse_engine_spec(s) for s in cfg.engines]
+    specs = [parse_scored_engine(s) for s in cfg.engines]
     runs = [_load(s, cfg) for s in specs]
     n_frames = max([cfg.frames] + [r.n_input for r in runs if r.status == "ok"])
-    wide = EngineRun(EngineSpec(WIDEFIELD, WIDEFIELD, cfg.frames, False), n_input=cfg.frames)
+    wide = EngineRun(ScoredEngine(WIDEFIELD, WIDEFIELD, cfg.frames, False), n_input=cfg.frames)
     examples_gt: dict[str, np.ndarray] = {}
     scenes_meta: list[dict[str, Any]] = []
     scenes = tqdm(cfg.scenes(), total=cfg.n_scenes(), desc="evaluate", unit="scene",

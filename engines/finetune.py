@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines import engine_module
 from engines.finetune_data import (
     DRIFT_WARN_PX,
     FieldPairs,
@@ -43,7 +44,7 @@ from engines.finetune_data import (
     drift_px,
 )
 from engines.nn_common import NormConfig, WeightsError, is_legacy, save_weights
-from engines.registry import ENGINES, default_window, neural_engines
+from engines.registry import DEFAULT_NETWORK, ENGINES, REFERENCE_ENGINE, default_window, neural_engines
 from engines.training import TrainConfig, _lr_at, _progress, compute_loss, refuse_shipped
 from realtime.config import SofiOptions, add_sofi_arguments
 
@@ -65,7 +66,7 @@ class FinetuneConfig:
 
     recordings: tuple[str, ...]
     out: str
-    model: str = "convgru"
+    model: str = DEFAULT_NETWORK
     base: str | None = None  # --from: weights to start from (None: the shipped ones)
     steps: int = 300
     minutes: float | None = None  # wall-clock budget: the LR anneals to it, training stops there
@@ -112,7 +113,7 @@ class FinetuneConfig:
     @property
     def window(self) -> int:
         """Frames per training sample."""
-        return default_window("convgru") if self.model == "convgru" else CONVLSTM_SEQUENCE
+        return CONVLSTM_SEQUENCE if ENGINES[self.model].stateful else default_window(self.model)
 
 
 def side_files(out: str | Path) -> dict[str, Path]:
@@ -252,12 +253,9 @@ def _shape(s: tuple[int, int]) -> str:
 
 def load_base(cfg: FinetuneConfig) -> tuple[torch.nn.Module, Any, NormConfig, dict, Path]:
     """The network to start from: model, architecture, normalisation, config, file."""
-    if cfg.model == "convgru":
-        from engines.convgru import DEFAULT_WEIGHTS, load_model
-    else:
-        from engines.convlstm import DEFAULT_WEIGHTS, load_model
-    path = Path(cfg.base) if cfg.base else DEFAULT_WEIGHTS
-    model, norm, config = load_model(path)
+    module = engine_module(cfg.model)
+    path = Path(cfg.base) if cfg.base else module.DEFAULT_WEIGHTS
+    model, norm, config = module.load_model(path)
     return model, dataclasses.replace(model.cfg), norm, config, path
 
 
@@ -302,7 +300,7 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
                  "not the cumulant): fine-tuning re-targets them; expect poor 'before' numbers")
     try:
         sampler = PairSampler(fields, patch=cfg.patch, frames=cfg.window,
-                              per_frame=cfg.model == "convlstm", seed=cfg.seed,
+                              per_frame=ENGINES[cfg.model].stateful, seed=cfg.seed,
                               static_share=cfg.static_share)
     except ValueError as e:
         raise RefusedError(str(e)) from None
@@ -326,7 +324,7 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     before = heldout_agreement(base_engine, fields, cfg.eval_windows)
     before_invented = invented_level(base_engine, fields, cfg.eval_windows)
     n_eval = int(base_engine.window) * (2 if ENGINES[cfg.model].stateful else 1)
-    live_sofi = sofi_agreement(fields, cfg.eval_windows, default_window("sofi"), sofi_opts, n_eval)
+    live_sofi = sofi_agreement(fields, cfg.eval_windows, default_window(REFERENCE_ENGINE), sofi_opts, n_eval)
     base_example = before.example
 
     # ---- training ----

@@ -56,14 +56,10 @@ def window_starts(n_total: int, n: int, count: int) -> list[int]:
 def network_engine(model_name: str, model: Any, norm: Any, device: str) -> Any:
     """An engine around a copy of `model` (the live engine class, so what is scored is what the
     user will see; the copy keeps the training model's mode and memory format)."""
+    from engines import engine_module
+
     m = copy.deepcopy(model).to("cpu")
-    if model_name == "convgru":
-        from engines.convgru import ConvGRUEngine
-
-        return ConvGRUEngine(model=m, norm=norm, device=device)
-    from engines.convlstm import ConvLSTMEngine
-
-    return ConvLSTMEngine(model=m, norm=norm, device=device)
+    return engine_module(model_name).engine_from_model(m, norm, device=device)
 
 
 def eval_frames(engine: Any) -> int:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from engines import backends as B
+from engines.registry import DEFAULT_NETWORK, EngineSpec
 
 
 def export_onnx(engine: Any, size: int, out: Any, *, check: bool = True) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def export_onnx(engine: Any, size: int, out: Any, *, check: bool = True) -> dict
 def main(argv: Sequence[str] | None = None) -> int:
     """`livesr export --engine convgru --size 128 --out model.onnx`."""
     p = argparse.ArgumentParser(prog="livesr export", description=export_onnx.__doc__)
-    p.add_argument("--engine", default="convgru", help="neural engine to export (default %(default)s)")
+    p.add_argument("--engine", default=DEFAULT_NETWORK, help="neural engine to export (default %(default)s)")
     p.add_argument("--size", type=int, default=128, help="frame height = width in pixels")
     p.add_argument("--out", default="model.onnx", help="output .onnx path")
     p.add_argument("--weights", default=None, help="weights file (default: the engine's)")
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engines import load_engine
 
     try:
-        engine = load_engine(a.engine, weights=a.weights, window=a.window)
+        engine = load_engine(EngineSpec(a.engine, weights=a.weights, window=a.window))
         info = export_onnx(engine, a.size, a.out, check=not a.no_check)
     except (B.BackendError, ValueError, RuntimeError, ImportError) as e:
         print(f"export failed: {e}")

@@ -46,13 +46,14 @@ import numpy as np
 from engines import exception_reason, load_engine_for_scoring  # torch-free until an engine loads
 from engines.blinking import assess_blinking
 from engines.metrics import invented_filaments, invented_structure, pearson, window_consistency
-from engines.registry import parse_weights_arg
+from engines.registry import ENGINES, REFERENCE_ENGINE, default_window, neural_engines, parse_weights_arg
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
-DEFAULT_ROWS = ("mean20", "sofi20", "sofi100", "convgru", "convlstm")
-FIGURE_COLUMNS = ("mean", "sofi", "reference", "convgru", "convlstm")
-STREAMING = {"convlstm"}  # scored as in live use: reset, every frame of the window pushed
+WIDEFIELD = "mean"  # the raw mean of the window: the diffraction-limited baseline
+_LIVE = default_window(REFERENCE_ENGINE)  # the live SOFI window
+DEFAULT_ROWS = (f"{WIDEFIELD}{_LIVE}", f"{REFERENCE_ENGINE}{_LIVE}", f"{REFERENCE_ENGINE}100") + neural_engines()
+FIGURE_COLUMNS = (WIDEFIELD, REFERENCE_ENGINE, "reference") + neural_engines()
 METRICS = ("agreement", "invented", "invented_filaments")
 
 
@@ -102,7 +103,7 @@ def parse_row(spec: str) -> Row:
     name, n = m.group(1), m.group(2)
     if n is not None and int(n) < 2:
         raise ValueError(f"bad window in {spec!r}: at least 2 frames")
-    if name == "mean" and n is None:
+    if name == WIDEFIELD and n is None:
         raise ValueError("give the mean's window, e.g. mean20")
     return Row(spec, name, int(n) if n else None)
 
@@ -114,7 +115,7 @@ class RealEvaluationConfig:
     movies: tuple[Path, ...] = ()  # extra movies (by path)
     data_dir: Path | None = DEFAULT_DATA  # every *.tif here too (None: none)
     engines: tuple[str, ...] = DEFAULT_ROWS
-    window: int = 20  # frames of the networks' windows (their default) and of the figure's SOFI
+    window: int = default_window()  # frames of the networks' windows (their default) and of the figure's SOFI
     weights: dict[str, str] = field(default_factory=dict)  # engine name -> weights file
     optics: dict[str, Any] = field(default_factory=dict)  # overrides every movie's optics
     out: Path = Path(".")
@@ -180,14 +181,14 @@ def _load_network(row: Row, cfg: RealEvaluationConfig) -> RowRun:
 def _output(run: RowRun, frames: np.ndarray, sofi_opts: dict[str, Any]) -> np.ndarray:
     """One output of `run` for one window of frames (exactly the window's frames)."""
     row = run.row
-    if row.engine == "mean":
+    if row.engine == WIDEFIELD:
         return frames.astype(np.float32).mean(axis=0)
-    if row.engine == "sofi":
+    if row.engine == REFERENCE_ENGINE:
         from engines.sofi import SofiEngine
 
         return SofiEngine(window=len(frames), **sofi_opts).reconstruct(frames)
     eng = run.engine
-    if row.engine in STREAMING:
+    if getattr(ENGINES.get(row.engine), "stateful", False):  # scored as in live use: reset, every frame of the window pushed
         eng.reset()
         out = None
         for f in frames:
@@ -276,7 +277,7 @@ def evaluate_movie(path: Path, runs: list[RowRun], cfg: RealEvaluationConfig) ->
             entry[key + "_std"] = float(np.std(vals)) if vals else None
         entry["consistency"] = window_consistency(outs) if len(outs) >= 2 else None
         entry["ms_per_output"] = float(np.median(times))
-        if n == cfg.window and row.engine in ("mean", "sofi", "convgru", "convlstm"):
+        if n == cfg.window and row.engine in FIGURE_COLUMNS:
             images[row.engine] = outs
     res["_images"] = images
     return res
@@ -290,7 +291,7 @@ def evaluate_real(cfg: RealEvaluationConfig) -> dict[str, Any]:
 
     torch.set_num_threads(cfg.threads)
     rows = [parse_row(s) for s in cfg.engines]
-    runs = [RowRun(r) if r.engine in ("mean", "sofi") else _load_network(r, cfg) for r in rows]
+    runs = [RowRun(r) if r.engine in (WIDEFIELD, REFERENCE_ENGINE) else _load_network(r, cfg) for r in rows]
     movies = cfg.movie_paths()
     out: dict[str, Any] = {
         "config": {"engines": list(cfg.engines), "window": cfg.window, "weights": dict(cfg.weights),
@@ -397,11 +398,13 @@ def _figure(path: Path, movie: dict[str, Any], cfg: RealEvaluationConfig) -> Non
 
     imgs = movie["_images"]
     cols = [c for c in FIGURE_COLUMNS if c in imgs]
-    titles = {"mean": f"raw mean ({cfg.window} fr)", "sofi": f"SOFI-{cfg.window}",
-              "reference": f"SOFI all {movie['frames']} fr", "convgru": "ConvGRU", "convlstm": "ConvLSTM"}
+    ref = ENGINES[REFERENCE_ENGINE].title
+    titles = {WIDEFIELD: f"raw mean ({cfg.window} fr)", REFERENCE_ENGINE: f"{ref}-{cfg.window}",
+              "reference": f"{ref} all {movie['frames']} fr", **{n: ENGINES[n].title for n in neural_engines()}}
     n_rows = min(cfg.figure_windows, max(len(imgs[c]) for c in cols if c != "reference"))
     by_row = {r["engine"]: r for r in movie["rows"] if r["status"] == "ok"}
-    labels = {"mean": f"mean{cfg.window}", "sofi": f"sofi{cfg.window}", "convgru": "convgru", "convlstm": "convlstm"}
+    labels = {WIDEFIELD: f"{WIDEFIELD}{cfg.window}", REFERENCE_ENGINE: f"{REFERENCE_ENGINE}{cfg.window}",
+              **{n: n for n in neural_engines()}}
     fig, axes = plt.subplots(n_rows, len(cols), figsize=(1.9 * len(cols), 2.0 * n_rows + 0.3), squeeze=False)
     for j, c in enumerate(cols):
         for i in range(n_rows):

@@ -4,14 +4,21 @@ Why a torch-free table: the CLI, the GUI's Qt thread, the configuration checks a
 benchmarks need the engine names, default windows and backend lists long before (or without)
 loading an engine; importing this module costs nothing. ``engines.load_engine`` builds an
 engine from its ``factory`` entry; the engine classes read their facts (minimum window,
-stateful, backend targets) from here, so each fact is written once.
+stateful, backend targets) from here, so each fact is written once. Adding an engine is one
+``EngineInfo`` entry here plus its module.
+
+:class:`EngineSpec` is the one description of *which* engine to run and how (name, window,
+backend, device, precision, weights, engine options, trust check): the CLI, the GUI, the
+worker, the remote server, the benchmarks, training and evaluation pass it whole.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ANY_ENGINE_MIN_WINDOW",
@@ -19,8 +26,12 @@ __all__ = [
     "BACKEND_ALIASES",
     "BACKEND_CHOICES",
     "BACKEND_PRECISIONS",
+    "DEFAULT_ENGINE",
+    "DEFAULT_NETWORK",
     "ENGINES",
     "EngineInfo",
+    "EngineSpec",
+    "REFERENCE_ENGINE",
     "PRECISIONS",
     "canonical_backend",
     "default_window",
@@ -41,21 +52,39 @@ class EngineInfo:
     needs_weights: bool  # a trained network (False: computed from the data alone)
     backend_targets: tuple[str, ...]  # per-frame modules the execution backends compile
     description: str
+    title: str = ""  # how tables and figures name it ("ConvGRU")
+    #: takes the microscope's optics and SOFI's corrections (``realtime.config.SofiOptions``:
+    #: optics, lag, bleach_order) as engine options
+    takes_optics: bool = False
+
+    @property
+    def module(self) -> str:
+        """The engine's own module (``engines.convgru``): its factory and, for a network, its
+        training hooks (``build_net``, ``TRAIN_PRESETS``)."""
+        return self.factory.partition(":")[0]
 
 
 ENGINES: dict[str, EngineInfo] = {
     e.name: e
     for e in (
         EngineInfo("sofi", "engines.sofi:SofiEngine", 20, 2, False, False, (),
-                   "second-order SOFI cumulant of a rolling window (no training)"),
+                   "second-order SOFI cumulant of a rolling window (no training)",
+                   title="SOFI", takes_optics=True),
         EngineInfo("convgru", "engines.convgru:load", 20, 1, False, True,
                    ("model.encode", "model.fuse_decode"),
-                   "ConvGRU network over a rolling window of frames"),
+                   "ConvGRU network over a rolling window of frames", title="ConvGRU"),
         EngineInfo("convlstm", "engines.convlstm:load", 20, 1, True, True,
                    ("model.encoder", "model.update", "model.decoder"),
-                   "streaming ConvLSTM: one output per frame after a warm-up"),
+                   "streaming ConvLSTM: one output per frame after a warm-up", title="ConvLSTM"),
     )
 }
+
+#: the engine a run uses when none is named (computed from the data: needs no weights)
+DEFAULT_ENGINE = "sofi"
+#: the network that training, fine-tuning and ONNX export make when none is named
+DEFAULT_NETWORK = "convgru"
+#: what a learned engine's outputs are checked against (``engines.trust``'s companion)
+REFERENCE_ENGINE = "sofi"
 
 #: the smallest window that every registered engine accepts (what the CLI and the remote
 #: server check before an engine is chosen or loaded)
@@ -91,6 +120,43 @@ def default_window(name: str | None = None) -> int:
 def neural_engines() -> tuple[str, ...]:
     """The engines that run a trained network (the ones training and fine-tuning can make)."""
     return tuple(n for n, e in ENGINES.items() if e.needs_weights)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Which engine to run, and how: what every front end hands to ``engines.load_engine``
+    and to the engine worker, whole (picklable: it travels to the worker process).
+
+    ``window=None`` keeps the engine's default (the registry's); ``options`` are the engine's
+    own keyword arguments (SOFI: ``optics``, ``lag``, ``bleach_order``; an option the engine's
+    factory does not take is a TypeError naming it); ``trust`` checks a learned engine's
+    outputs against a companion SOFI (None: for learned engines), ``trust_options`` are
+    ``engines.trust.TrustConfig`` fields.
+    """
+
+    name: str = DEFAULT_ENGINE
+    window: int | None = None
+    backend: str = "eager"
+    device: str = "cpu"
+    precision: str = "fp32"
+    weights: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    trust: bool | None = None
+    trust_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and not isinstance(self.weights, str):
+            object.__setattr__(self, "weights", str(self.weights))
+        object.__setattr__(self, "options", dict(self.options))
+        object.__setattr__(self, "trust_options", dict(self.trust_options))
+
+    @property
+    def info(self) -> EngineInfo:
+        """This engine's registry entry (KeyError for an engine added by register_engine only)."""
+        return ENGINES[self.name]
+
+    def replace(self, **changes: Any) -> EngineSpec:
+        return replace(self, **changes)
 
 
 class WeightsArgError(argparse.ArgumentTypeError, ValueError):

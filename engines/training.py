@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines import engine_module
 from engines.data import DataConfig, SampleStream, heldout_set
 from engines.nn_common import (
     WEIGHTS_DIR,
@@ -39,7 +40,7 @@ from engines.nn_common import (
     save_weights,
     trailing_mean,
 )
-from engines.registry import neural_engines
+from engines.registry import DEFAULT_NETWORK, ENGINES, neural_engines
 
 
 @dataclass
@@ -54,8 +55,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "convgru"            # convgru | convlstm
-    preset: str = "cpu"               # cpu (shared 2-core CPU) | gpu (see PRESETS)
+    model: str = DEFAULT_NETWORK      # a network of the registry (neural_engines())
+    preset: str = "cpu"               # cpu (shared 2-core CPU) | gpu (TRAIN_PRESETS)
     steps: int = 1500
     batch: int = 8
     lr: float = 1e-3
@@ -80,44 +81,24 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-# cpu: a shared 2-core CPU, one torch thread + one data process (1.14 s/step ConvGRU, 1.63
-# ConvLSTM on a quiet core; run hours with --max-minutes). gpu: one GPU on a 16-core host;
-# there the simulator, not the GPU, bounds the step rate (per process ~14 48-px ConvGRU
-# samples/s, ~4 40-frame ConvLSTM sequences/s: benchmarks/bench_data.py), hence 48-px
+# The presets are each network's TRAIN_PRESETS (in its own module): cpu = a shared 2-core CPU,
+# one torch thread + one data process (run hours with --max-minutes); gpu = one GPU on a
+# 16-core host, where the simulator, not the GPU, bounds the step rate (per process ~14 48-px
+# ConvGRU samples/s, ~4 40-frame ConvLSTM sequences/s: benchmarks/bench_data.py), hence 48-px
 # patches and 14 processes. Patches hold a ring, a punctum cluster or a 3.5 px FWHM PSF.
-PRESETS: dict[tuple[str, str], dict] = {
-    ("convgru", "cpu"): dict(steps=20000, batch=4, lr=1e-3, lr_final=1e-5,
-                             data=dict(size=32, frames=20)),
-    ("convgru", "gpu"): dict(steps=40000, batch=32, lr=1e-3, lr_final=1e-5, workers=14,
-                             eval_n=64, eval_every=500, ckpt_every=500,
-                             data=dict(size=48, frames=20)),
-    ("convlstm", "cpu"): dict(steps=20000, batch=4, lr=1e-3, lr_final=1e-5, warmup_loss=8,
-                              data=dict(size=32, frames=32, per_frame_targets=True,
-                                        target_from=8, p_moving=0.5)),
-    ("convlstm", "gpu"): dict(steps=40000, batch=32, lr=1e-3, lr_final=1e-5, warmup_loss=10,
-                              workers=14, eval_n=64, eval_every=500, ckpt_every=500,
-                              data=dict(size=48, frames=40, per_frame_targets=True,
-                                        target_from=10, p_moving=0.5)),
-}
 PRESET_ALIASES = {"small": "cpu", "full": "gpu"}  # the names of the first presets
 
 
 def _build(cfg: TrainConfig):
-    if cfg.model == "convgru":
-        from engines.convgru import ConvGRUConfig, ConvGRUNet
+    """A fresh network and its architecture (the network's own ``training_net``)."""
+    if cfg.model not in neural_engines():
+        raise ValueError(f"unknown model {cfg.model!r} ({', '.join(neural_engines())})")
+    return engine_module(cfg.model).training_net(frames=cfg.data.frames, hidden=cfg.hidden)
 
-        arch = ConvGRUConfig(window=cfg.data.frames)
-        if cfg.hidden:
-            arch.hidden = cfg.hidden
-        return ConvGRUNet(arch), arch
-    if cfg.model == "convlstm":
-        from engines.convlstm import ConvLSTMConfig, ConvLSTMNet
 
-        arch = ConvLSTMConfig()
-        if cfg.hidden:
-            arch.hidden = cfg.hidden
-        return ConvLSTMNet(arch), arch
-    raise ValueError(f"unknown model {cfg.model!r} (convgru, convlstm)")
+def _per_frame(model_name: str) -> bool:
+    """A stateful network (ConvLSTM) has one output per frame; a window network one per window."""
+    return ENGINES[model_name].stateful
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -133,7 +114,7 @@ def predict(model, x: torch.Tensor, norm: NormConfig, model_name: str, decode_fr
     ConvGRU (B, uH, uW) and (B,) (mean over the window); ConvLSTM (B, T', uH, uW) and
     (B, T') (trailing mean over the arch's warm-up), for frames decode_from.. only."""
     xn, scale = normalise_with_scale(x, norm)
-    if model_name == "convgru":
+    if not _per_frame(model_name):
         return model(xn)[:, 0], scale.mean(dim=1)
     out = model(xn, decode_from=decode_from)[0]
     return out, trailing_mean(scale, model.cfg.warmup)[:, decode_from:]
@@ -142,7 +123,7 @@ def predict(model, x: torch.Tensor, norm: NormConfig, model_name: str, decode_fr
 def compute_loss(model, x, y, cfg: TrainConfig, norm: NormConfig) -> torch.Tensor:
     """Loss between the network output and the target (ADU^2) in the network representation."""
     kw = asdict(cfg.loss)
-    if cfg.model == "convgru":
+    if not _per_frame(cfg.model):
         a, scale = predict(model, x, norm, cfg.model)
         return combined_loss(a, encode_target(y, scale), **kw)
     s = cfg.warmup_loss
@@ -163,7 +144,7 @@ def validation_metrics(model, val: tuple[np.ndarray, np.ndarray], cfg: TrainConf
     loss = float(compute_loss(model, x, torch.from_numpy(val[1]).to(device), cfg, norm))
     a, scale = predict(model, x, norm, cfg.model, decode_from=x.shape[1] - 1)
     model.train()
-    if cfg.model == "convlstm":
+    if _per_frame(cfg.model):
         a, scale, tgt = a[:, -1], scale[:, -1], val[1][:, -1]
     else:
         tgt = val[1]
@@ -380,7 +361,7 @@ def _merge(obj, overrides: dict):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livesr train", description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=list(neural_engines()), default="convgru")
+    p.add_argument("--model", choices=list(neural_engines()), default=TrainConfig.model)
     p.add_argument("--config", dest="preset", choices=["cpu", "gpu", *PRESET_ALIASES],
                    default="cpu", help="cpu: a shared 2-core CPU (1 thread + 1 data process); "
                    "gpu: one GPU, 14 data processes (small/full: old names of cpu/gpu)")
@@ -417,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     preset = PRESET_ALIASES.get(args.preset, args.preset)
     cfg = TrainConfig(model=args.model, preset=preset)
-    _merge(cfg, PRESETS[(args.model, preset)])
+    _merge(cfg, engine_module(args.model).TRAIN_PRESETS[preset])
     if preset == "gpu":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     simple = {"steps": "steps", "batch": "batch", "lr": "lr", "lr_final": "lr_final",

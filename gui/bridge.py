@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gui.controls import DEFAULT_BACKENDS, ControlValues
+from engines.registry import BACKEND_CHOICES, DEFAULT_ENGINE
+from gui.controls import ControlValues
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def qt_thread_core(cfg: Any) -> Any:
 
 
 def engine_names() -> list[str]:
-    """Registered engines (imports the `engines` package, which imports torch: call this
-    off the Qt thread, see `MainWindow`)."""
+    """Registered engines whose module is installed (looks for files: call it off the Qt
+    thread, see `MainWindow`)."""
     try:
         from engines import available_engines
 
@@ -75,19 +76,19 @@ def engine_names() -> list[str]:
     except Exception as exc:  # an engine package that fails to import must not kill the GUI
         log.warning("engines.available_engines() failed: %s", exc)
         names = []
-    return names or ["sofi"]
+    return names or [DEFAULT_ENGINE]
 
 
 def backend_names() -> list[str]:
     """Backend choices (static: listing the available ones would import torch here)."""
-    return list(DEFAULT_BACKENDS)
+    return list(BACKEND_CHOICES)
 
 
 def controls_from_config(cfg: Any) -> ControlValues:
     """What the widgets show for a configuration (e.g. the one the CLI built)."""
     record = getattr(cfg, "record", None)
     return ControlValues(
-        engine=str(getattr(cfg, "engine", "sofi")),
+        engine=str(getattr(cfg, "engine", DEFAULT_ENGINE)),
         backend=str(getattr(cfg, "backend", "eager")),
         window=getattr(cfg, "window", None),
         stride=int(getattr(cfg, "stride", 1) or 1),

@@ -13,20 +13,16 @@ from pathlib import Path
 
 from qtpy import QtCore, QtGui, QtWidgets
 
-from engines.registry import BACKEND_CHOICES, ENGINES
+from engines.registry import BACKEND_CHOICES, DEFAULT_ENGINE, ENGINES
 
 log = logging.getLogger(__name__)
-
-#: the backend choices (engines.registry, torch-free: the Qt thread must not import torch); an
-#: unavailable choice is reported by the engine worker as a clear error in the window
-DEFAULT_BACKENDS = list(BACKEND_CHOICES)
 
 
 @dataclass
 class ControlValues:
     """The user's choice in the control panel (units in the names)."""
 
-    engine: str = "sofi"
+    engine: str = DEFAULT_ENGINE
     backend: str = "eager"
     window: int | None = None  # frames per output; None = the engine's default
     stride: int = 1
@@ -154,7 +150,9 @@ class ControlPanel(QtWidgets.QWidget):
         self.engine = QtWidgets.QComboBox(objectName="engine")
         self.engine.addItems(engines)
         self.backend = QtWidgets.QComboBox(objectName="backend")
-        self.backend.addItems(backends or DEFAULT_BACKENDS)
+        # the registry's choices (torch-free: the Qt thread must not import torch); an
+        # unavailable choice is reported by the engine worker as a clear error in the window
+        self.backend.addItems(backends or list(BACKEND_CHOICES))
         self.window = QtWidgets.QSpinBox(objectName="window")
         self.window.setRange(1, 500)  # 1 is shown as "engine default" (None)
         self.window.setSpecialValueText("engine default")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from qtpy import QtCore, QtWidgets
 
+from engines.registry import DEFAULT_ENGINE, REFERENCE_ENGINE
 from gui import bridge
 from gui.adapt import AdaptPanel, WeightsNote
 from gui.compare_view import CompareView, RollingMean
@@ -103,7 +104,7 @@ class MainWindow(QtWidgets.QMainWindow):
         # the engine list comes from `engines`, whose import loads torch (seconds): it is
         # read on a helper thread and filled in by the timer; until then the config's one
         self.controls = ControlPanel(
-            [str(getattr(self.config, "engine", "sofi"))], bridge.backend_names(), list(COLORMAPS)
+            [str(getattr(self.config, "engine", DEFAULT_ENGINE))], bridge.backend_names(), list(COLORMAPS)
         )
         self._engine_list = LatestSlot[list[str]]()
         self._engine_lister = threading.Thread(
@@ -233,9 +234,9 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def switch_to_sofi(self) -> None:
         """The fallback of the trust panel: run SOFI (computed from the data alone) instead."""
-        if self.controls.engine.findText("sofi") < 0:
-            self.controls.engine.addItem("sofi")
-        self.controls.engine.setCurrentText("sofi")
+        if self.controls.engine.findText(REFERENCE_ENGINE) < 0:
+            self.controls.engine.addItem(REFERENCE_ENGINE)
+        self.controls.engine.setCurrentText(REFERENCE_ENGINE)
         if self.state in (STARTING, RUNNING):
             self._restart_when_stopped = True
             self.show_status("Switching to SOFI: stopping the network ...")

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from engines.registry import DEFAULT_ENGINE
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="acquire this long before the grab")
     p.add_argument("--size", type=int, default=128, help="simulated camera size (pixels)")
     p.add_argument("--fps", type=float, default=100.0, help="camera frame rate")
-    p.add_argument("--engine", default="sofi")
+    p.add_argument("--engine", default=DEFAULT_ENGINE)
     p.add_argument("--weights", default=None, help="weights file of a network engine")
     p.add_argument("--source", default="sim", help="'sim' or a movie (TIFF) to replay, looped")
     p.add_argument("--trust-window", type=int, default=100, help="frames of a network's trust reference")

@@ -36,7 +36,7 @@ PASSTHROUGH: dict[str, tuple[str, str, str]] = {
     "finetune": ("engines.finetune", "main", "fine-tune a network on recordings of a fixed sample"),
     "evaluate": ("engines.evaluation", "main", "score engines against ground truth"),
     "bench": ("benchmarks.latency", "main", "latency / throughput benchmark"),
-    "export": ("engines.backends", "export_main", "export an engine to a compiled backend"),
+    "export": ("engines.onnx_export", "main", "export an engine to a compiled backend"),
     "engine": ("realtime.remote", "engine_main", "serve an engine for a remote pipeline"),
     "keys": ("realtime.security", "keys_main", "create CURVE keys for remote engines"),
 }

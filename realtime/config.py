@@ -23,6 +23,10 @@ from engines.registry import (
     BACKEND_ALIASES,
     BACKEND_CHOICES,
     BACKENDS,
+    DEFAULT_ENGINE,
+    ENGINES,
+    PRECISIONS,
+    EngineSpec,
     canonical_backend,
     default_window,
 )
@@ -247,7 +251,7 @@ class PipelineConfig:
     exposure_ms: float | None = None  # None = the camera's default
     seconds: float | None = 10.0  # run length; None = until stopped (or the replay ends)
     # engine
-    engine: str = "sofi"
+    engine: str = DEFAULT_ENGINE
     window: int | None = None  # frames per output; None = the engine's default
     stride: int = 1  # one output every `stride` frames
     backend: str = "eager"
@@ -272,7 +276,7 @@ class PipelineConfig:
     client_key: Path | None = None  # this PC's .key_secret (CURVE)
     # timeouts
     engine_ready_timeout_s: float = 120.0  # loading torch + weights in a fresh process
-    # SOFI optics and corrections (used when engine == "sofi", and by the trust check's companion)
+    # SOFI optics and corrections (for an engine that takes optics, and the trust check's companion)
     sofi: SofiOptions = field(default_factory=SofiOptions)
     # a network's outputs are checked against a companion SOFI of this many frames (engines.trust)
     trust: bool = True
@@ -354,8 +358,8 @@ class PipelineConfig:
                             f"{', '.join(BACKEND_CHOICES)}")
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             problems.append(f"unknown device {self.device!r}: use cpu, cuda, cuda:N or auto")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            problems.append(f"unknown precision {self.precision!r}: use fp32, fp16 or bf16")
+        if self.precision not in PRECISIONS:
+            problems.append(f"unknown precision {self.precision!r}: use {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
         if self.engine_at:
             defaults = {f.name: f.default for f in fields(self)}
             chosen = [k for k in ("engine", "backend", "device", "precision", "weights", "threads")
@@ -391,22 +395,23 @@ class PipelineConfig:
             return self.source
         return "mm" if self.source.lower().endswith(".cfg") else "replay"
 
-    def engine_options(self, pixel_size_um: float | None = None, pixel_size_source: str | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``engines.load_engine(name, **options)``.
+    def engine_spec(self, pixel_size_um: float | None = None,
+                    pixel_size_source: str | None = None) -> EngineSpec:
+        """The engine this run asks for, whole (``engines.load_engine(spec)``, the worker).
 
-        For "sofi" they include the optics and corrections; ``pixel_size_um`` is the camera's
-        (the pipeline reads it from the core before the engine starts).
+        An engine that takes optics (SOFI) gets the optics and corrections; ``pixel_size_um``
+        is the camera's (the pipeline reads it from the core before the engine starts). The
+        trust check's companion SOFI gets the same optics.
         """
-        opts = {
-            "backend": self.backend,
-            "device": self.device,
-            "precision": self.precision,
-            "weights": self.weights,
-            "window": self.window,
-        }
-        if self.engine == "sofi":
-            opts.update(self.sofi.engine_options(pixel_size_um, pixel_size_source))
-        return opts
+        sofi = self.sofi.engine_options(pixel_size_um, pixel_size_source)
+        info = ENGINES.get(self.engine)
+        return EngineSpec(
+            self.engine, window=self.window, backend=self.backend, device=self.device,
+            precision=self.precision, weights=self.weights,
+            options=sofi if info is not None and info.takes_optics else {},
+            trust=None if self.trust else False,
+            trust_options={"window": self.trust_window, "sofi": sofi},
+        )
 
     def replace(self, **changes: Any) -> PipelineConfig:
         return replace(self, **changes)

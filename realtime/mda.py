@@ -36,6 +36,7 @@ import numpy as np
 from psygnal import Signal
 
 from acquisition.sinks import FrameMeta, FrameSink, SinkSet, StreamInfo
+from engines.registry import DEFAULT_ENGINE
 
 from .config import PipelineConfig
 
@@ -240,7 +241,7 @@ class LiveSR:
     (``window``, ``stride``, ``backend``, ``device``, ``save_sr``, ``json``, ...).
     """
 
-    def __init__(self, mmcore: Any = None, *, engine: str | Any = "sofi",
+    def __init__(self, mmcore: Any = None, *, engine: str | Any = DEFAULT_ENGINE,
                  record: str | Path | None = None, **options: Any) -> None:
         from pymmcore_plus import CMMCorePlus
 

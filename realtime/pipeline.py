@@ -33,12 +33,22 @@ import numpy as np
 import zmq
 from psygnal import Signal
 
+from engines.registry import EngineSpec
 from engines.trust import TRUST_PREFIX, TrustTally  # numpy / scipy only
 
 from .config import Addresses, PipelineConfig, memory_problem
+from .handle import EngineHandle
 from .metrics import LatencyTracker, MeanRate, PipelineMetrics
-from .protocol import (FOREIGN, EngineCounts, ProtocolError, ReferenceHeader, ResultHeader, StatsMessage, decode,
-                       new_run_id)
+from .protocol import (
+    FOREIGN,
+    EngineCounts,
+    ProtocolError,
+    ReferenceHeader,
+    ResultHeader,
+    StatsMessage,
+    decode,
+    new_run_id,
+)
 from .worker import EngineWorker
 
 __all__ = ["BLINKING_PREFIX", "TRUST_PREFIX", "Pipeline", "PipelineError"]
@@ -114,7 +124,7 @@ class Pipeline:
 
         self.core: Any = None
         self.acquisition: Any = None  # the frame source (AcquisitionThread or MDASource)
-        self.worker: EngineWorker | None = None
+        self.worker: EngineHandle | None = None
         self.recorder: Any = None
         self.publisher: Any = None
         self.sr_recorder: Any = None  # --save-sr: the super-resolved images
@@ -143,7 +153,11 @@ class Pipeline:
         self._local_malformed: dict[str, int] = {}  # bad messages seen by the collector
         self.json_written: Any = None  # the --json path once it was written
         self._base = EngineCounts()  # totals of engine processes that died and were restarted
-        self._skipped_seen = 0  # the newest result's outputs_skipped (ahead of the stats)
+        # the engine's counts as of its newest message (one socket: messages arrive in order):
+        # its last stats, plus the results published since (each one output), and the
+        # skipped-output count every result carries
+        self._outputs_since_stats = 0
+        self._skipped_now = 0
         self._engine_warnings: set[str] = set()
         self._trust = TrustTally()
 
@@ -186,7 +200,7 @@ class Pipeline:
             self.endpoints = Addresses(frames=self.publisher.address, results=self._bind_results())
             if cfg.engine_at:  # remote engine(s): a client stands where the worker would
                 self.worker = self._remote_client(cfg, self.endpoints)
-                self.worker.run_in_thread()
+                self.worker.start()
             else:
                 self._start_local_worker(cfg, self.endpoints)
         except Exception as e:
@@ -232,40 +246,34 @@ class Pipeline:
             "from core pixel-size config"
         return um, where
 
-    def _engine_options(self, cfg: PipelineConfig) -> dict[str, Any]:
-        if cfg.engine != "sofi" or self._engine_override is not None:
-            return cfg.engine_options()
+    def _engine_spec(self, cfg: PipelineConfig) -> EngineSpec:
+        """The run's engine with the camera's pixel size (for optics and the trust companion)."""
         um, where = self.camera_pixel_size()
-        if um is None and cfg.sofi.pixel_size_um is None:
+        spec = cfg.engine_spec(um, where)
+        if (spec.options.get("optics") is not None and self._engine_override is None
+                and um is None and cfg.sofi.pixel_size_um is None):
             self._emit_warning(f"SOFI: the camera's pixel size is unknown ({where}); assuming the default 0.1 um: "
-                       "pass --pixel-size-um for a correct PSF width")
-        return cfg.engine_options(um, where)
-
-    def _trust_options(self, cfg: PipelineConfig) -> dict[str, Any]:
-        """The trust check's settings: its window and the companion SOFI's optics (the camera's pixel)."""
-        um, where = self.camera_pixel_size()
-        return {"window": cfg.trust_window, "sofi": cfg.sofi.engine_options(um, where)}
+                               "pass --pixel-size-um for a correct PSF width")
+        return spec
 
     def _start_local_worker(self, cfg: PipelineConfig, addrs: Addresses) -> None:
-        self.worker = EngineWorker(
-            self._engine_override if self._engine_override is not None else cfg.engine,
+        spec = self._engine_spec(cfg)
+        override = self._engine_override
+        worker = EngineWorker(
+            spec if override is None else override,
             addrs.frames,
             addrs.results,
             cfg.stride,
-            engine_options=self._engine_options(cfg),
             threads=cfg.threads,
             socket_setup=self._socket_setup,
             run_id=self.run_id,
             connect_results=True,
             warmup_shape=(int(self.core.getImageHeight()), int(self.core.getImageWidth())),
-            trust=None if cfg.trust else False,
-            trust_options=self._trust_options(cfg),
+            trust=None if override is None else spec.trust,
+            trust_options=None if override is None else spec.trust_options,
         )
-        if cfg.worker_mode == "process":
-            self.worker = self._supervised(self.worker)  # restarted if it dies
-            self.worker.run_in_process()
-        else:
-            self.worker.run_in_thread()
+        self.worker = self._supervised(worker) if cfg.worker_mode == "process" else worker
+        self.worker.start()  # a process worker is restarted if it dies
 
     def stop(self, wait: bool = True, timeout: float = 60.0) -> PipelineMetrics:
         """Stop acquiring; the engine finishes what it received. Returns the metrics.
@@ -312,6 +320,15 @@ class Pipeline:
             self.stop(wait=True)
         return self.metrics()
 
+    def _newest_counts(self) -> EngineCounts:
+        """The current engine process's counts as of its newest message: its last stats, the
+        results published since (one output each) and the skip count the newest one carries."""
+        st = self._stats
+        if st is None:
+            return EngineCounts()
+        return msgspec.structs.replace(st.counts, outputs=st.counts.outputs + self._outputs_since_stats,
+                                       outputs_skipped=self._skipped_now)
+
     def metrics(self) -> PipelineMetrics:
         """A snapshot of the current (or, once finished, final) metrics."""
         with self._lock:
@@ -327,13 +344,9 @@ class Pipeline:
             if self.sr_recorder is not None:
                 m.sr_images_recorded = int(self.sr_recorder.frames_recorded)
             st = self._stats
-            counts = self._base + (st.counts if st is not None else EngineCounts())
             if st is not None and st.engine:
                 m.engine = st.engine
-            m.counts = msgspec.structs.replace(
-                counts + EngineCounts(malformed=self._local_malformed),
-                outputs=max(counts.outputs, m.outputs_received),
-                outputs_skipped=max(counts.outputs_skipped, self._skipped_seen))
+            m.counts = self._base + self._newest_counts() + EngineCounts(malformed=self._local_malformed)
             m.fps_acquired = self._acq_rate.rate
             m.fps_output = self._out_rate.rate
             m.latency_ms = self.latency.percentiles()
@@ -604,7 +617,7 @@ class Pipeline:
                         said_preparing = True
                         self._emit_status(self._preparing_message())
             if not worker.is_alive():
-                why = worker.startup_error() or f"exit code {worker.exitcode}"
+                why = worker.startup_error() or worker.failure() or "it exited"
                 self._emit_error(f"engine worker ended before it was ready: {why}")
                 return False
             if time.monotonic() > deadline:
@@ -662,8 +675,9 @@ class Pipeline:
                     self._emit_warning(self._low_rate_message(m.fps_acquired))
             if not worker.is_alive():
                 self._drain_after_worker_exit(sub)
-                if worker.exitcode not in (0, None):
-                    self._emit_error(f"engine worker crashed (exit code {worker.exitcode})")
+                why = worker.failure()
+                if why:
+                    self._emit_error(f"engine worker crashed: {why}")
                 return
             if self._acq_ended.is_set():
                 # the worker should answer the EndOfStream with final stats; if the EOS was
@@ -709,8 +723,8 @@ class Pipeline:
             self.latency.add((published - header.t_acq_ns) / 1e6, header.seq_last)
             with self._lock:
                 self._m.outputs_received += 1
-                self._skipped_seen = max(self._skipped_seen,
-                                         self._base.outputs_skipped + header.outputs_skipped)
+                self._outputs_since_stats += 1
+                self._skipped_now = header.outputs_skipped
             if header.info:
                 self._adopt_info(header.info)
             self._out_rate.tick(time.monotonic())
@@ -723,12 +737,15 @@ class Pipeline:
             return None
         if isinstance(header, StatsMessage):
             prev = self._stats
-            if prev is not None and (header.counts.frames_received < prev.counts.frames_received
-                                     or header.counts.outputs < prev.counts.outputs):
-                # a restarted engine process counts from zero again: keep the earlier totals
-                with self._lock:
-                    self._base += prev.counts
-            self._stats = header
+            with self._lock:
+                if prev is not None and (header.counts.frames_received < prev.counts.frames_received
+                                         or header.counts.outputs < prev.counts.outputs):
+                    # a restarted engine process counts from zero again: keep the earlier
+                    # totals, as of its newest message (its last stats and the results after)
+                    self._base += self._newest_counts()
+                self._stats = header
+                self._outputs_since_stats = 0
+                self._skipped_now = header.counts.outputs_skipped
             new, old = header.counts, (prev.counts if prev is not None else EngineCounts())
             if new.engine_errors > old.engine_errors and new.last_error:
                 if not (header.final and not self._acq_started):  # a load failure: said once
@@ -783,11 +800,8 @@ class Pipeline:
             if worker is not None:
                 worker.stop()
                 if not worker.join(10.0):
-                    runner = worker._runner
-                    if hasattr(runner, "terminate"):
-                        logger.warning("engine worker did not stop; terminating it")
-                        runner.terminate()  # type: ignore[union-attr]
-                        worker.join(5.0)
+                    worker.terminate()
+                    worker.join(5.0)
             if self._t_start is not None and self._t_end is None:
                 self._t_end = time.monotonic()
             if self.sr_recorder is not None and self._sr_setup:
@@ -817,8 +831,7 @@ class Pipeline:
     def _check_outcome(self) -> None:
         """Say so when the run did not do what was asked: no frame, no output, a slow camera."""
         m, cfg = self.metrics(), self.config
-        st = self._stats
-        window = st.window if st is not None and st.window else cfg.window
+        window = self._engine_window() or cfg.window
         if m.frames_acquired == 0:
             self._emit_error("no frame was acquired")
         elif m.outputs == 0 and m.outputs_received == 0 and not m.engine_errors:
@@ -842,16 +855,21 @@ class Pipeline:
 
     def _check_movie_length(self) -> None:
         """Before the camera starts: a movie played once that is shorter than the window."""
-        st, cfg = self._stats, self.config
-        if cfg.source_kind != "replay" or cfg.loop or st is None or not st.window:
+        cfg, window = self.config, self._engine_window()
+        if cfg.source_kind != "replay" or cfg.loop or not window:
             return
         try:
             frames = int(self.core.getProperty(self.core.getCameraDevice(), "Frames"))
         except Exception:  # not our replay camera: nothing to say
             return
-        if frames < st.window:
-            self._emit_warning(f"the movie has {frames} frame(s) but the engine needs {st.window} "
+        if frames < window:
+            self._emit_warning(f"the movie has {frames} frame(s) but the engine needs {window} "
                                "per output: no output can be made (use --window, or --loop)")
+
+    def _engine_window(self) -> int | None:
+        """Frames per output as the engine reported them when ready (None before)."""
+        report = self.worker.report() if self.worker is not None else None
+        return report.window if report is not None else None
 
     # ================================================================== helpers
     def _emit_status(self, message: str) -> None:

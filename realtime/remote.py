@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,10 @@ import zmq
 from psygnal import Signal
 from zmq.utils.monitor import recv_monitor_message
 
-from engines.registry import ANY_ENGINE_MIN_WINDOW, default_window
+from engines.registry import ANY_ENGINE_MIN_WINDOW, DEFAULT_ENGINE, ENGINES, EngineSpec
 
 from .config import SofiOptions, add_sofi_arguments
+from .handle import EngineReport
 from .protocol import (
     FOREIGN,
     EndOfStream,
@@ -68,7 +70,6 @@ from .protocol import (
     encode_stats,
 )
 from .reorder import ResultReorderer
-from .send_queue import DropOldestQueue
 from .security import (
     CurveClient,
     CurveServer,
@@ -77,6 +78,7 @@ from .security import (
     find_public_file,
     find_secret_file,
 )
+from .send_queue import DropOldestQueue
 from .supervisor import EngineSupervisor
 
 log = logging.getLogger("livesr.remote")
@@ -120,7 +122,7 @@ class EngineServerConfig:
 
     bind: str = DEFAULT_ENGINE_BIND  # frames in; results on the next port
     results_bind: str | None = None
-    engine: Any = "sofi"  # a name for engines.load_engine, or an engine object/factory
+    engine: Any = DEFAULT_ENGINE  # a name for engines.load_engine, or an engine object/factory
     window: int | None = None
     stride: int = 1
     backend: str = "eager"
@@ -133,7 +135,7 @@ class EngineServerConfig:
     max_restarts: int = 5
     max_frame_mib: float = 64.0  # bigger messages drop the sender's connection
     queue_frames: int = 64  # frames queued toward a (re)starting worker before dropping
-    sofi: SofiOptions = field(default_factory=SofiOptions)  # optics and corrections for engine "sofi"
+    sofi: SofiOptions = field(default_factory=SofiOptions)  # optics and corrections (SOFI, trust)
 
     def validate(self) -> EngineServerConfig:
         _check_endpoint(self.bind, "--bind")
@@ -161,17 +163,15 @@ class EngineServerConfig:
             raise ValueError("; ".join(problems))
         return self
 
-    def engine_options(self) -> dict[str, Any]:
-        opts = {
-            "backend": self.backend,
-            "device": self.device,
-            "precision": self.precision,
-            "weights": self.weights,
-            "window": self.window,
-        }
-        if self.engine == "sofi":  # no camera here: the pixel size is --pixel-size-um or the default
-            opts.update(self.sofi.engine_options())
-        return opts
+    def engine_spec(self) -> EngineSpec:
+        """The served engine (a named one); no camera here: the pixel size is --pixel-size-um
+        or the default."""
+        sofi = self.sofi.engine_options()
+        info = ENGINES.get(str(self.engine))
+        return EngineSpec(str(self.engine), window=self.window, backend=self.backend,
+                          device=self.device, precision=self.precision, weights=self.weights,
+                          options=sofi if info is not None and info.takes_optics else {},
+                          trust_options={"sofi": sofi})  # a network's companion SOFI
 
 
 @dataclass
@@ -212,13 +212,13 @@ class EngineGateway:
     def _make_worker(self) -> Any:
         from .worker import EngineWorker
 
+        named = isinstance(self.cfg.engine, str)
         return EngineWorker(
-            self.cfg.engine,
+            self.cfg.engine_spec() if named else self.cfg.engine,
             self._worker_in,
             self._worker_out,
             self.cfg.stride,
-            engine_options=self.cfg.engine_options(),
-            trust_options={"sofi": self.cfg.sofi.engine_options()},  # a network's companion SOFI
+            trust_options=None if named else {"sofi": self.cfg.sofi.engine_options()},
             exit_on_eos=False,  # serve one client stream after another
             connect_results=True,  # to the gateway's SUB, bound on a free port
         )
@@ -396,7 +396,7 @@ class RemoteEngineOptions:
     endpoints: tuple[str, ...] = ()  # each engine's frames endpoint (results: next port)
     server_key: Path | None = None  # the engines' public server.key (or dir holding one)
     client_key: Path | None = None  # this PC's .key_secret (or dir holding one)
-    window: int | None = None  # the engine's window (None: learnt from its first result)
+    window: int | None = None  # the engines' window (None: from their ready stats)
     stride: int = 1
     block: int | None = None  # outputs per chunk with several engines (default 5*window)
     queue_mib: float = 64.0  # per-engine send queue; the oldest frames go first
@@ -434,15 +434,9 @@ class RemoteEngineOptions:
     def curve(self) -> bool:
         return self.server_key is not None
 
-    #: lead-in guess until the engines report their window (the largest engine default)
-    GUESSED_WINDOW = default_window()
-
-    @property
-    def window_or_guess(self) -> int:
-        return self.window if self.window is not None else self.GUESSED_WINDOW
-
-    def block_size(self) -> int:
-        b = self.block if self.block is not None else max(5 * self.window_or_guess, 100)
+    def block_size(self, window: int) -> int:
+        """Outputs per chunk for engines with this window (whole strides)."""
+        b = self.block if self.block is not None else max(5 * window, 100)
         # whole strides per block keep every engine's outputs on one stride grid
         return max(self.stride, (b // self.stride) * self.stride)
 
@@ -523,6 +517,7 @@ class ClientStats:
     malformed_remote: dict[str, int] = field(default_factory=dict)
     results_out: int = 0
     links: list[LinkStats] = field(default_factory=list)
+    frames_not_routed: int = 0  # came before the engines said their window, beyond HELD_FRAMES
 
 
 class _Link:
@@ -586,6 +581,9 @@ class RemoteEngineClient:
     engineDied = Signal(str)
     engineRestarted = Signal(int)
     authFailed = Signal(str)
+    #: frames kept while the engines' window is not known yet (the pipeline starts the camera
+    #: only after their ready stats, so normally none)
+    HELD_FRAMES = 256
 
     def __init__(
         self,
@@ -604,15 +602,14 @@ class RemoteEngineClient:
         self.run_id = run_id
         self.connect_results = connect_results
         self._setup = options.socket_setup()  # key errors surface here, before any thread
-        self.window = options.window_or_guess  # corrected by the first result if not given
-        self._window_known = options.window is not None
-        self.plan = ChunkPlan(len(options.endpoints), options.block_size(), max(0, self.window - 1))
-        self.reorderer: ResultReorderer[list] = ResultReorderer(
-            step=options.stride,
-            max_wait_s=options.reorder_wait_s,
-            max_pending=4 * options.block_size() + 64,
-            sources=list(range(len(options.endpoints))),
-        )
+        # the engines' window (what their ready stats say; options.window until then): the
+        # chunks' lead-in. Frames that come before it is known wait in _held.
+        self.window: int | None = None
+        self.plan: ChunkPlan | None = None
+        self.reorderer: ResultReorderer[list] | None = None
+        self._held: deque[tuple[FrameHeader, list]] = deque()
+        if options.window is not None:
+            self._start_plan(options.window)
         self.stats = ClientStats()
         self.recoveries = 0
         self._stop = threading.Event()
@@ -623,7 +620,23 @@ class RemoteEngineClient:
         self._eos: EndOfStream | None = None
         self._eos_deadline = 0.0
 
+    def _start_plan(self, window: int) -> None:
+        """Chunk the stream for engines with this window; route the frames held until now."""
+        o = self.options
+        self.window = window
+        self.plan = ChunkPlan(len(o.endpoints), o.block_size(window), max(0, window - 1))
+        self.reorderer = ResultReorderer(step=o.stride, max_wait_s=o.reorder_wait_s,
+                                         max_pending=4 * o.block_size(window) + 64,
+                                         sources=list(range(len(o.endpoints))))
+        held, self._held = self._held, deque()
+        for header, parts in held:
+            self._route(header, parts)
+
     # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """EngineHandle: run the client on its own thread."""
+        self.run_in_thread()
+
     def run_in_thread(self) -> threading.Thread:
         self._thread = threading.Thread(target=self._run_logged, name="livesr-remote", daemon=True)
         self._thread.start()
@@ -669,16 +682,23 @@ class RemoteEngineClient:
         """Why the client stopped (e.g. every engine refused this PC's key), like a worker."""
         return None if self._error is None else str(self._error)
 
-    @property
-    def exitcode(self) -> int | None:
-        """Like a worker process: None while running, 0 after a clean end, 1 on failure."""
-        if self.is_alive() or self._thread is None:
+    def failure(self) -> str | None:
+        """Why the client ended abnormally (every engine refused the key, ...); None otherwise."""
+        if self.is_alive() or self._error is None:
             return None
-        return 1 if self._error is not None else 0
+        return f"remote engine client failed: {self._error}"
 
-    @property
-    def _runner(self) -> threading.Thread | None:  # what the pipeline joins/terminates
-        return self._thread
+    def terminate(self) -> None:
+        """A thread cannot be ended: ask it to stop (it polls every 20 ms)."""
+        self.stop()
+
+    def report(self) -> EngineReport | None:
+        """The remote engines' name and window, once their ready stats said so."""
+        latest = [lk.stats.last_stats for lk in getattr(self, "_links", ())]
+        named = [st for st in latest if st is not None and st.window]
+        if self.window is None or not named:
+            return None
+        return EngineReport(named[0].engine, self.window)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
@@ -722,14 +742,16 @@ class RemoteEngineClient:
                     self._check_heartbeat(lk, now)
                     self._advise(lk, now)
                     self._check_refused(lk, now)
-                self._publish_released(self.reorderer.poll())
-                if now >= next_stats and any(lk.stats.ups for lk in links):
+                if self.reorderer is not None:
+                    self._publish_released(self.reorderer.poll())
+                if now >= next_stats and self.window is not None and any(lk.stats.ups for lk in links):
                     # like a worker, say "ready" only once an engine is there: the pipeline
                     # starts the camera on the first stats message
                     pub.send_multipart(encode_stats(self._aggregate_stats(final=False)))
                     next_stats = now + o.stats_interval_s
                 if self._eos is not None and self._finished(now):
-                    self._publish_released(self.reorderer.flush())
+                    if self.reorderer is not None:
+                        self._publish_released(self.reorderer.flush())
                     pub.send_multipart(encode_stats(self._aggregate_stats(final=True)))
                     if self.exit_on_eos:
                         break
@@ -766,15 +788,27 @@ class RemoteEngineClient:
                 self._count(self.stats.malformed_local, "unexpected_kind")
                 continue
             self.stats.frames_in += 1
-            if not self._stream_started:
-                self._stream_started = True
-                self._publish_released(
-                    self.reorderer.reset(first_seq=header.seq + self.window - 1)
-                )
-            up = [lk.stats.up for lk in self._links]
-            nbytes = sum(len(p.buffer) for p in parts)
-            for i in self.plan.targets(header.seq, up):
-                self._enqueue(self._links[i], parts, nbytes)
+            if self.plan is None:
+                self._held.append((header, parts))  # routed once the engines said their window
+                if len(self._held) > self.HELD_FRAMES:  # bounded: the oldest are given up
+                    self._held.popleft()
+                    self.stats.frames_not_routed += 1
+                    if self.stats.frames_not_routed == 1:
+                        log.warning("frames arrive before the engines said their window; "
+                                    "holding the newest %d", self.HELD_FRAMES)
+            else:
+                self._route(header, parts)
+
+    def _route(self, header: FrameHeader, parts: list) -> None:
+        """Send one frame to the engine(s) whose chunk needs it."""
+        assert self.plan is not None and self.reorderer is not None and self.window is not None
+        if not self._stream_started:
+            self._stream_started = True
+            self._publish_released(self.reorderer.reset(first_seq=header.seq + self.window - 1))
+        up = [lk.stats.up for lk in self._links]
+        nbytes = sum(len(p.buffer) for p in parts)
+        for i in self.plan.targets(header.seq, up):
+            self._enqueue(self._links[i], parts, nbytes)
 
     def _enqueue(self, lk: _Link, parts: list, nbytes: int) -> None:
         lk.stats.frames_dropped += lk.queue.put(parts, nbytes)  # the display wants the newest frames
@@ -829,13 +863,17 @@ class RemoteEngineClient:
                 continue  # the engine serves another microscope's run: alive, not ours
             if isinstance(header, ResultHeader):
                 lk.stats.results += 1
-                if not self._window_known:
-                    self._learn_window(header.seq_last - header.seq_first + 1)
+                if self.reorderer is None:  # (an engine never says its window after results)
+                    self._count(self.stats.malformed_remote, "before_window")
+                    continue
                 parts = self._restamp(i, header, _img, parts)
                 self._publish_released(self.reorderer.push(header.seq_last, parts, source=i))
             elif isinstance(header, ReferenceHeader):
                 pub.send_multipart(parts)  # a network's trust reference: shown, never counted
             elif isinstance(header, StatsMessage):
+                if header.window:
+                    self._learn_window(header.window)
+                    self._check_ready()
                 prev = lk.stats.last_stats
                 if prev is None:
                     # a server engine counts across client sessions: start from its totals now
@@ -872,10 +910,13 @@ class RemoteEngineClient:
         return [encode_result(fixed, img)[0], parts[1]]  # the pixel frame is passed on as is
 
     def _learn_window(self, window: int) -> None:
-        """Use the engines' real window for the lead-in of the chunks still to be planned."""
-        self._window_known = True
-        if window != self.window and window >= 1:
+        """The engines' window, as they report it: the lead-in of the chunks still to be planned."""
+        if self.plan is None:
             log.info("engines use a %d-frame window (lead-in %d frames)", window, window - 1)
+            self._start_plan(window)
+        elif window != self.window:
+            log.warning("engines use a %d-frame window, not %s as given (lead-in %d frames)",
+                        window, self.window, window - 1)
             self.window = window
             self.plan.lead_in = window - 1
 
@@ -900,8 +941,12 @@ class RemoteEngineClient:
                 self.recoveries += 1
                 log.warning("engine at %s is back (recovery %d)", lk.endpoint, self.recoveries)
                 self.engineRestarted.emit(self.recoveries)
-            if all(x.stats.up for x in self._links):
-                self._ready.set()
+            self._check_ready()
+
+    def _check_ready(self) -> None:
+        """Ready once every engine was heard from and their window is known."""
+        if self.window is not None and all(x.stats.up for x in self._links):
+            self._ready.set()
 
     def _engine_replaced(self, lk: _Link) -> None:
         """The engine behind a link restarted faster than the heartbeat could notice."""
@@ -1006,7 +1051,7 @@ class RemoteEngineClient:
             frames_sent=self._eos.frames_sent if (final and self._eos is not None) else None,
             final=final,
             run_id=self.run_id,
-            window=self.window if self._window_known else 0,
+            window=self.window or 0,
         )
 
 
@@ -1081,7 +1126,7 @@ def engine_main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--bind", default=DEFAULT_ENGINE_BIND, help="frames endpoint (default %(default)s)")
     p.add_argument("--results-bind", default=None, help="results endpoint (default: next port)")
-    p.add_argument("--engine", default="sofi", help="engine name (default %(default)s)")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, help="engine name (default %(default)s)")
     p.add_argument("--window", type=_positive_int, default=None, help="frames per output")
     p.add_argument("--stride", type=_positive_int, default=1, help="one output every N frames")
     p.add_argument("--backend", default="eager")
@@ -1126,7 +1171,7 @@ def engine_main(argv: Sequence[str] | None = None) -> int:
         else "CURVE off (loopback only)"
     )
     print(f"livesr engine: {cfg.engine} on {cfg.device}; frames {cfg.bind}, results {cfg.results_bind}; {curve}")
-    if cfg.engine == "sofi" and cfg.sofi.pixel_size_um is None:
+    if cfg.engine_spec().options.get("optics") is not None and cfg.sofi.pixel_size_um is None:
         print("livesr engine: warning: SOFI assumes 0.1 um camera pixels (this machine has no camera to ask): "
               "pass --pixel-size-um for a correct PSF width", file=sys.stderr)
     stop = threading.Event()

@@ -127,6 +127,19 @@ class EngineSupervisor:
         p = self.process
         return p is not None and p.is_alive()
 
+    @property
+    def watching(self) -> bool:
+        """Still watching (a dead worker is about to be restarted) rather than stopped or gone."""
+        t = self._thread
+        return not self._stop.is_set() and t is not None and t.is_alive()
+
+    def stop_watching(self, timeout: float | None = None) -> None:
+        """Stop restarting workers; the current one is left as it is (finishing by itself)."""
+        self._stop.set()
+        t = self._thread
+        if timeout is not None and t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
     def stop(self, timeout: float = 5.0) -> int | None:
         """Stop watching, then end the worker (terminate, then kill); return its exit code.
 
@@ -258,17 +271,15 @@ class EngineSupervisor:
 
 
 class SupervisedWorker:
-    """An `EngineWorker` look-alike that restarts its process when it dies.
+    """An engine handle (``realtime.handle.EngineHandle``) whose worker process is restarted
+    when it dies.
 
-    Drop-in for the pipeline: it offers the same `run_in_process`, `run_in_thread`,
-    `stop`, `wait_ready`, `join`, `is_alive`, `exitcode` and `stats`, so code written for
-    one worker keeps working; `is_alive()` stays True while a restart is pending and turns
-    False only when the worker finished (end of stream, `stop()`) or the supervisor gave
-    up. Each restart runs a fresh copy of `template` (new process, empty rolling window);
-    results keep flowing on the same address because the new worker binds it again and
-    ZeroMQ subscribers reconnect by themselves.
-
-    Thread mode (tests) runs the template once, unsupervised: a thread cannot be killed.
+    It owns an :class:`EngineSupervisor` and the worker it runs now; ``is_alive()`` stays
+    True while a restart is pending and turns False only when the worker finished (end of
+    stream, ``stop()``) or the supervisor gave up. Each restart runs a fresh copy of
+    ``template`` (new process, empty rolling window); results keep flowing on the same
+    address because the new worker connects again and ZeroMQ subscribers reconnect by
+    themselves.
     """
 
     engineDied = Signal(str)
@@ -276,23 +287,24 @@ class SupervisedWorker:
     gaveUp = Signal(str)
 
     def __init__(self, template: Any, **supervisor_options: Any):
-        self.template = template
-        self.current: Any = template
-        self.supervisor: EngineSupervisor | None = None
+        self._template = template
+        self._current: Any = template
+        self._supervisor: EngineSupervisor | None = None
         self._options = supervisor_options
         self._stopping = False
 
     # ------------------------------------------------------------------ starting
     def _spawn(self) -> Any:
-        worker = copy.copy(self.template)
-        stats_type = type(getattr(self.template, "stats", None))
-        if stats_type is not type(None):
-            worker.stats = stats_type()
+        worker = copy.copy(self._template)
+        stats = getattr(self._template, "stats", None)
+        if stats is not None:  # fresh counters: a restarted worker counts from zero
+            worker.stats = type(stats)()
         proc = worker.run_in_process()
-        self.current = worker
+        self._current = worker
         return proc
 
-    def run_in_process(self) -> Any:
+    def start(self) -> None:
+        """Start the first worker process and the supervisor that restarts it."""
         options = {"was_ready": self._current_was_ready, **self._options}
         sup = EngineSupervisor(self._spawn, **options)
         # forward through plain functions: psygnal resolves a connected `.emit` of another
@@ -309,51 +321,58 @@ class SupervisedWorker:
         sup.engineDied.connect(died)
         sup.engineRestarted.connect(restarted)
         sup.gaveUp.connect(gave_up)
-        self.supervisor = sup
-        return sup.start()
-
-    def run_in_thread(self) -> Any:
-        self.current = self.template
-        return self.template.run_in_thread()
+        self._supervisor = sup
+        sup.start()
 
     def _current_was_ready(self) -> bool:
         """Did the worker that just died ever finish loading its engine?"""
-        return bool(self.current.wait_ready(0))
+        return bool(self._current.wait_ready(0))
 
-    # ------------------------------------------------------------------ EngineWorker API
-    def __getattr__(self, name: str) -> Any:
-        # anything else the worker offers (e.g. startup_error()) is the current worker's
-        if name in ("template", "current"):
-            raise AttributeError(name)
-        return getattr(self.current, name)
-
+    # ------------------------------------------------------------------ what it runs
     @property
     def restarts(self) -> int:
-        return self.supervisor.restarts if self.supervisor is not None else 0
+        return self._supervisor.restarts if self._supervisor is not None else 0
 
     @property
     def stats(self) -> Any:
-        return self.current.stats
+        """The current worker's running totals (a restarted worker counts from zero)."""
+        return self._current.stats
 
     @property
-    def exitcode(self) -> int | None:
-        return getattr(self.current, "exitcode", None)
+    def pid(self) -> int | None:
+        """The current worker process's id."""
+        p = self._supervisor.process if self._supervisor is not None else None
+        return getattr(p, "pid", None)
 
-    @property
-    def _runner(self) -> Any:  # the pipeline terminates a stuck worker through this
-        return getattr(self.current, "_runner", None)
+    def report(self) -> Any:
+        return self._current.report()
 
+    def startup_error(self) -> str | None:
+        return self._current.startup_error()
+
+    def failure(self) -> str | None:
+        return self._current.failure()
+
+    # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
         """Finish the current worker gracefully and do not restart it."""
         self._stopping = True
-        if self.supervisor is not None:
-            self.supervisor._stop.set()
-        self.current.stop()
+        if self._supervisor is not None:
+            self._supervisor.stop_watching()
+        self._current.stop()
+
+    def terminate(self) -> None:
+        """End a worker that did not stop when asked (terminate, then kill)."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.stop(timeout=5.0)
+        else:
+            self._current.terminate()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            worker = self.current
+            worker = self._current
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if worker.wait_ready(0.1 if left is None else min(0.1, left)):
                 return True
@@ -363,26 +382,22 @@ class SupervisedWorker:
                 return False
 
     def is_alive(self) -> bool:
-        if self.current.is_alive():
+        if self._current.is_alive():
             return True
-        sup = self.supervisor
-        if sup is None or self._stopping or sup.gave_up or sup._stop.is_set():
+        sup = self._supervisor
+        if sup is None or self._stopping or sup.gave_up or not sup.watching:
             return False
         # dead but about to be replaced, unless it finished cleanly (end of stream)
-        code = self.current.exitcode
-        if code == 0 and sup.clean_exit_is_done:
-            return False
-        return sup._thread is not None and sup._thread.is_alive()
+        return not (self._current.exitcode == 0 and sup.clean_exit_is_done)
 
     def join(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.is_alive():
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            self.current.join(0.1)
-        if self.supervisor is not None and self.supervisor._thread is not None:
-            self.supervisor._stop.set()
-            self.supervisor._thread.join(1.0)
+            self._current.join(0.1)
+        if self._supervisor is not None:
+            self._supervisor.stop_watching(1.0)
         return True
 
 

@@ -45,11 +45,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Union
 
 import numpy as np
 import zmq
 
+from engines.registry import REFERENCE_ENGINE, EngineSpec
+
+from .handle import EngineReport
 from .protocol import (
     FOREIGN,
     EndOfStream,
@@ -67,12 +71,14 @@ from .protocol import (
 )
 from .window import RollingWindow, StreamContinuity
 
-__all__ = ["EngineLoadError", "EngineWorker", "default_compute_threads", "plan_stateful_feed"]
+__all__ = ["EngineLoadError", "EngineWorker", "default_compute_threads", "plan_stateful_feed",
+           "plan_window_feed"]
 
 logger = logging.getLogger(__name__)
 
-#: An engine name for ``engines.load_engine``, an engine object, or a zero-argument factory.
-EngineSpec = Union[str, Any, Callable[[], Any]]
+#: What the worker runs: an EngineSpec (or a bare engine name) for ``engines.load_engine``, an
+#: engine object, or a zero-argument factory.
+EngineSource = Union[EngineSpec, str, Any, Callable[[], Any]]
 SocketSetup = Callable[[zmq.Socket], None]
 
 
@@ -115,12 +121,31 @@ def plan_stateful_feed(queued: int, *, per_frame_s: float | None, per_output_s: 
     return max(1, min(queued, int(budget / per_frame_s + 1e-9)))
 
 
+def plan_window_feed(queued: int, *, window: int, last_due: int | None, continues: bool) -> list[bool]:
+    """Which of a continuous run's ``queued`` frames a streaming windowed engine is fed.
+
+    Only the frames of the newest due output (``last_due``, an index into the run, or None)
+    and the last ``window`` frames (the outputs after this batch) are needed; the engine is
+    restarted over the gap. But an engine whose state already runs up to the run's first
+    frame (``continues``) keeps it when that is no dearer than a restart (``queued <=
+    window`` pushes): skipping would cost a full re-warm per output and, for a recurrent net
+    near capacity, never catch up.
+    """
+    if continues and queued <= window:
+        return [True] * queued
+    return [(last_due - i < window) if last_due is not None and i <= last_due else i >= queued - window
+            for i in range(queued)]
+
+
 class EngineWorker:
     """Pull frames from ``in_addr`` (connect), publish results on ``out_addr`` (bind).
 
-    ``engine`` is a name for ``engines.load_engine(name, **engine_options)`` (imported in the
-    worker, so the spawning process never loads torch), an engine object, or a zero-argument
-    factory returning one. Objects and factories must be picklable for ``run_in_process``.
+    ``engine`` is an :class:`engines.registry.EngineSpec` (or a bare engine name) for
+    ``engines.load_engine`` (imported in the worker, so the spawning process never loads
+    torch), an engine object, or a zero-argument factory returning one. Objects and factories
+    must be picklable for ``run_in_process``. It implements :class:`realtime.handle.EngineHandle`
+    (``start()`` runs it on a thread; a process is started by ``run_in_process``, which the
+    supervised worker and the remote server call).
 
     ``socket_setup`` is applied to both sockets before bind/connect (e.g. CURVE keys).
     With ``exit_on_eos`` the worker finishes after the first EndOfStream; otherwise it resets
@@ -136,17 +161,17 @@ class EngineWorker:
     publishing "preparing" stats meanwhile, so no frame ever waits for a compiler.
     ``trust``: check the outputs against a companion SOFI (``engines.trust``; None = for
     learned engines only); ``trust_options``: ``engines.trust.TrustConfig`` fields (``window``,
-    ``sofi`` = the companion's SOFI options, ...).
+    ``sofi`` = the companion's SOFI options, ...). An EngineSpec carries its own (these
+    keywords are for engine objects and factories; given with a spec they are an error).
     """
 
     def __init__(
         self,
-        engine: EngineSpec,
+        engine: EngineSource,
         in_addr: str,
         out_addr: str,
         stride: int = 1,
         *,
-        engine_options: dict[str, Any] | None = None,
         exit_on_eos: bool = True,
         stats_interval_s: float = 0.5,
         socket_setup: SocketSetup | None = None,
@@ -163,15 +188,20 @@ class EngineWorker:
         blinking_every: int = 100,
         blinking_pixels: int = 4096,
         trust: bool | None = None,
-        trust_options: dict[str, Any] | None = None,
+        trust_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
             raise ValueError(f"stride must be an int >= 1, got {stride!r}")
-        self.engine_spec = engine
+        if isinstance(engine, str):
+            engine = EngineSpec(engine)
+        if isinstance(engine, EngineSpec):
+            if trust is not None or trust_options is not None:
+                raise ValueError("an EngineSpec carries its own trust settings: pass them in the spec")
+            trust, trust_options = engine.trust, dict(engine.trust_options)
+        self.engine_source = engine
         self.in_addr = in_addr
         self.out_addr = out_addr
         self.stride = stride
-        self.engine_options = dict(engine_options or {})
         self.exit_on_eos = exit_on_eos
         self.stats_interval_s = stats_interval_s
         self.socket_setup = socket_setup
@@ -196,15 +226,23 @@ class EngineWorker:
         self._stop_event: Any = threading.Event()
         self._ready_event: Any = threading.Event()
         self._failure: Any = queue.SimpleQueue()  # why the worker could not start
-        self._log_level = logging.WARNING
+        self._reports: Any = queue.SimpleQueue()  # the engine's EngineReport, once ready
+        self._report: EngineReport | None = None
+        self._crash: str | None = None  # a thread worker that raised: why
+        self.log_level = logging.WARNING
         self._runner: threading.Thread | mp.process.BaseProcess | None = None
 
     # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """EngineHandle: serve on a daemon thread (a process: :meth:`run_in_process`)."""
+        self.run_in_thread()
+
     def run_in_thread(self) -> threading.Thread:
         """Start :meth:`run` on a daemon thread (tests, single-process use)."""
         self._stop_event = threading.Event()
         self._ready_event = threading.Event()
         self._failure = queue.SimpleQueue()
+        self._reports = queue.SimpleQueue()
         t = threading.Thread(target=self._run_logged, name="livesr-engine-worker", daemon=True)
         t.start()
         self._runner = t
@@ -215,7 +253,8 @@ class EngineWorker:
             self.run()
         except EngineLoadError:
             pass  # reported through startup_error() and the final stats
-        except Exception:
+        except Exception as e:
+            self._crash = f"engine worker failed: {_first_line(e)}"
             logger.exception("engine worker failed")
 
     def run_in_process(self) -> mp.process.BaseProcess:
@@ -224,7 +263,8 @@ class EngineWorker:
         self._stop_event = ctx.Event()
         self._ready_event = ctx.Event()
         self._failure = ctx.SimpleQueue()
-        self._log_level = logging.getLogger().getEffectiveLevel()
+        self._reports = ctx.SimpleQueue()
+        self.log_level = logging.getLogger().getEffectiveLevel()
         p = ctx.Process(target=_process_main, args=(self,), name="livesr-engine-worker", daemon=True)
         p.start()  # (a script that spawns needs the `if __name__ == "__main__":` guard)
         self._runner = p
@@ -268,9 +308,43 @@ class EngineWorker:
     def is_alive(self) -> bool:
         return self._runner is not None and self._runner.is_alive()
 
+    def terminate(self) -> None:
+        """End a worker process that did not stop when asked (a thread cannot be ended)."""
+        r = self._runner
+        if isinstance(r, mp.process.BaseProcess) and r.is_alive():
+            logger.warning("engine worker did not stop; terminating it")
+            r.terminate()
+
+    def failure(self) -> str | None:
+        """Why the worker ended abnormally: a process's non-zero exit, a thread's exception."""
+        if self.is_alive():
+            return None
+        code = self.exitcode
+        if code not in (0, None):
+            from .supervisor import describe_exit
+
+            return describe_exit(code, self.pid)
+        return self._crash
+
+    def report(self) -> EngineReport | None:
+        """What the engine runs with (its name and window), as it said when ready."""
+        if self._report is None:
+            try:
+                while not self._reports.empty():
+                    self._report = self._reports.get()
+            except (OSError, EOFError, ValueError):
+                pass
+        return self._report
+
     @property
     def exitcode(self) -> int | None:
+        """The worker process's exit code (None while it runs, and for a thread)."""
         return getattr(self._runner, "exitcode", None)
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id (None for a thread)."""
+        return getattr(self._runner, "pid", None)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -365,14 +439,14 @@ class EngineWorker:
         logger.warning("no subscriber on %s after %.0f s; publishing anyway", self.out_addr, timeout_s)
 
     def _engine_label(self) -> str:
-        spec = self.engine_spec
-        return spec if isinstance(spec, str) else getattr(spec, "name", type(spec).__name__)
+        src = self.engine_source
+        return str(getattr(src, "name", type(src).__name__))
 
     def _limit_threads(self) -> None:
         """Cap torch's intra-op threads. On a small, busy machine torch's default (one
         thread per core) spin-waits against acquisition and is ~50x slower than one thread
         (measured: SOFI 256x256 push 2.9 ms with 1 thread vs 160 ms with 2 on 2 loaded cores)."""
-        if self.threads < 1 or (not isinstance(self.engine_spec, str) and "torch" not in sys.modules):
+        if self.threads < 1 or (not isinstance(self.engine_source, EngineSpec) and "torch" not in sys.modules):
             return
         try:
             import torch
@@ -382,17 +456,16 @@ class EngineWorker:
 
     def _load_engine(self) -> Any:
         self._limit_threads()
-        spec = self.engine_spec
-        if isinstance(spec, str):
+        src = self.engine_source
+        if isinstance(src, EngineSpec):
             from engines import load_engine  # lazy: torch loads in the worker only
 
-            opts = {k: v for k, v in self.engine_options.items() if v is not None}
-            return load_engine(spec, **opts)
-        if hasattr(spec, "window") and (hasattr(spec, "reconstruct") or hasattr(spec, "push")):
-            return spec
-        if callable(spec):
-            return spec()
-        raise TypeError(f"engine must be a name, an engine object or a factory, got {type(spec).__name__}")
+            return load_engine(src)
+        if hasattr(src, "window") and (hasattr(src, "reconstruct") or hasattr(src, "push")):
+            return src
+        if callable(src):
+            return src()
+        raise TypeError(f"engine must be an EngineSpec, an engine object or a factory, got {type(src).__name__}")
 
     def _announce_failure(self, pub: zmq.Socket) -> None:
         """Publish the final stats for ~1 s so that a subscriber that is still joining sees it."""
@@ -432,7 +505,6 @@ class EngineWorker:
         self._continuity = StreamContinuity()
         self._rolling = RollingWindow(self.window)
         self._engine_next_seq: int | None = None
-        self._push_all = False
         # an engine whose push(frame, output=False) only updates its sums (SOFI) skips the image
         # of every frame that is not published: catching up then costs sums, not images
         self._push_output_kw = self._streaming and _takes_keyword(engine.push, "output")
@@ -485,6 +557,8 @@ class EngineWorker:
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         state: StatsState = "ready"
+        # the report first: whoever sees "ready" can read it (report())
+        self._reports.put(EngineReport(self._engine_name, self.window, self._stateful))
         pub.send_multipart(encode_stats(self._stats_message(state)))
         self._ready_event.set()
         next_stats = time.monotonic() + self.stats_interval_s
@@ -544,7 +618,7 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ MDA streams
     #: what one stream (an MDA position / channel / z) owns: its window and engine state
-    _STREAM_STATE = ("_engine", "_continuity", "_rolling", "_engine_next_seq", "_push_all", "_fed",
+    _STREAM_STATE = ("_engine", "_continuity", "_rolling", "_engine_next_seq", "_fed",
                      "_monitor", "_check_due", "_check_waited", "_check_info", "_trust", "_trust_info")
 
     def _select_stream(self, key: str) -> None:
@@ -558,7 +632,7 @@ class EngineWorker:
         if state is None:
             state = {"_engine": self._engine_for_new_stream(), "_continuity": StreamContinuity(),
                      "_rolling": RollingWindow(self.window), "_engine_next_seq": None,
-                     "_push_all": False, "_fed": 0, "_monitor": self._new_monitor(),
+                     "_fed": 0, "_monitor": self._new_monitor(),
                      "_check_due": False, "_check_waited": 0, "_check_info": (None, {}),
                      "_trust": self._new_trust(), "_trust_info": {}}
         for a, v in state.items():
@@ -658,7 +732,7 @@ class EngineWorker:
         img = np.ascontiguousarray(img, dtype=np.float32)
         ref = ReferenceHeader(
             seq_first=max(0, first), seq_last=max(0, last), shape=(int(img.shape[0]), int(img.shape[1])),
-            engine="sofi", run_id=h.run_id, stream=h.stream,
+            engine=REFERENCE_ENGINE, run_id=h.run_id, stream=h.stream,
             info={k: v for k, v in self._trust_info.items() if k in ("trust.agreement", "trust.measured_at")})
         self._pub.send_multipart(encode_reference(ref, img), copy=True)
 
@@ -741,13 +815,10 @@ class EngineWorker:
             if self._stateful:
                 self._feed_stateful_run(frames[a:b], [i - a for i in dues], t_start)
                 continue
-            # A streaming engine whose state already runs up to this batch keeps it when that
-            # is no dearer than a restart (<= window pushes): skipping would cost a full
-            # re-warm per output and, for a recurrent net near capacity, never catch up.
-            self._push_all = (self._streaming and self._engine_next_seq == frames[a][0].seq
-                              and b - a <= W)
+            feed = plan_window_feed(b - a, window=W, last_due=None if last_due is None else last_due - a,
+                                    continues=self._streaming and self._engine_next_seq == frames[a][0].seq)
             for i in range(a, b):
-                if not self._feed_frame(frames, i, last_due, b, t_start):
+                if not self._feed_frame(frames, i, last_due, feed[i - a], t_start):
                     # engine error: that run is broken; the frames after it start a new one
                     self._continuity.reset()
                     self._rolling.reset()
@@ -805,22 +876,14 @@ class EngineWorker:
                 (1 - a) * self._cost_output_s + a * output_s)
         return out if want_output else None
 
-    def _needed(self, i: int, last_due: int | None, end: int) -> bool:
-        """Does frame i contribute to the newest due output, or to outputs after this batch?"""
-        if self._push_all:
-            return True
-        if last_due is not None and i <= last_due:
-            return last_due - i < self.window
-        return i >= end - self.window
-
-    def _feed_frame(self, frames: list, i: int, last_due: int | None, end: int, t_start: int) -> bool:
+    def _feed_frame(self, frames: list, i: int, last_due: int | None, needed: bool, t_start: int) -> bool:
         h, img, t_recv = frames[i]
         is_output = i == last_due
         out = None
         self._watch(img, h.seq)
         try:
             if self._streaming:
-                if not self._needed(i, last_due, end):
+                if not needed:  # (plan_window_feed)
                     return True
                 if self._engine_next_seq is not None and h.seq != self._engine_next_seq:
                     self._engine_reset()  # we skipped frames to catch up: restart cleanly
@@ -893,7 +956,7 @@ def _first_line(e: BaseException) -> str:
 
 def _process_main(worker: EngineWorker) -> None:
     """Entry point of the spawned worker process."""
-    logging.basicConfig(level=worker._log_level, format="%(asctime)s engine-worker %(levelname)s %(message)s")
+    logging.basicConfig(level=worker.log_level, format="%(asctime)s engine-worker %(levelname)s %(message)s")
     # Ctrl+C in a terminal reaches the whole process group: the parent decides when we stop
     # (it sends the EndOfStream), so that the queued frames are still processed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -13,6 +13,7 @@ from torch import nn
 
 from engines import backend_cache as bc
 from engines import backends as B
+from engines import onnx_export
 
 torch.set_num_threads(1)
 
@@ -393,7 +394,7 @@ def test_export_says_so_when_onnx_missing(monkeypatch, capsys, tmp_path):
     real = B._import_error
     monkeypatch.setattr(B, "_import_error",
                         lambda m: "ModuleNotFoundError: no onnx" if m == "onnx" else real(m))
-    assert B.export_main(["--engine", "convgru", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert onnx_export.main(["--engine", "convgru", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "pip install 'livesr[onnx]'" in capsys.readouterr().out
     assert not (tmp_path / "x.onnx").exists()
 
@@ -401,7 +402,7 @@ def test_export_says_so_when_onnx_missing(monkeypatch, capsys, tmp_path):
 def test_export_of_sofi_is_refused(capsys, tmp_path):
     if B._import_error("onnx"):
         pytest.skip("onnx not installed")
-    assert B.export_main(["--engine", "sofi", "--out", str(tmp_path / "s.onnx")]) == 1
+    assert onnx_export.main(["--engine", "sofi", "--out", str(tmp_path / "s.onnx")]) == 1
     assert "no neural network" in capsys.readouterr().out
 
 

@@ -62,7 +62,7 @@ def test_demo_flags_map_onto_config(tmp_path):
     assert (cfg.source, cfg.size, cfg.fps, cfg.seconds, cfg.engine) == ("sim", 128, 50.0, 20.0, "convgru")
     assert (cfg.window, cfg.stride, cfg.backend, cfg.device, cfg.crop) == (10, 2, "compiled", "cuda", 64)
     assert cfg.record == tmp_path / "r.ome.tif" and cfg.json == tmp_path / "m.json" and cfg.headless
-    assert cfg.engine_options()["window"] == 10
+    assert cfg.engine_spec().window == 10
 
 
 def test_defaults():
@@ -154,16 +154,16 @@ def test_sofi_flags_map_onto_config_and_engine_options():
                 "--lag", "1", "--bleach-order", "1")
     s = cfg.sofi
     assert (s.na, s.wavelength_nm, s.pixel_size_um, s.lag, s.bleach_order) == (1.3, 603.0, 0.16, 1, 1)
-    opts = cfg.engine_options(0.2, "from core pixel-size config")
+    opts = cfg.engine_spec(0.2, "from core pixel-size config").options
     assert opts["optics"] == {"na": 1.3, "wavelength_nm": 603.0, "pixel_size_um": 0.16,
                               "pixel_size_source": "--pixel-size-um"}  # the flag overrides the camera
     assert opts["lag"] == 1 and opts["bleach_order"] == 1
     d = parse("demo")
     assert d.sofi.lag == "auto" and d.sofi.bleach_order == 2
-    assert d.engine_options(0.2, "from core pixel-size config")["optics"] == {
+    assert d.engine_spec(0.2, "from core pixel-size config").options["optics"] == {
         "pixel_size_um": 0.2, "pixel_size_source": "from core pixel-size config"}
-    assert parse("demo", "--no-bleach-correction", "--psf-fwhm-nm", "250").engine_options()["bleach_order"] == 0
-    assert "optics" not in parse("demo", "--engine", "convgru").engine_options()  # only sofi takes them
+    assert parse("demo", "--no-bleach-correction", "--psf-fwhm-nm", "250").engine_spec().options["bleach_order"] == 0
+    assert "optics" not in parse("demo", "--engine", "convgru").engine_spec().options  # only sofi takes them
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -185,7 +185,7 @@ def test_engine_command_takes_the_sofi_flags():
     from realtime.remote import EngineServerConfig
 
     cfg = EngineServerConfig(sofi=SofiOptions(na=1.2, lag=0)).validate()
-    assert cfg.engine_options()["optics"] == {"na": 1.2} and cfg.engine_options()["lag"] == 0
+    assert cfg.engine_spec().options["optics"] == {"na": 1.2} and cfg.engine_spec().options["lag"] == 0
     with pytest.raises(ValueError, match="na must be"):
         EngineServerConfig(sofi=SofiOptions(na=9.0)).validate()
 

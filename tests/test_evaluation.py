@@ -15,12 +15,12 @@ from engines.evaluation import (
     EVAL_SEED_BASE,
     ZERO_KINDS,
     EngineRun,
-    EngineSpec,
+    ScoredEngine,
     EvaluationConfig,
     _run_engine,
     evaluate,
     main,
-    parse_engine_spec,
+    parse_scored_engine,
     zero_target_config,
 )
 from engines.nn_common import WEIGHTS_DIR, read_weights
@@ -47,11 +47,11 @@ def _shipped_not_fully_trained() -> bool:
 
 
 def test_engine_specs():
-    assert parse_engine_spec("sofi100") == EngineSpec("sofi100", "sofi", 100, False)
-    assert parse_engine_spec("convgru") == EngineSpec("convgru", "convgru", None, False)
-    assert parse_engine_spec("ConvLSTM").streaming
+    assert parse_scored_engine("sofi100") == ScoredEngine("sofi100", "sofi", 100, False)
+    assert parse_scored_engine("convgru") == ScoredEngine("convgru", "convgru", None, False)
+    assert parse_scored_engine("ConvLSTM").streaming
     with pytest.raises(ValueError, match="bad engine"):
-        parse_engine_spec("sofi-20")
+        parse_scored_engine("sofi-20")
 
 
 def test_held_out_seeds_are_disjoint_and_the_thesis_snr_is_used():
@@ -105,7 +105,7 @@ def test_bad_config_is_rejected():
 def test_streaming_engine_scores_the_last_output():
     rng = np.random.default_rng(0)
     movie = rng.poisson(20, size=(7, 12, 12)).astype(np.uint16)
-    run = EngineRun(EngineSpec("s", "sofi", 4, True), engine=SofiEngine(4), n_input=6)
+    run = EngineRun(ScoredEngine("s", "sofi", 4, True), engine=SofiEngine(4), n_input=6)
     out, times = _run_engine(run, movie)
     assert len(times) == 3  # pushes 4, 5, 6 give outputs; 1-3 are warm-up
     np.testing.assert_allclose(out, SofiEngine(4).reconstruct(movie[:6]), rtol=1e-5, atol=1e-6)
@@ -170,8 +170,9 @@ def test_crashing_or_wrong_engine_is_reported_and_others_continue(monkeypatch, t
     real = engines.load_engine
     fakes = {"crash": _CrashingEngine, "wrongshape": _WrongShapeEngine}
 
-    def fake_load(name, **kw):
-        return fakes[name]() if name in fakes else real(name, **kw)
+    def fake_load(spec, **kw):  # load_engine(EngineSpec) as the evaluation calls it
+        name = getattr(spec, "name", spec)
+        return fakes[name]() if name in fakes else real(spec, **kw)
 
     monkeypatch.setattr(engines, "load_engine", fake_load)
     cfg = EvaluationConfig(size=24, n=1, classes=("puncta", "rings"), sets=("thesis",),

@@ -482,7 +482,7 @@ def test_remote_engine_process_killed_is_restarted_behind_the_gateway():
         assert gw.wait_ready(60) and client.wait_ready(10)
         cam.start()
         assert _wait(lambda: (rig.drain(), len(rig.results) > 5)[1], 10)
-        os.kill(gw.worker._runner.pid, signal.SIGKILL)
+        os.kill(gw.worker.pid, signal.SIGKILL)
         killed_at = seq[0]
         assert _wait(lambda: gw.stats.engine_restarts == 1, 30)
         assert _wait(lambda: (rig.drain(), rig.results[-1].seq_last > killed_at + 10)[1], 30)
@@ -563,7 +563,7 @@ def test_refused_client_gives_up_with_a_clear_error(keys):
     client.run_in_thread()
     try:
         assert client.join(10), "the client should stop by itself"
-        assert client.exitcode == 1
+        assert client.failure() is not None  # it ended in failure, not cleanly
         assert "refused this PC's key" in client.startup_error()
     finally:
         client.stop()

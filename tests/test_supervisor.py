@@ -95,11 +95,11 @@ def test_engine_that_fails_to_load_is_not_restarted():
     )
     gave_up: list[str] = []
     worker.gaveUp.connect(gave_up.append)
-    worker.run_in_process()
+    worker.start()
     assert not worker.wait_ready(60)
     assert _wait(lambda: bool(gave_up), 10)
     assert "failed to start" in gave_up[0] and worker.restarts == 0
-    assert not worker.is_alive() and worker.exitcode not in (0, None)
+    assert not worker.is_alive() and worker.failure() is not None  # a non-zero exit
     worker.stop()
     assert worker.join(5)
 
@@ -131,7 +131,7 @@ def test_pipeline_survives_its_engine_process_being_killed(tmp_path):
         assert _wait(lambda: len(results) >= 10, 30)
         assert _wait(lambda: pipe.metrics().frames_received >= 30, 30)  # its stats arrived
         reported = pipe.metrics().frames_received
-        os.kill(pipe.worker.current._runner.pid, signal.SIGKILL)
+        os.kill(pipe.worker.pid, signal.SIGKILL)
         killed_at = pipe.metrics().frames_acquired
         assert _wait(lambda: restarted == [1], 30), died
         assert _wait(lambda: results[-1].seq_last > killed_at + 2 * WINDOW, 30)

@@ -19,6 +19,7 @@ from conftest import (
     make_mean_engine,
     seq_frame,
 )
+from realtime.handle import EngineHandle, EngineReport
 from realtime.protocol import PROTOCOL_VERSION, FrameHeader, ResultHeader, encode_frame, encode_result
 from realtime.worker import EngineWorker
 
@@ -239,6 +240,8 @@ def test_run_in_process(frame_pusher, start_worker):
     assert final.counts.frames_received == 8 and final.counts.outputs >= 1
     assert_outputs_correct(rc.results, 4)
     assert w.join(10) and w.exitcode == 0
+    assert w.report() == EngineReport("mean", 4, False)  # what the engine in the child said
+    assert w.failure() is None  # a clean end
 
 
 def test_busy_result_address_is_reported(make_tcp_addr):
@@ -498,3 +501,40 @@ def test_stateful_engine_in_a_live_pipeline_is_never_rewarmed():
     assert eng.resets == 2, "re-warmed while catching up"  # set-up + first frame only
     # re-warming 5 frames per output would give <= 1 / (5 * 20 ms) = 10 outputs/s
     assert m.outputs > 2 * 10 * m.duration_s, m
+
+
+def test_plan_window_feed_is_the_newest_output_and_the_next_window():
+    """The stateless catch-up plan, called directly: which queued frames a streaming window
+    engine is fed (the frames of the newest due output and the last window), or all of them
+    when its state already runs up to the batch and that is no dearer than a restart."""
+    from realtime.worker import plan_window_feed
+
+    # 10 queued, window 3, newest output due at index 6: frames 4..6 and 7..9
+    assert plan_window_feed(10, window=3, last_due=6, continues=False) == [False] * 4 + [True] * 6
+    # the output is the last frame: only its window
+    assert plan_window_feed(10, window=3, last_due=9, continues=False) == [False] * 7 + [True] * 3
+    # no output due: the last window only (for the outputs after this batch)
+    assert plan_window_feed(5, window=3, last_due=None, continues=False) == [False, False, True, True, True]
+    # a continuing engine keeps its state when the run is at most a window long ...
+    assert plan_window_feed(3, window=3, last_due=None, continues=True) == [True] * 3
+    # ... and restarts over the gap when that is cheaper
+    assert plan_window_feed(8, window=3, last_due=7, continues=True) == [False] * 5 + [True] * 3
+
+
+def test_the_three_engine_handles_implement_the_protocol():
+    """EngineWorker, SupervisedWorker and RemoteEngineClient are what the Pipeline may hold."""
+    from realtime.remote import RemoteEngineClient, RemoteEngineOptions
+    from realtime.supervisor import SupervisedWorker
+
+    w = EngineWorker(MeanEngine(), "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    client = RemoteEngineClient(RemoteEngineOptions(endpoints=("tcp://127.0.0.1:5570",)),
+                                "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    for handle in (w, SupervisedWorker(w), client):
+        assert isinstance(handle, EngineHandle), type(handle).__name__
+        assert handle.report() is None and handle.failure() is None  # not started
+    assert client.window is None, "no window guessed before the engines report theirs"
+
+
+def test_the_report_is_the_engines_window_not_the_request(frame_pusher, start_worker):
+    w, _ = start_worker(MeanEngine(window=3))
+    assert w.report() == EngineReport("mean", 3, False)
