@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         import pstats
 
         prof.disable()
-        st = pstats.Stats(prof); st.sort_stats("tottime").print_stats(20); st.sort_stats("cumulative").print_stats(30)
+        st = pstats.Stats(prof)
+        st.sort_stats("tottime").print_stats(20)
+        st.sort_stats("cumulative").print_stats(30)
     b = snapshot()
     cpu_b = thread_cpu_s()
     wcpu_b = process_cpu_s(worker_pid) if worker_pid else None

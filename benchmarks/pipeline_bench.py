@@ -94,7 +94,7 @@ def run_pipeline(*, engine: str = "sofi", size: int = 128, fps: float = 100.0,
             e2e.append((t_recv - header.t_acq_ns) / 1e6)
             marks = [header.t_acq_ns, t.get("received"), t.get("start"), t.get("done"),
                      t.get("published"), t_recv]
-            for name, a, b in zip(STAGES, marks[:-1], marks[1:]):
+            for name, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True):
                 if a is not None and b is not None:
                     stages[name].append((b - a) / 1e6)
 

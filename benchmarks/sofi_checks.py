@@ -125,8 +125,9 @@ def nucleus(stack: np.ndarray) -> dict[str, Any]:
     res = {}
     for order, label in ((0, "off"), (1, "linear"), (2, "quadratic (default)")):
         res[label] = global_share(stack, order)
+        alone = 1 / (len(stack) - order - 1)
         print(f"  nucleus whole-movie ({len(stack)} frames) SOFI carried by the global time course, bleaching "
-              f"correction {label}: {res[label]:.3f}  (independent blinking alone: ~{1 / (len(stack) - order - 1):.3f})")
+              f"correction {label}: {res[label]:.3f}  (independent blinking alone: ~{alone:.3f})")
     return res
 
 
@@ -141,7 +142,7 @@ def balance(stack: np.ndarray, name: str, windows: tuple[int, ...], **engine_kw:
         eng = SofiEngine(w, clip_negative=False, **engine_kw)
         starts = range(0, len(stack) - w + 1, w)
         outs = [eng.reconstruct(stack[i:i + w]) for i in starts]
-        per = [sublattice_ratio(o, stack[i:i + w].mean(0)) for o, i in zip(outs, starts)]
+        per = [sublattice_ratio(o, stack[i:i + w].mean(0)) for o, i in zip(outs, starts, strict=True)]
         avg = sublattice_ratio(np.mean(outs, 0), stack[: starts[-1] + w].mean(0))
         res[w] = {"ratio_of_window_average": avg, "per_window_median": float(np.median(per)), "windows": len(outs)}
         fits = f"; distance factors from {eng.last_fwhm_px:.2f} px ({eng.output_info()['psf_fit']})"

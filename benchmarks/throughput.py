@@ -372,7 +372,7 @@ def plot(rows: list[dict[str, Any]], info: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len({r["format"] for r in rows}), figsize=(11, 4), squeeze=False)
-    for ax, fmt in zip(axes[0], sorted({r["format"] for r in rows})):
+    for ax, fmt in zip(axes[0], sorted({r["format"] for r in rows}), strict=True):
         rs = [r for r in rows if r["format"] == fmt]
         x = np.arange(len(rs))
         bars = [("disk_fps", "disk (raw write + fsync)"), ("writer_alone_fps", "writer alone"),

@@ -97,7 +97,7 @@ class ConvLSTMNet(nn.Module):
     def update(self, enc: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One frame's cell updates: enc (B, C, H, W) -> last layer's hidden, new state."""
         x, new = enc.contiguous(memory_format=torch.channels_last), []
-        for cell, hc in zip(self.cells, state):
+        for cell, hc in zip(self.cells, state, strict=True):
             h, c = cell(x, hc)
             new.append((h, c))
             x = h

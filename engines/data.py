@@ -217,7 +217,7 @@ def make_batch(seeds: list[int], cfg: DataConfig) -> tuple[np.ndarray, np.ndarra
     """Samples stacked; numpy's BLAS held to one thread (the simulator's matrix products run
     ~10x slower with two threads on a shared 2-core CPU)."""
     with threadpool_limits(1, user_api="blas"):
-        xs, ys = zip(*(make_sample(s, cfg) for s in seeds))
+        xs, ys = zip(*(make_sample(s, cfg) for s in seeds), strict=True)
     return np.stack(xs), np.stack(ys)
 
 

@@ -178,7 +178,7 @@ def write_figure(path: Path, field0: FieldPairs, images: dict[str, np.ndarray],
     n = len(panels)
     size = (2.2 * n, 2.2 * h / w + 1.2) if along_x else (6.0, 1.6 * n * h / w + 1.2)
     fig, axes = plt.subplots(1 if along_x else n, n if along_x else 1, figsize=size, squeeze=False)
-    for ax, (name, img, r) in zip(axes.ravel(), panels):
+    for ax, (name, img, r) in zip(axes.ravel(), panels, strict=True):
         lo, hi = np.percentile(img, [1, 99.7])
         ax.imshow(img, cmap="magma", vmin=lo, vmax=hi if hi > lo else lo + 1)
         ax.set_title(name + ("" if r is None else f"\nr = {r:.3f}"), fontsize=8)

@@ -380,7 +380,8 @@ class _Decorrelator:
         return out
 
 
-def decorrelation_analysis(img: np.ndarray, *, n_r: int = 50, n_g: int = 10, apodize: int | None = None) -> DecorrelationResult:
+def decorrelation_analysis(img: np.ndarray, *, n_r: int = 50, n_g: int = 10,
+                           apodize: int | None = None) -> DecorrelationResult:
     """Parameter-free resolution estimate (Descloux, Grussmayer & Radenovic 2019).
 
     A faithful port of ImDecorr's getDcorr: d(r) is the correlation of the image

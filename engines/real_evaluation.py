@@ -346,12 +346,12 @@ def format_table(results: dict[str, Any]) -> str:
                           f(r["invented"], True), f(r["invented_filaments"], True), f"{r['ms_per_output']:.0f}"])
         widths = [max(len(head[i]), *(len(x[i]) for x in table if len(x) > 2)) if i < len(head) else 0
                   for i in range(len(head))]
-        lines.append("  " + "  ".join(h.ljust(wd) for h, wd in zip(head, widths)))
+        lines.append("  " + "  ".join(h.ljust(wd) for h, wd in zip(head, widths, strict=True)))
         for x in table:
             if len(x) == 2:
                 lines.append("  " + x[0].ljust(widths[0]) + "  " + x[1])
             else:
-                lines.append("  " + "  ".join(c.ljust(wd) for c, wd in zip(x, widths)).rstrip())
+                lines.append("  " + "  ".join(c.ljust(wd) for c, wd in zip(x, widths, strict=False)).rstrip())
         lines.append("")
     lines.append("agreement: Pearson with SOFI of all frames; consistency: mean Pearson between "
                  "windows (static samples); invented: claimed structure >= 1 px from the reference's; "
