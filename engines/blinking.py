@@ -138,7 +138,7 @@ def _pair_corr(z: np.ndarray, dy: int, dx: int, lag: int = 0) -> tuple[np.ndarra
     h, w = z.shape[-2:]
     a = (slice(None), slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
     b = (slice(None), slice(dy, h), slice(max(0, dx), w - max(0, -dx)))
-    za, zb = z[(slice(None), *a)], z[(slice(None), *b)]
+    za, zb = z[(slice(None),) + a], z[(slice(None),) + b]
     t = z.shape[0]
     if lag:
         c = 0.5 * (np.einsum("t...,t...->...", za[:-lag], zb[lag:])

@@ -23,6 +23,7 @@ from gui.adapt import AdaptPanel, WeightsNote
 from gui.compare_view import CompareView, RollingMean
 from gui.controls import ControlPanel, add_shortcuts
 from gui.image_views import COLORMAPS
+from gui.naming import named
 from gui.plots import CountersWidget, FpsPlot, LatencyPlot
 from gui.relay import LatestSlot, MessageQueue, RateMeter, RollingLatency
 from gui.trust_panel import TrustPanel
@@ -81,10 +82,11 @@ class MainWindow(QtWidgets.QMainWindow):
         self._mean_on = False  # read by the pipeline thread: feed the rolling mean only when shown
         self._shown_span: tuple[int, int] | None = None  # frames of the output on screen
         self._raw_title = ""
-        self._messages = MessageQueue()
-        self._statuses = MessageQueue()  # progress notes from the pipeline ("compiling ...")
-        self._notes = MessageQueue()  # warnings and check reports: the message area, not error dialogs
-        self._lifecycle = MessageQueue()  # "started", "start_failed", "stopped"
+        self._messages: MessageQueue[str] = MessageQueue()
+        self._statuses: MessageQueue[str] = MessageQueue()  # progress notes from the pipeline ("compiling ...")
+        self._notes: MessageQueue[str] = MessageQueue()  # warnings and check reports: the message area
+        # (kind, error text or None): "started", "start_failed", "stopped", "finished"
+        self._lifecycle: MessageQueue[tuple[str, str | None]] = MessageQueue()
         self.acq_rate = RateMeter()
         self.out_rate = RateMeter()
         self.disp_rate = RateMeter()
@@ -115,15 +117,15 @@ class MainWindow(QtWidgets.QMainWindow):
         self.fps_plot = FpsPlot()
         self.counters = CountersWidget()
         # what the engine used (PSF, lag, bleaching) and, when the data cannot support it, a warning
-        self.blinking_banner = QtWidgets.QLabel(objectName="blinking_banner")
+        self.blinking_banner = named(QtWidgets.QLabel(), "blinking_banner")
         self.blinking_banner.setWordWrap(True)
         self.blinking_banner.setStyleSheet("background: #b71c1c; color: white; padding: 4px; font-weight: bold;")
         self.blinking_banner.hide()
-        self.engine_info_label = QtWidgets.QLabel(objectName="engine_info")
+        self.engine_info_label = named(QtWidgets.QLabel(), "engine_info")
         self.engine_info_label.setWordWrap(True)
         self.engine_info_label.setStyleSheet("color: #9e9e9e;")
         self._last_info: dict | None = None
-        self.message_area = QtWidgets.QPlainTextEdit(objectName="messages")
+        self.message_area = named(QtWidgets.QPlainTextEdit(), "messages")
         self.message_area.setReadOnly(True)
         self.message_area.setMaximumBlockCount(500)
         self.message_area.setPlaceholderText("status and error messages appear here")
