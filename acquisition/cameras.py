@@ -306,9 +306,15 @@ class SimulatedCamera(PacedCamera):
                 property_type=p.type,
                 limits=p.limits,
                 allowed_values=p.allowed,
-                getter=(lambda _d, a=p.attr, t=p.type: t(self._get_sim(a))),
-                setter=(lambda _d, v, a=p.attr, t=p.type: self._set_sim(a, t(v))),
+                getter=self._sim_getter(p),
+                setter=self._sim_setter(p),
             )
+
+    def _sim_getter(self, p: _SimProp) -> Callable[[object], Any]:
+        return lambda _d: p.type(self._get_sim(p.attr))
+
+    def _sim_setter(self, p: _SimProp) -> Callable[[object, Any], None]:
+        return lambda _d, v: self._set_sim(p.attr, p.type(v))
 
     def _get_sim(self, attr: str) -> Any:
         c = self._cfg
@@ -672,6 +678,8 @@ def make_core(source: str | Path | np.ndarray = "sim", *, size: int = 256,
     when the file does not say). `crop` sets the camera ROI: ``(x, y, width, height)``, or
     an int for a centred square of that side.
     """
+    cam: SimulatedCamera | ReplayCamera
+    core: CMMCorePlus
     if isinstance(source, np.ndarray):
         cam = ReplayCamera.from_array(source, fps=float(fps or ReplayCamera.DEFAULT_FPS),
                                       loop=loop, pixel_size_um=sim_opts.pop("pixel_size_um", None))

@@ -97,11 +97,12 @@ def write_ome_writers(frames: np.ndarray, n: int, fmt: str) -> Callable[[Path], 
     h, w = frames.shape[1:]
 
     def run(path: Path) -> None:
-        dims = [Dimension(name="t", count=None, chunk_size=1, type="time"),
+        dims = (Dimension(name="t", count=None, chunk_size=1, type="time"),
                 Dimension(name="y", count=h, chunk_size=h, type="space"),
-                Dimension(name="x", count=w, chunk_size=w, type="space")]
+                Dimension(name="x", count=w, chunk_size=w, type="space"))
+        # format: a backend name (the documented string form; the stubs declare only the models)
         stream = create_stream(AcquisitionSettings(root_path=str(path), dimensions=dims,
-                                                   dtype="uint16", format=fmt))
+                                                   dtype="uint16", format=fmt))  # type: ignore[arg-type]
         for i in range(n):
             stream.append(frames[i % len(frames)], frame_metadata={"delta_t": i * 0.01})
         stream.close()
@@ -203,7 +204,9 @@ def _count_on_disk(path: Path) -> int:
     if path.suffix == ".zarr":
         import zarr
 
-        return int(zarr.open_group(str(path), mode="r")["0"].shape[0])
+        arr = zarr.open_group(str(path), mode="r")["0"]
+        assert isinstance(arr, zarr.Array)
+        return int(arr.shape[0])
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
