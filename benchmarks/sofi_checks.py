@@ -86,10 +86,10 @@ def _read(path: Path) -> np.ndarray | None:
     return tifffile.imread(path)
 
 
-def blinking(stack: np.ndarray, name: str) -> dict[str, Any]:
+def blinking(stack: np.ndarray, name: str) -> dict[int, dict[str, Any]]:
     from engines import assess_blinking
 
-    out = {}
+    out: dict[int, dict[str, Any]] = {}
     for n in sorted({min(len(stack), n) for n in (20, 50, 100)}):
         if n >= 10:
             r = assess_blinking(stack[:n])
@@ -103,8 +103,10 @@ def donut(stack: np.ndarray) -> dict[str, Any]:
 
     mean = stack.astype(np.float64).mean(0)
     res: dict[str, Any] = {}
-    for label, kw in (("default (lag auto, quadratic)", {}), ("former (lag 0, no bleaching correction)",
-                                                               {"lag": 0, "bleach_order": 0})):
+    options: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("default (lag auto, quadratic)", {}),
+        ("former (lag 0, no bleaching correction)", {"lag": 0, "bleach_order": 0}))
+    for label, kw in options:
         eng = SofiEngine(20, clip_negative=False, **kw)
         outs = [eng.reconstruct(stack[i:i + 20]) for i in range(len(stack) - 19)]
         z = np.array([ring_z(o, mean) for o in outs])
@@ -131,11 +133,11 @@ def nucleus(stack: np.ndarray) -> dict[str, Any]:
     return res
 
 
-def balance(stack: np.ndarray, name: str, windows: tuple[int, ...], **engine_kw: Any) -> dict[str, Any]:
+def balance(stack: np.ndarray, name: str, windows: tuple[int, ...], **engine_kw: Any) -> dict[int, dict[str, float]]:
     from engines.metrics import sublattice_ratio
     from engines.sofi import SofiEngine
 
-    res = {}
+    res: dict[int, dict[str, float]] = {}
     for w in windows:
         if w > len(stack):
             continue

@@ -40,7 +40,7 @@ SEED_BASE = 3 * 10**9
 SNR_FRAMES = 5  # frames per scene for the SNR distribution
 
 
-def _percentiles(vals: list[float]) -> dict[str, float | int]:
+def _percentiles(vals: Sequence[float | None]) -> dict[str, float | int]:
     a = np.asarray([v for v in vals if v is not None and np.isfinite(v)], dtype=np.float64)
     if a.size == 0:
         return {"n": 0}
@@ -107,6 +107,7 @@ def agreement_distribution(n: int, size: int, window: int, weights: dict[str, st
                     out = r if r is not None else out
             else:
                 out = eng.reconstruct(last)
+            assert out is not None  # (the movie is longer than every engine's window)
             per[name].append(agreement(out, ref))
         per["sofi20"].append(agreement(SofiEngine(window=20).reconstruct(last), ref))
         mean = np.kron(last.mean(0), np.ones((2, 2), np.float32))

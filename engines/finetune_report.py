@@ -170,7 +170,7 @@ def write_figure(path: Path, field0: FieldPairs, images: dict[str, np.ndarray],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("mean of all frames", field0.held_frames.mean(0), None)]
+    panels: list[tuple[str, np.ndarray, float | None]] = [("mean of all frames", field0.held_frames.mean(0), None)]
     panels += [(k, v, numbers.get(k)) for k, v in images.items()]
     panels.append(("target: SOFI of all frames", field0.held_target, None))
     h, w = field0.held_target.shape

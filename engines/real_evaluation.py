@@ -254,7 +254,9 @@ def evaluate_movie(path: Path, runs: list[RowRun], cfg: RealEvaluationConfig) ->
             entry["status"] = f"n/a: a {n}-frame window is the whole {t}-frame movie (it is the reference)"
             continue
         k_windows = t // n
-        outs, per, times = [], [], []
+        outs: list[np.ndarray] = []
+        per: list[dict[str, Any]] = []  # one JSON row per window
+        times: list[float] = []
         try:
             for k in range(k_windows):
                 t1 = time.perf_counter()

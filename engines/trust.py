@@ -295,24 +295,26 @@ class TrustMonitor:
         ref = f"SOFI of the last {cfg.window} frames"
         if a is not None and a < cfg.min_agreement:
             warnings.append(f"agreement {a:.2f} with {ref} is below {cfg.min_agreement:.2f}")
-        common = dict(agreement=a, warnings=tuple(warnings), reference_frames=cfg.window,
-                      frames_seen=self._n, measured_at=self._measured_at,
-                      min_agreement=cfg.min_agreement, psf_fwhm_px=self.psf_fwhm_px(), snr=self.snr())
+        psf, snr = self.psf_fwhm_px(), self.snr()
+
+        def report(ok: bool | None, reason: str, message: str) -> TrustReport:
+            return TrustReport(ok=ok, reason=reason, message=message, agreement=a, warnings=tuple(warnings),
+                               reference_frames=cfg.window, frames_seen=self._n, measured_at=self._measured_at,
+                               min_agreement=cfg.min_agreement, psf_fwhm_px=psf, snr=snr)
+
         if warnings:
             reason = "low agreement" if len(warnings) == 1 and a is not None and a < cfg.min_agreement \
                 else "out of domain"
-            return TrustReport(ok=False, reason=reason, message=(
-                "Do not trust this image: " + "; ".join(warnings) + ". Switch to SOFI."), **common)
+            return report(False, reason, "Do not trust this image: " + "; ".join(warnings) + ". Switch to SOFI.")
         if a is None:
             if self._n < cfg.window:
                 msg = (f"Checking: the comparison with {ref} needs {cfg.window} frames "
                        f"({self._n} so far).")
             else:
                 msg = f"Checking: nothing to compare yet (the network or {ref} shows a flat image)."
-            return TrustReport(ok=None, reason="checking", message=msg, **common)
-        return TrustReport(ok=True, reason="agrees", message=(
-            f"Agrees with {ref} (r = {a:.2f} >= {cfg.min_agreement:.2f}): the network shows what the "
-            "data support."), **common)
+            return report(None, "checking", msg)
+        return report(True, "agrees", f"Agrees with {ref} (r = {a:.2f} >= {cfg.min_agreement:.2f}): the network "
+                      "shows what the data support.")
 
 
 class TrustTally:
