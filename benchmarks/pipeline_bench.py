@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.latency import machine_info, machine_line
+from benchmarks.machine import machine_info, machine_line
 
 STAGES = ("transit", "queue", "compute", "publish", "delivery")
 
