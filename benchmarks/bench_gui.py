@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         res["frames_lost"] = int(m.frames_acquired - m.frames_received)
     acq = getattr(pipe, "acquisition", None)
-    if acq is not None:
+    if acq is not None and pipe is not None:
         res["camera_buffer_gaps"] = int(acq.gaps)  # frames overwritten before being popped
         res["publish_drops"] = int(pipe.publisher.publish_drops)
         res["frames_lost"] = res.get("frames_lost", 0) + res["camera_buffer_gaps"] + res["publish_drops"]

@@ -83,14 +83,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .base import EngineBase
-from .blinking import MIN_FRAMES, background_noise_correlation
+from .blinking import MIN_FRAMES, NoiseCorrelation, background_noise_correlation
 from .psf import FIT_BOUNDS, FWHM_TO_SIGMA, Optics, ResolvedPsf, effective_fwhm_px, optical_fwhm_px
 from .registry import ENGINES
 from .trend import MAX_ORDER, centred_times, polynomial_basis, polynomial_coefficients
@@ -269,7 +269,7 @@ class SofiEngine(EngineBase):
         self._warned = False
         self._lag: int | None = None if lag == AUTO else int(lag)
         self._lag_reason = "fixed" if lag != AUTO else "not decided yet"
-        self._noise: Any = None
+        self._noise: NoiseCorrelation | None = None
         if lag == AUTO:  # its first live decision should not pay numpy's lazy imports (~50 ms)
             from .blinking import warm_up
 
@@ -455,7 +455,7 @@ class SofiEngine(EngineBase):
         self._stream_lag: int | None = None
         # time origin moves one frame back per push: m_k <- sum_j C(k,j) (-1)^(k-j) m_j
         self._shift = _binomial_shift(self.bleach_order + 1, -1.0)
-        self._consts: dict[str, Any] | None = None
+        self._consts: dict[str, np.ndarray] | None = None
         self._plan: _StreamPlan | None = None
         self._restart()
 
@@ -563,7 +563,7 @@ class SofiEngine(EngineBase):
         with torch.inference_mode():
             return self._to_output(self._plan.image(self._head, self._assemble))
 
-    def _stream_constants(self) -> dict[str, Any]:
+    def _stream_constants(self) -> dict[str, np.ndarray]:
         """Basis matrices for the window (depend only on T, order and lag): computed once."""
         if self._consts is not None:
             return self._consts
@@ -572,7 +572,7 @@ class SofiEngine(EngineBase):
         C = polynomial_coefficients(T, order)  # Bn = U C, U = centred monomials
         c = -(T - 1) / 2.0  # window centre in "newest = 0" time
         to_centred = _binomial_shift(k, -c)  # mu_i = sum_j to_centred[i, j] m_j
-        consts: dict[str, Any] = {"a_from_m": C.T @ to_centred}
+        consts: dict[str, np.ndarray] = {"a_from_m": C.T @ to_centred}
         if lag:
             u = centred_times(T)
 
@@ -605,7 +605,7 @@ class _StreamPlan:
 
     def __init__(self, eng: SofiEngine, h: int, w: int, *, ring: torch.Tensor, moments: torch.Tensor,
                  pairs: dict[tuple[int, int], torch.Tensor], regions: list[_Region], lag: int,
-                 consts: dict[str, Any], shift: np.ndarray) -> None:
+                 consts: dict[str, np.ndarray], shift: np.ndarray) -> None:
         self.h, self.w = h, w
         self.T, self.lag, self.k = eng.window, lag, eng.bleach_order + 1
         dt, dev = eng.compute_dtype, eng.device
@@ -678,7 +678,7 @@ class _StreamPlan:
         return assemble(num, 1.0 / (T - lag - k), self.h, self.w)
 
 
-def _combine(mat: np.ndarray, x: Any, out: torch.Tensor, alpha: float = 1.0,
+def _combine(mat: np.ndarray, x: Sequence[torch.Tensor] | torch.Tensor, out: torch.Tensor, alpha: float = 1.0,
              add_to: torch.Tensor | None = None) -> torch.Tensor:
     """out[i] = add_to[i] + alpha * sum_j mat[i, j] x[j] (a few axpys: einsum is slow on CPU here)."""
     for i in range(mat.shape[0]):

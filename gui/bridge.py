@@ -11,9 +11,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gui.controls import DEFAULT_BACKENDS, ControlValues
+
+if TYPE_CHECKING:  # (names only: the pipeline is imported when a run starts)
+    from pymmcore_plus import CMMCorePlus
+
+    from realtime.config import PipelineConfig
+    from realtime.metrics import PipelineMetrics
+    from realtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +42,19 @@ SIGNALS = {
 BLINKING_PREFIX = "blinking_check."
 
 
-def default_config() -> Any:
+def default_config() -> PipelineConfig:
     from realtime.config import PipelineConfig
 
     return PipelineConfig()
 
 
-def default_pipeline_factory(config: Any, mmcore: Any = None) -> Any:
+def default_pipeline_factory(config: PipelineConfig, mmcore: CMMCorePlus | None = None) -> Pipeline:
     from realtime.pipeline import Pipeline
 
     return Pipeline(config, mmcore=mmcore)
 
 
-def qt_thread_core(cfg: Any) -> Any:
+def qt_thread_core(cfg: PipelineConfig) -> CMMCorePlus | None:
     """For an MDA run, an empty core made here, on the Qt thread (None otherwise).
 
     With a QApplication running, pymmcore-plus delivers MDA events as Qt signals, queued to
@@ -153,7 +160,7 @@ def disconnect_pipeline(pipe: Any, window: Any) -> None:
                 pass
 
 
-def final_metrics(pipe: Any) -> Any:
+def final_metrics(pipe: Pipeline) -> PipelineMetrics | None:
     m = getattr(pipe, "metrics", None)
     return m() if callable(m) else m
 

@@ -14,8 +14,9 @@ import math
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 from qtpy import QtCore, QtWidgets
 
 from gui import bridge
@@ -28,9 +29,17 @@ from gui.plots import CountersWidget, FpsPlot, LatencyPlot
 from gui.relay import LatestSlot, MessageQueue, RateMeter, RollingLatency
 from gui.trust_panel import TrustPanel
 
+if TYPE_CHECKING:  # (names only: the window imports the pipeline when a run starts)
+    from pymmcore_plus import CMMCorePlus
+
+    from realtime.config import PipelineConfig
+    from realtime.metrics import PipelineMetrics
+    from realtime.pipeline import Pipeline
+    from realtime.protocol import ReferenceHeader, ResultHeader
+
 log = logging.getLogger(__name__)
 
-PipelineFactory = Callable[[Any, Any], Any]
+PipelineFactory = Callable[["PipelineConfig", "CMMCorePlus | None"], "Pipeline"]
 
 IDLE, STARTING, RUNNING, STOPPING = "idle", "starting", "running", "stopping"
 
@@ -49,10 +58,10 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def __init__(
         self,
-        config: Any = None,
+        config: PipelineConfig | None = None,
         *,
         pipeline_factory: PipelineFactory | None = None,
-        mmcore: Any = None,
+        mmcore: CMMCorePlus | None = None,
         refresh_hz: float = 50.0,
         plot_hz: float = 4.0,
         histogram_hz: float = 2.0,
@@ -66,7 +75,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.mmcore = mmcore
         self.error_dialogs = error_dialogs
         self.state = IDLE
-        self.pipeline: Any = None
+        self.pipeline: Pipeline | None = None
         self._helper: threading.Thread | None = None
         self._close_when_stopped = False
         self._restart_when_stopped = False  # "Switch to SOFI" during a run: stop, then start SOFI
@@ -74,10 +83,10 @@ class MainWindow(QtWidgets.QMainWindow):
         self.errors: list[str] = []  # every error shown in this window (for tests/logs)
 
         # ---- cross-thread slots (written by pipeline threads, read by the timer) ----
-        self._frame = LatestSlot[tuple[int, Any]]()
-        self._result = LatestSlot[tuple[Any, Any]]()
-        self._metrics = LatestSlot[Any]()
-        self._reference = LatestSlot[tuple[Any, Any]]()  # a network's trust reference (SOFI)
+        self._frame = LatestSlot[tuple[int, np.ndarray]]()
+        self._result = LatestSlot[tuple["ResultHeader", np.ndarray]]()
+        self._metrics = LatestSlot["PipelineMetrics"]()
+        self._reference = LatestSlot[tuple["ReferenceHeader", np.ndarray]]()  # a network's trust reference (SOFI)
         self._raw_mean = RollingMean(int(getattr(self.config, "window", None) or 20))
         self._mean_on = False  # read by the pipeline thread: feed the rolling mean only when shown
         self._shown_span: tuple[int, int] | None = None  # frames of the output on screen
@@ -95,8 +104,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.seq_gaps = 0  # breaks in the frame sequence numbers reported by the pipeline
         self._last_seq: int | None = None
         self.n_displayed = 0
-        self.last_metrics: Any = None
-        self._last_header: Any = None
+        self.last_metrics: PipelineMetrics | None = None
+        self._last_header: ResultHeader | None = None
         self._t0 = time.monotonic()
 
         # ---- widgets ----
@@ -298,7 +307,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._helper.start()
 
     # ---- helper-thread bodies (no Qt calls in here) ----
-    def _start_in_helper(self, arg: tuple[Any, Any]) -> None:
+    def _start_in_helper(self, arg: tuple[PipelineConfig, CMMCorePlus | None]) -> None:
         """Open the camera/movie and recording, spawn the engine worker (fast failures)."""
         cfg, mmcore = arg
         pipe = None
@@ -335,13 +344,13 @@ class MainWindow(QtWidgets.QMainWindow):
     def on_started(self) -> None:
         self._lifecycle.put(("started", None))
 
-    def on_finished(self, metrics: Any = None) -> None:
+    def on_finished(self, metrics: PipelineMetrics | None = None) -> None:
         """The run is over: by Stop, or by itself (end of a replay, camera/engine failure)."""
         if metrics is not None:
             self._metrics.put(metrics)
         self._lifecycle.put(("finished", None))
 
-    def on_frame(self, seq: int, image: Any) -> None:
+    def on_frame(self, seq: int, image: np.ndarray) -> None:
         last = self._last_seq
         if last is not None and seq != last + 1:
             self.seq_gaps += 1  # a frame the GUI never heard of: shown in the counters
@@ -351,14 +360,14 @@ class MainWindow(QtWidgets.QMainWindow):
         self._frame.put((seq, image))
         self.acq_rate.tick()
 
-    def on_result(self, header: Any, image: Any) -> None:
+    def on_result(self, header: ResultHeader, image: np.ndarray) -> None:
         self._result.put((header, image))
         self.out_rate.tick()
 
-    def on_reference(self, header: Any, image: Any) -> None:
+    def on_reference(self, header: ReferenceHeader, image: np.ndarray) -> None:
         self._reference.put((header, image))
 
-    def on_metrics(self, metrics: Any) -> None:
+    def on_metrics(self, metrics: PipelineMetrics) -> None:
         self._metrics.put(metrics)
 
     def on_error(self, message: str) -> None:
