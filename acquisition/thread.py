@@ -138,6 +138,11 @@ class AcquisitionThread:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def started(self) -> bool:
+        """Was ``start()`` called (the thread may have ended since)?"""
+        return self._thread is not None
+
     def start(self) -> None:
         """Set the sinks up and start the sequence; raises at once if either cannot happen."""
         if self._thread is not None:

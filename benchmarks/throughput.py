@@ -36,9 +36,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
+    from multiprocessing.synchronize import Event as EventType
+
+    from acquisition.sinks import FrameSink
 
 STEM = "throughput"
 
@@ -110,7 +116,7 @@ def write_ome_writers(frames: np.ndarray, n: int, fmt: str) -> Callable[[Path], 
 
 
 # --------------------------------------------------------------------------- the pipeline
-def _drain(address: str, counter: Any, stop: Any) -> None:
+def _drain(address: str, counter: Synchronized[int], stop: EventType) -> None:
     """The engine's end of the frame socket, in its own process: receive and count."""
     import zmq
 
@@ -148,7 +154,7 @@ def run_pipeline(frames: np.ndarray, n: int | None, path: Path | None, *, fps: f
 
     core = make_core(frames, fps=fps, loop=True, pixel_size_um=0.1)
     address = free_tcp_address()
-    sinks: list[Any] = []
+    sinks: list[FrameSink] = []
     rec = Recorder(path) if path is not None else None
     if rec is not None:
         sinks.append(rec)
@@ -163,7 +169,7 @@ def run_pipeline(frames: np.ndarray, n: int | None, path: Path | None, *, fps: f
     peak = [0]
 
     def watch() -> None:
-        while thread.is_alive() or not thread._thread:  # noqa: SLF001 - until it has run
+        while thread.is_alive() or not thread.started:  # (until it has run)
             if rec is not None:
                 peak[0] = max(peak[0], rec.backlog)
             time.sleep(0.01)

@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from engines import exception_reason, load_engine_for_scoring  # torch-free unti
 from engines.blinking import assess_blinking
 from engines.metrics import invented_filaments, invented_structure, pearson, window_consistency
 from engines.registry import parse_weights_arg
+
+if TYPE_CHECKING:
+    from engines.base import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -158,7 +161,7 @@ class RealEvaluationConfig:
 @dataclass
 class RowRun:
     row: Row
-    engine: Any = None
+    engine: Engine | None = None  # None for the rows that load none (mean, SOFI) or could not
     status: str = "ok"
     note: str = ""
     window: int = 0
@@ -187,6 +190,7 @@ def _output(run: RowRun, frames: np.ndarray, sofi_opts: dict[str, Any]) -> np.nd
 
         return SofiEngine(window=len(frames), **sofi_opts).reconstruct(frames)
     eng = run.engine
+    assert eng is not None, row.label  # (rows whose engine could not load are not run)
     if row.engine in STREAMING:
         eng.reset()
         out = None
