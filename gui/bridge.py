@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # (names only: the pipeline is imported when a run starts)
     from realtime.config import PipelineConfig
     from realtime.metrics import PipelineMetrics
     from realtime.pipeline import Pipeline
+    from realtime.protocol import ResultHeader
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def backend_names() -> list[str]:
     return list(DEFAULT_BACKENDS)
 
 
-def controls_from_config(cfg: Any) -> ControlValues:
+def controls_from_config(cfg: PipelineConfig) -> ControlValues:
     """What the widgets show for a configuration (e.g. the one the CLI built)."""
     record = getattr(cfg, "record", None)
     return ControlValues(
@@ -106,7 +107,7 @@ def controls_from_config(cfg: Any) -> ControlValues:
     )
 
 
-def apply_controls(cfg: Any, v: ControlValues) -> Any:
+def apply_controls(cfg: PipelineConfig, v: ControlValues) -> PipelineConfig:
     """A new config with the user's choices; raises ValueError for impossible values.
 
     The GUI runs until Stop (or the end of a replay), so `seconds` becomes None.
@@ -143,14 +144,14 @@ def apply_controls(cfg: Any, v: ControlValues) -> Any:
     return validate() if validate is not None else new
 
 
-def connect_pipeline(pipe: Any, window: Any) -> None:
+def connect_pipeline(pipe: Pipeline, window: object) -> None:
     for sig_name, handler in SIGNALS.items():
         sig = getattr(pipe, sig_name, None)
         if sig is not None and hasattr(sig, "connect"):
             sig.connect(getattr(window, handler))
 
 
-def disconnect_pipeline(pipe: Any, window: Any) -> None:
+def disconnect_pipeline(pipe: Pipeline, window: object) -> None:
     for sig_name, handler in SIGNALS.items():
         sig = getattr(pipe, sig_name, None)
         if sig is not None and hasattr(sig, "disconnect"):
@@ -165,11 +166,11 @@ def final_metrics(pipe: Pipeline) -> PipelineMetrics | None:
     return m() if callable(m) else m
 
 
-def counters(m: Any) -> dict[str, Any]:
+def counters(m: PipelineMetrics | None) -> dict[str, int]:
     """Counter values from a `PipelineMetrics` (only the fields it has)."""
     if m is None:
         return {}
-    out: dict[str, Any] = {}
+    out: dict[str, int] = {}
     if hasattr(m, "frames_acquired"):
         out["acquired"] = int(m.frames_acquired)
     rec = getattr(m, "frames_recorded", None)
@@ -201,7 +202,7 @@ def describe_error(exc: BaseException) -> str:
     return text
 
 
-def result_title(header: Any) -> str:
+def result_title(header: ResultHeader) -> str:
     engine = getattr(header, "engine", "") or "super-resolved"
     first, last = getattr(header, "seq_first", None), getattr(header, "seq_last", None)
     span = f", frames {first}-{last}" if first is not None and last is not None else ""

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import numpy as np
 from qtpy import QtCore, QtWidgets
@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # (names only: the window imports the pipeline when a run sta
 log = logging.getLogger(__name__)
 
 PipelineFactory = Callable[["PipelineConfig", "CMMCorePlus | None"], "Pipeline"]
+
+_T = TypeVar("_T")
 
 IDLE, STARTING, RUNNING, STOPPING = "idle", "starting", "running", "stopping"
 
@@ -295,7 +297,7 @@ class MainWindow(QtWidgets.QMainWindow):
             self._restart_when_idle = False
             QtCore.QTimer.singleShot(0, self.start)
 
-    def _run_helper(self, fn: Callable, arg: Any, name: str) -> None:
+    def _run_helper(self, fn: Callable[[_T], None], arg: _T, name: str) -> None:
         previous = self._helper
 
         def run() -> None:
@@ -326,7 +328,7 @@ class MainWindow(QtWidgets.QMainWindow):
                 bridge.disconnect_pipeline(pipe, self)
             self._lifecycle.put(("start_failed", bridge.describe_error(exc)))
 
-    def _stop_in_helper(self, _: Any) -> None:
+    def _stop_in_helper(self, _: None) -> None:
         """Stop and wait until the recording is closed and the worker has ended."""
         pipe, err = self.pipeline, None
         if pipe is not None:
@@ -378,7 +380,7 @@ class MainWindow(QtWidgets.QMainWindow):
     def on_warning(self, message: str) -> None:
         self._notes.put(f"Warning: {message}")
 
-    def on_blinking_checked(self, check: Any) -> None:
+    def on_blinking_checked(self, check: object) -> None:
         self._notes.put(f"Blinking check: {check.get('message') if isinstance(check, dict) else check}")
 
     # ================================================================ Qt-thread side
