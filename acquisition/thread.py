@@ -70,7 +70,7 @@ def pixel_size_um(core: CMMCorePlus) -> float | None:
     return float(cam_um) if cam_um else None
 
 
-def _python_camera(core: CMMCorePlus, label: str) -> Any | None:
+def _python_camera(core: CMMCorePlus, label: str) -> object | None:
     """The Python camera object behind `label` (UniMMCore), else None."""
     getter = getattr(core, "_py_camera", None)
     if getter is None:
