@@ -298,17 +298,23 @@ class SimulatedCamera(PacedCamera):
 
     def _register_sim_properties(self) -> None:
         self.register_property("FPS", property_type=float, limits=(0.1, 10_000.0),
-                               getter=lambda d: d._cfg.fps,
-                               setter=lambda d, v: d.update_config(fps=float(v)))
+                               getter=lambda _d: self._cfg.fps,
+                               setter=lambda _d, v: self.update_config(fps=float(v)))
         for name, p in _SIM_PROPS.items():
             self.register_property(
                 name,
                 property_type=p.type,
                 limits=p.limits,
                 allowed_values=p.allowed,
-                getter=(lambda d, a=p.attr, t=p.type: t(d._get_sim(a))),
-                setter=(lambda d, v, a=p.attr, t=p.type: d._set_sim(a, t(v))),
+                getter=self._sim_getter(p),
+                setter=self._sim_setter(p),
             )
+
+    def _sim_getter(self, p: _SimProp) -> Callable[[object], Any]:
+        return lambda _d: p.type(self._get_sim(p.attr))
+
+    def _sim_setter(self, p: _SimProp) -> Callable[[object, Any], None]:
+        return lambda _d, v: self._set_sim(p.attr, p.type(v))
 
     def _get_sim(self, attr: str) -> Any:
         c = self._cfg
@@ -552,14 +558,14 @@ class ReplayCamera(PacedCamera):
         self._index = 0
         self._exposure_ms = 1000.0 / self._fps
         self.register_property("FPS", property_type=float, limits=(0.1, 10_000.0),
-                               getter=lambda d: d._fps, setter=lambda d, v: d._set_fps(v))
+                               getter=lambda _d: self._fps, setter=lambda _d, v: self._set_fps(v))
         self.register_property("Loop", property_type=str, allowed_values=("Yes", "No"),
-                               getter=lambda d: "Yes" if d._loop else "No",
-                               setter=lambda d, v: setattr(d, "_loop", v == "Yes"))
+                               getter=lambda _d: "Yes" if self._loop else "No",
+                               setter=lambda _d, v: setattr(self, "_loop", v == "Yes"))
         self.register_property("Frames", property_type=int, is_read_only=True,
-                               getter=lambda d: int(d._stack.frames.shape[0]))
+                               getter=lambda _d: int(self._stack.frames.shape[0]))
         self.register_property("File", property_type=str, is_read_only=True,
-                               getter=lambda d: d._stack.path)
+                               getter=lambda _d: self._stack.path)
         if crop is not None:
             x, y, w, h = (int(v) for v in crop)
             self.set_roi(x, y, w, h)
@@ -672,6 +678,8 @@ def make_core(source: str | Path | np.ndarray = "sim", *, size: int = 256,
     when the file does not say). `crop` sets the camera ROI: ``(x, y, width, height)``, or
     an int for a centred square of that side.
     """
+    cam: SimulatedCamera | ReplayCamera
+    core: CMMCorePlus
     if isinstance(source, np.ndarray):
         cam = ReplayCamera.from_array(source, fps=float(fps or ReplayCamera.DEFAULT_FPS),
                                       loop=loop, pixel_size_um=sim_opts.pop("pixel_size_um", None))

@@ -27,6 +27,7 @@ import struct
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +263,7 @@ def _strings(d: Mapping[str, Any]) -> dict[str, str]:
 def _missing_ranges(seqs: array) -> str:
     """'5-7,12' for the sequence numbers absent between consecutive recorded frames."""
     out = []
-    for a, b in zip(seqs, seqs[1:]):
+    for a, b in pairwise(seqs):
         if b > a + 1:
             out.append(f"{a + 1}" if b == a + 2 else f"{a + 1}-{b - 1}")
     return ",".join(out) or "none"

@@ -54,8 +54,11 @@ class OmeZarrWriter:
         self._annotations = dict(annotations)
         h, w = info.shape
         dims, plate = self._dimensions(info)
-        settings = AcquisitionSettings(root_path=str(path), dimensions=dims, plate=plate,
-                                       dtype=info.dtype, overwrite=overwrite, format="ome-zarr")
+        # format: the documented string form ("first available zarr backend"); the stubs declare
+        # only the parsed models
+        settings = AcquisitionSettings(root_path=str(path), dimensions=tuple(dims), plate=plate,
+                                       dtype=info.dtype, overwrite=overwrite,
+                                       format="ome-zarr")  # type: ignore[arg-type]
         self._unbounded = settings.is_unbounded
         self._single_image = len(settings.positions) <= 1 and len(dims) == 3
         self._positions = max(1, len(settings.positions))
@@ -183,6 +186,7 @@ class OmeZarrWriter:
         group = zarr.open_group(str(self.path), mode="r+")
         if self._single_image and "0" in group:
             arr = group["0"]
+            assert isinstance(arr, zarr.Array)  # the single image's array (written by this sink)
             missing = [t for t, nonzero in self._recent_nonzero
                        if nonzero and not _chunk_exists(self.path / "0", t)]
             kept = min([kept, int(arr.shape[0]), *missing])

@@ -33,13 +33,19 @@ import shutil
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from psygnal import Signal
 
 from acquisition.formats import RECORDING_SUFFIXES, recording_format
 from acquisition.sinks import FrameMeta, StreamInfo, is_multi_stream
+
+if TYPE_CHECKING:
+    from useq import MDASequence
+
+    from acquisition.ome_tiff import OmeTiffWriter
+    from acquisition.ome_zarr import OmeZarrWriter
 
 __all__ = ["RECORDING_SUFFIXES", "Recorder", "RecorderError", "recording_format"]
 
@@ -105,7 +111,7 @@ class Recorder:
         self._annotations = dict(annotations or {})
         self._reserve_bytes = int(reserve_bytes)
         self._reserve: _SpaceReserve | None = None
-        self._writer: Any = None
+        self._writer: OmeZarrWriter | OmeTiffWriter | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -203,7 +209,7 @@ class Recorder:
             return f"nothing recorded: {self.path} was not written (no frames)"
         return f"recording written to {self.path} ({self.frames_recorded} frames)"
 
-    def check_sequence(self, sequence: Any) -> None:
+    def check_sequence(self, sequence: MDASequence | None) -> None:
         """Raise RecorderError now if this format cannot hold an MDA `sequence`."""
         if self.format == "ome-tiff":
             if is_multi_stream(sequence):
@@ -224,6 +230,10 @@ class Recorder:
         self.close()
 
     # ------------------------------------------------------------------ writer thread
+    def _open_writer(self) -> OmeZarrWriter | OmeTiffWriter:
+        assert self._writer is not None, "the writer thread starts after setup() opened the file"
+        return self._writer
+
     def _run(self) -> None:
         try:
             while True:
@@ -235,7 +245,7 @@ class Recorder:
                     self.frames_not_recorded += 1
                     continue
                 try:
-                    self._writer.write(frame, meta)
+                    self._open_writer().write(frame, meta)
                     self.frames_recorded += 1
                 except Exception as e:
                     self._fail(meta, e)
@@ -249,7 +259,7 @@ class Recorder:
         if self._reserve is not None:
             self._reserve.release()
         try:
-            saved = self._writer.salvage({"stopped": f"write failed at frame {meta.frame}: {why}"})
+            saved = self._open_writer().salvage({"stopped": f"write failed at frame {meta.frame}: {why}"})
             if saved < self.frames_recorded:  # accepted, but the backend lost them (async)
                 self.frames_not_recorded += self.frames_recorded - saved
                 self.frames_recorded = saved
@@ -275,11 +285,11 @@ class Recorder:
         if self.frames_skipped:
             extra["frames_lost_by_source"] = self.frames_skipped
         try:
-            self._writer.finish(extra)
+            self._open_writer().finish(extra)
         except Exception as e:
             log.error("finishing %s failed: %s", self.path, e)
             try:
-                saved = self._writer.salvage({"stopped": f"finishing failed: {_why(e)}"})
+                saved = self._open_writer().salvage({"stopped": f"finishing failed: {_why(e)}"})
                 self.error = (f"recording of {self.path} could not be finished ({_why(e)}); "
                               f"it holds {saved} of {self.frames_recorded} frames")
                 if saved < self.frames_recorded:

@@ -92,7 +92,7 @@ def _read_zarr(p: Path) -> tuple[np.ndarray, float | None, float | None]:
 
     try:
         group = zarr.open_group(str(p), mode="r")
-        attrs = dict(group.attrs)
+        attrs: dict[str, Any] = dict(group.attrs)  # JSON from the file: checked key by key below
     except Exception as e:  # zarr raises many types for a damaged store
         raise RecordingError(f"{p}: not a readable OME-Zarr ({type(e).__name__}: {e})") from None
     ome = attrs.get("ome", attrs)
@@ -105,7 +105,10 @@ def _read_zarr(p: Path) -> tuple[np.ndarray, float | None, float | None]:
         raise RecordingError(f"{p}: axes {axes}; only a (t, y, x) movie of one stream can be "
                              "read (record one channel, one z plane)")
     ds = scales[0]["datasets"][0]
-    data = np.asarray(group[ds["path"]][:])
+    arr = group[ds["path"]]
+    if not isinstance(arr, zarr.Array):
+        raise RecordingError(f"{p}: {ds['path']!r} is a group, not the movie's array")
+    data = np.asarray(arr[:])
     scale = next((t["scale"] for t in ds.get("coordinateTransformations", [])
                   if t.get("type") == "scale"), None)
     units = {a.get("name"): a.get("unit") for a in scales[0]["axes"]}

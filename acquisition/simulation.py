@@ -142,9 +142,6 @@ class SimulationConfig:
     def moves(self) -> bool:
         return bool(np.any(np.asarray(self.drift_px_per_frame) != 0) or self.rotation_deg_per_frame)
 
-    def with_(self, **kw: object) -> SimulationConfig:
-        return replace(self, **kw)  # type: ignore[arg-type]
-
 
 def _rates(on_ms: float, off_ms: float, fps: float) -> tuple[float, float]:
     """Per-frame switching probabilities (p_on: off->on, p_off: on->off).

@@ -21,10 +21,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from psygnal import Signal
+
+if TYPE_CHECKING:
+    from useq import MDASequence
 
 __all__ = [
     "FrameClock",
@@ -56,7 +59,7 @@ class StreamInfo:
     pixel_size_um: float | None = None
     frame_interval_s: float | None = None  # nominal; recordings also keep measured times
     name: str = ""
-    sequence: Any = None
+    sequence: MDASequence | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -107,7 +110,7 @@ class FrameClock:
         return float("nan")  # a frame without the clock the stream started on
 
 
-def is_multi_stream(sequence: Any) -> bool:
+def is_multi_stream(sequence: MDASequence | None) -> bool:
     """Does an MDA sequence have more than one position, grid point, channel or z plane?"""
     sizes = getattr(sequence, "sizes", {}) or {}
     return any(int(sizes.get(k, 0) or 0) > 1 for k in ("p", "c", "z", "g"))
@@ -129,7 +132,7 @@ class FrameSink(Protocol):
     def close(self) -> None: ...
 
 
-def _sink_name(sink: Any) -> str:
+def _sink_name(sink: FrameSink) -> str:
     return str(getattr(sink, "name", type(sink).__name__))
 
 
@@ -146,10 +149,10 @@ class SinkSet:
         self._on_error = on_error
         self._failed: dict[int, str] = {}  # id(sink) -> why
 
-    def failed(self, sink: Any) -> str | None:
+    def failed(self, sink: FrameSink) -> str | None:
         return self._failed.get(id(sink))
 
-    def _call(self, sink: Any, what: str, *args: Any, **kwargs: Any) -> None:
+    def _call(self, sink: FrameSink, what: str, *args: object, **kwargs: object) -> None:
         if id(sink) in self._failed:
             return
         try:

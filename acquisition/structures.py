@@ -195,7 +195,7 @@ def membranes(L: Layout) -> Emitters:
             keep = np.all((yx > L.lo) & (yx < L.hi), axis=1)
             # each run of consecutive points inside the box is one arc (never join two arcs)
             edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
-            for a, b in zip(edges[::2], edges[1::2]):
+            for a, b in zip(edges[::2], edges[1::2], strict=True):
                 if b - a > 1:
                     parts.append(_along(rng, yx[a:b], L.per_um * 2.0))
         else:  # filled side

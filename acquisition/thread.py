@@ -15,11 +15,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from psygnal import Signal
+from psygnal import Signal, SignalInstance
 from pymmcore_plus import CMMCorePlus
+
+if TYPE_CHECKING:
+    from useq import MDASequence
 
 from acquisition.sinks import FrameMeta, FrameSink, SinkSet, StreamInfo
 
@@ -28,7 +31,7 @@ __all__ = ["AcquisitionThread", "stream_info"]
 log = logging.getLogger(__name__)
 
 
-def stream_info(core: CMMCorePlus, *, name: str = "", sequence: Any = None,
+def stream_info(core: CMMCorePlus, *, name: str = "", sequence: MDASequence | None = None,
                 settings: Mapping[str, Any] | None = None) -> StreamInfo:
     """What the sinks need to know about the frames `core`'s camera is about to deliver."""
     cam = core.getCameraDevice()
@@ -67,7 +70,7 @@ def pixel_size_um(core: CMMCorePlus) -> float | None:
     return float(cam_um) if cam_um else None
 
 
-def _python_camera(core: CMMCorePlus, label: str) -> Any | None:
+def _python_camera(core: CMMCorePlus, label: str) -> object | None:
     """The Python camera object behind `label` (UniMMCore), else None."""
     getter = getattr(core, "_py_camera", None)
     if getter is None:
@@ -134,6 +137,11 @@ class AcquisitionThread:
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def started(self) -> bool:
+        """Was ``start()`` called (the thread may have ended since)?"""
+        return self._thread is not None
 
     def start(self) -> None:
         """Set the sinks up and start the sequence; raises at once if either cannot happen."""
@@ -302,7 +310,7 @@ class AcquisitionThread:
         self.stop(timeout=10.0)
 
     # ------------------------------------------------------------------ helpers
-    def _emit(self, signal: Any, *args: Any) -> None:
+    def _emit(self, signal: SignalInstance, *args: object) -> None:
         try:
             signal.emit(*args)
         except Exception:  # a broken listener must not stop the acquisition

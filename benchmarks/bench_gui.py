@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         import pstats
 
         prof.disable()
-        st = pstats.Stats(prof); st.sort_stats("tottime").print_stats(20); st.sort_stats("cumulative").print_stats(30)
+        st = pstats.Stats(prof)
+        st.sort_stats("tottime").print_stats(20)
+        st.sort_stats("cumulative").print_stats(30)
     b = snapshot()
     cpu_b = thread_cpu_s()
     wcpu_b = process_cpu_s(worker_pid) if worker_pid else None
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         res["frames_lost"] = int(m.frames_acquired - m.frames_received)
     acq = getattr(pipe, "acquisition", None)
-    if acq is not None:
+    if acq is not None and pipe is not None:
         res["camera_buffer_gaps"] = int(acq.gaps)  # frames overwritten before being popped
         res["publish_drops"] = int(pipe.publisher.publish_drops)
         res["frames_lost"] = res.get("frames_lost", 0) + res["camera_buffer_gaps"] + res["publish_drops"]

@@ -23,6 +23,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from engines.base import Engine
+
 
 def _percentiles(ms: np.ndarray) -> dict[str, float]:
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
@@ -46,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from acquisition.simulation import BlinkingScene, SimulationConfig
-    from engines import load_engine
+    from engines.sofi import SofiEngine
 
     torch.set_num_threads(args.threads)
     frames = BlinkingScene(SimulationConfig(size=args.size, seed=0)).frames(args.frames)
     lag = args.lag if args.lag == "auto" else int(args.lag)
-    eng = load_engine("sofi", device=args.device, window=args.window, lag=lag, bleach_order=args.bleach_order)
+    eng = SofiEngine(args.window, device=args.device, lag=lag, bleach_order=args.bleach_order)
     base = _load_baseline(args.baseline, args.window, args.device) if args.baseline else None
     base_cpu: list[float] = []
 
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_baseline(path: str, window: int, device: str) -> object:
+def _load_baseline(path: str, window: int, device: str) -> Engine:
     """SofiEngine from another version of engines/sofi.py (imported as engines._sofi_baseline)."""
     import importlib.util
 

@@ -33,7 +33,7 @@ import numpy as np
 from engines.registry import DEFAULT_NETWORK, neural_engines
 
 HERE = Path(__file__).resolve().parents[1]
-SCENE = dict(size=128, structure="honeycomb", photons=200.0, background=20.0, on_ms=10.0,
+SCENE: dict[str, Any] = dict(size=128, structure="honeycomb", photons=200.0, background=20.0, on_ms=10.0,
              off_ms=1000.0, emitters_per_um=40.0, bleach_s=0.3, seed=11)
 FRAMES = 1000
 

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.latency import machine_info, machine_line
+from benchmarks.machine import machine_info, machine_line
 from engines.registry import DEFAULT_ENGINE
 
 STAGES = ("transit", "queue", "compute", "publish", "delivery")
@@ -96,7 +96,7 @@ def run_pipeline(*, engine: str = DEFAULT_ENGINE, size: int = 128, fps: float = 
             e2e.append((t_recv - header.t_acq_ns) / 1e6)
             marks = [header.t_acq_ns, t.get("received"), t.get("start"), t.get("done"),
                      t.get("published"), t_recv]
-            for name, a, b in zip(STAGES, marks[:-1], marks[1:]):
+            for name, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True):
                 if a is not None and b is not None:
                     stages[name].append((b - a) / 1e6)
 

@@ -86,10 +86,10 @@ def _read(path: Path) -> np.ndarray | None:
     return tifffile.imread(path)
 
 
-def blinking(stack: np.ndarray, name: str) -> dict[str, Any]:
+def blinking(stack: np.ndarray, name: str) -> dict[int, dict[str, Any]]:
     from engines import assess_blinking
 
-    out = {}
+    out: dict[int, dict[str, Any]] = {}
     for n in sorted({min(len(stack), n) for n in (20, 50, 100)}):
         if n >= 10:
             r = assess_blinking(stack[:n])
@@ -103,8 +103,10 @@ def donut(stack: np.ndarray) -> dict[str, Any]:
 
     mean = stack.astype(np.float64).mean(0)
     res: dict[str, Any] = {}
-    for label, kw in (("default (lag auto, quadratic)", {}), ("former (lag 0, no bleaching correction)",
-                                                               {"lag": 0, "bleach_order": 0})):
+    options: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("default (lag auto, quadratic)", {}),
+        ("former (lag 0, no bleaching correction)", {"lag": 0, "bleach_order": 0}))
+    for label, kw in options:
         eng = SofiEngine(20, clip_negative=False, **kw)
         outs = [eng.reconstruct(stack[i:i + 20]) for i in range(len(stack) - 19)]
         z = np.array([ring_z(o, mean) for o in outs])
@@ -125,23 +127,24 @@ def nucleus(stack: np.ndarray) -> dict[str, Any]:
     res = {}
     for order, label in ((0, "off"), (1, "linear"), (2, "quadratic (default)")):
         res[label] = global_share(stack, order)
+        alone = 1 / (len(stack) - order - 1)
         print(f"  nucleus whole-movie ({len(stack)} frames) SOFI carried by the global time course, bleaching "
-              f"correction {label}: {res[label]:.3f}  (independent blinking alone: ~{1 / (len(stack) - order - 1):.3f})")
+              f"correction {label}: {res[label]:.3f}  (independent blinking alone: ~{alone:.3f})")
     return res
 
 
-def balance(stack: np.ndarray, name: str, windows: tuple[int, ...], **engine_kw: Any) -> dict[str, Any]:
+def balance(stack: np.ndarray, name: str, windows: tuple[int, ...], **engine_kw: Any) -> dict[int, dict[str, float]]:
     from engines.metrics import sublattice_ratio
     from engines.sofi import SofiEngine
 
-    res = {}
+    res: dict[int, dict[str, float]] = {}
     for w in windows:
         if w > len(stack):
             continue
         eng = SofiEngine(w, clip_negative=False, **engine_kw)
         starts = range(0, len(stack) - w + 1, w)
         outs = [eng.reconstruct(stack[i:i + w]) for i in starts]
-        per = [sublattice_ratio(o, stack[i:i + w].mean(0)) for o, i in zip(outs, starts)]
+        per = [sublattice_ratio(o, stack[i:i + w].mean(0)) for o, i in zip(outs, starts, strict=True)]
         avg = sublattice_ratio(np.mean(outs, 0), stack[: starts[-1] + w].mean(0))
         res[w] = {"ratio_of_window_average": avg, "per_window_median": float(np.median(per)), "windows": len(outs)}
         fits = f"; distance factors from {eng.last_fwhm_px:.2f} px ({eng.output_info()['psf_fit']})"

@@ -36,9 +36,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
+    from multiprocessing.synchronize import Event as EventType
+
+    from acquisition.sinks import FrameSink
 
 STEM = "throughput"
 
@@ -97,11 +103,12 @@ def write_ome_writers(frames: np.ndarray, n: int, fmt: str) -> Callable[[Path], 
     h, w = frames.shape[1:]
 
     def run(path: Path) -> None:
-        dims = [Dimension(name="t", count=None, chunk_size=1, type="time"),
+        dims = (Dimension(name="t", count=None, chunk_size=1, type="time"),
                 Dimension(name="y", count=h, chunk_size=h, type="space"),
-                Dimension(name="x", count=w, chunk_size=w, type="space")]
+                Dimension(name="x", count=w, chunk_size=w, type="space"))
+        # format: a backend name (the documented string form; the stubs declare only the models)
         stream = create_stream(AcquisitionSettings(root_path=str(path), dimensions=dims,
-                                                   dtype="uint16", format=fmt))
+                                                   dtype="uint16", format=fmt))  # type: ignore[arg-type]
         for i in range(n):
             stream.append(frames[i % len(frames)], frame_metadata={"delta_t": i * 0.01})
         stream.close()
@@ -109,7 +116,7 @@ def write_ome_writers(frames: np.ndarray, n: int, fmt: str) -> Callable[[Path], 
 
 
 # --------------------------------------------------------------------------- the pipeline
-def _drain(address: str, counter: Any, stop: Any) -> None:
+def _drain(address: str, counter: Synchronized[int], stop: EventType) -> None:
     """The engine's end of the frame socket, in its own process: receive and count."""
     import zmq
 
@@ -147,7 +154,7 @@ def run_pipeline(frames: np.ndarray, n: int | None, path: Path | None, *, fps: f
 
     core = make_core(frames, fps=fps, loop=True, pixel_size_um=0.1)
     address = free_tcp_address()
-    sinks: list[Any] = []
+    sinks: list[FrameSink] = []
     rec = Recorder(path) if path is not None else None
     if rec is not None:
         sinks.append(rec)
@@ -162,7 +169,7 @@ def run_pipeline(frames: np.ndarray, n: int | None, path: Path | None, *, fps: f
     peak = [0]
 
     def watch() -> None:
-        while thread.is_alive() or not thread._thread:  # noqa: SLF001 - until it has run
+        while thread.is_alive() or not thread.started:  # (until it has run)
             if rec is not None:
                 peak[0] = max(peak[0], rec.backlog)
             time.sleep(0.01)
@@ -203,7 +210,9 @@ def _count_on_disk(path: Path) -> int:
     if path.suffix == ".zarr":
         import zarr
 
-        return int(zarr.open_group(str(path), mode="r")["0"].shape[0])
+        arr = zarr.open_group(str(path), mode="r")["0"]
+        assert isinstance(arr, zarr.Array)
+        return int(arr.shape[0])
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
@@ -372,7 +381,7 @@ def plot(rows: list[dict[str, Any]], info: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len({r["format"] for r in rows}), figsize=(11, 4), squeeze=False)
-    for ax, fmt in zip(axes[0], sorted({r["format"] for r in rows})):
+    for ax, fmt in zip(axes[0], sorted({r["format"] for r in rows}), strict=True):
         rs = [r for r in rows if r["format"] == fmt]
         x = np.arange(len(rs))
         bars = [("disk_fps", "disk (raw write + fsync)"), ("writer_alone_fps", "writer alone"),

@@ -40,13 +40,13 @@ SEED_BASE = 3 * 10**9
 SNR_FRAMES = 5  # frames per scene for the SNR distribution
 
 
-def _percentiles(vals: list[float]) -> dict[str, float | int]:
+def _percentiles(vals: Sequence[float | None]) -> dict[str, float | int]:
     a = np.asarray([v for v in vals if v is not None and np.isfinite(v)], dtype=np.float64)
     if a.size == 0:
         return {"n": 0}
     q = np.percentile(a, [0.5, 1, 5, 10, 25, 50, 75, 90, 99, 99.5])
     keys = ("p0.5", "p1", "p5", "p10", "p25", "p50", "p75", "p90", "p99", "p99.5")
-    return {"n": int(a.size), "mean": float(a.mean()), **{k: float(v) for k, v in zip(keys, q)}}
+    return {"n": int(a.size), "mean": float(a.mean()), **{k: float(v) for k, v in zip(keys, q, strict=True)}}
 
 
 def snr_distribution(n: int, size: int) -> dict[str, Any]:
@@ -107,6 +107,7 @@ def agreement_distribution(n: int, size: int, window: int, weights: dict[str, st
                     out = r if r is not None else out
             else:
                 out = eng.reconstruct(last)
+            assert out is not None  # (the movie is longer than every engine's window)
             per[name].append(agreement(out, ref))
         per["sofi20"].append(agreement(SofiEngine(window=20).reconstruct(last), ref))
         mean = np.kron(last.mean(0), np.ones((2, 2), np.float32))
@@ -178,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f" {title}:")
         for k, v in table.items():
             if v.get("n"):
-                print(f"  {k:9s} p5 {v['p5']:.3f}  p10 {v['p10']:.3f}  p50 {v['p50']:.3f}  p90 {v['p90']:.3f}  (n {v['n']})")
+                print(f"  {k:9s} p5 {v['p5']:.3f}  p10 {v['p10']:.3f}  p50 {v['p50']:.3f}  p90 {v['p90']:.3f}"
+                      f"  (n {v['n']})")
             else:
                 print(f"  {k:9s} {agr['engines'].get(k, 'no values')}")
     print("input checks firing on these in-domain scenes: "

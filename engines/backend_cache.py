@@ -157,7 +157,9 @@ def store_auto_choice(key: str, entry: dict[str, Any]) -> Path:
     ``entry["history"]`` (read-modify-write under a process lock, atomic rename)."""
     with _LOCK:
         data = load_auto_choices()
-        old = data.get(key) if isinstance(data.get(key), dict) else {}
+        old = data.get(key)
+        if not isinstance(old, dict):
+            old = {}
         history = list(old.get("history", [])) + [{
             k: entry[k] for k in ("backend", "timings_ms", "measured_utc") if k in entry}]
         data[key] = {**entry, "history": history[-AUTO_HISTORY:]}

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .trend import detrend
 
@@ -138,7 +139,7 @@ def _pair_corr(z: np.ndarray, dy: int, dx: int, lag: int = 0) -> tuple[np.ndarra
     h, w = z.shape[-2:]
     a = (slice(None), slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
     b = (slice(None), slice(dy, h), slice(max(0, dx), w - max(0, -dx)))
-    za, zb = z[(slice(None), *a)], z[(slice(None), *b)]
+    za, zb = z[(slice(None),) + a], z[(slice(None),) + b]
     t = z.shape[0]
     if lag:
         c = 0.5 * (np.einsum("t...,t...->...", za[:-lag], zb[lag:])
@@ -161,7 +162,7 @@ def _select_mean(c: np.ndarray, m: np.ndarray, a: tuple, b: tuple, lo: float | N
     return (float(c[sel].mean()) if n else float("nan")), n
 
 
-def _as_stack(stack: Any) -> np.ndarray:
+def _as_stack(stack: npt.ArrayLike) -> np.ndarray:
     x = np.asarray(stack)
     if x.dtype.kind not in "uif":
         raise TypeError(f"stack must hold real numbers (integer or float), got dtype {x.dtype}")
@@ -176,7 +177,7 @@ def _as_stack(stack: Any) -> np.ndarray:
     return x
 
 
-def _residuals(stack: Any, max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _residuals(stack: npt.ArrayLike, max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Standardised residuals z (unit variance per pixel), temporal means, temporal SDs."""
     x = _tiles(_as_stack(stack), max_pixels)
     r = detrend(x, 1)
@@ -200,7 +201,7 @@ def _noise_corr(z: np.ndarray, m: np.ndarray) -> NoiseCorrelation:
 
 
 # ----------------------------------------------------------------------------- public
-def background_noise_correlation(stack: Any, *, max_pixels: int = 16384) -> NoiseCorrelation:
+def background_noise_correlation(stack: npt.ArrayLike, *, max_pixels: int = 16384) -> NoiseCorrelation:
     """Neighbour correlations of the darkest quarter of the pixels (see :class:`NoiseCorrelation`).
 
     Camera processing (e.g. on-chip filtering) makes neighbours share noise within a frame but
@@ -210,7 +211,7 @@ def background_noise_correlation(stack: Any, *, max_pixels: int = 16384) -> Nois
     return _noise_corr(z, m)
 
 
-def assess_blinking(stack: Any, *, far_px: int = 8, threshold: float = BLINKING_THRESHOLD,
+def assess_blinking(stack: npt.ArrayLike, *, far_px: int = 8, threshold: float = BLINKING_THRESHOLD,
                     max_pixels: int = 16384) -> BlinkingReport:
     """Whether ``stack`` (T >= 10, H, W) carries independent local fluctuations (see module doc)."""
     z, m, sd = _residuals(stack, max_pixels)
@@ -297,7 +298,7 @@ class BlinkingMonitor:
         self._ring: np.ndarray | None = None
         self._n = 0
 
-    def add(self, frame: Any) -> BlinkingReport | None:
+    def add(self, frame: npt.ArrayLike) -> BlinkingReport | None:
         """Store one frame; run the check when due and return its fresh report (else None)."""
         return self.evaluate() if self.store(frame) else None
 
@@ -307,7 +308,7 @@ class BlinkingMonitor:
         assert self.report is not None
         return self.report
 
-    def store(self, frame: Any) -> bool:
+    def store(self, frame: npt.ArrayLike) -> bool:
         """Copy one frame into the ring; True when a check is due now (the caller may run it elsewhere)."""
         f = np.asarray(frame)
         if self._ring is None or self._ring.shape[1:] != f.shape or self._ring.dtype != f.dtype:

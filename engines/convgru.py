@@ -131,7 +131,7 @@ class ConvGRUEngine(NetworkEngine):
         if model is None:
             path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
             model, norm, config = load_model(path)
-        super().__init__(model, norm, config, int(window or model.cfg.window),
+        super().__init__(model, norm, config, int(window or model.cfg.window), upsample=model.cfg.upsample,
                          device=device, precision=precision, weights_path=path)
         self._enc: deque[torch.Tensor] = deque(maxlen=self.window)
         self._scales: deque[torch.Tensor] = deque(maxlen=self.window)

@@ -88,6 +88,7 @@ class ConvLSTMNet(nn.Module):
         xavier_init(self)
         with torch.no_grad():  # forget-gate bias 1: remember by default (standard LSTM trick)
             for cell in self.cells:
+                assert isinstance(cell, ConvLSTMCell) and cell.conv.bias is not None
                 cell.conv.bias[cfg.hidden:2 * cfg.hidden].fill_(1.0)
 
     def zero_state(self, b: int, h: int, w: int, like: torch.Tensor) -> State:
@@ -97,7 +98,7 @@ class ConvLSTMNet(nn.Module):
     def update(self, enc: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One frame's cell updates: enc (B, C, H, W) -> last layer's hidden, new state."""
         x, new = enc.contiguous(memory_format=torch.channels_last), []
-        for cell, hc in zip(self.cells, state):
+        for cell, hc in zip(self.cells, state, strict=True):
             h, c = cell(x, hc)
             new.append((h, c))
             x = h
@@ -170,7 +171,7 @@ class ConvLSTMEngine(NetworkEngine):
         if model is None:
             path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
             model, norm, config = load_model(path)
-        super().__init__(model, norm, config, int(warmup or model.cfg.warmup),
+        super().__init__(model, norm, config, int(warmup or model.cfg.warmup), upsample=model.cfg.upsample,
                          device=device, precision=precision, weights_path=path)
         self._state: State | None = None
         self._count = 0
@@ -205,7 +206,8 @@ class ConvLSTMEngine(NetworkEngine):
             raise ValueError(f"{self.name}: needs at least warmup={self.window} frames, "
                              f"got {t.shape[0]}")
         self._check_spatial(tuple(t.shape), "stack")
-        state, scales = None, deque(maxlen=self.model.cfg.warmup)
+        state: State | None = None
+        scales: deque[torch.Tensor] = deque(maxlen=self.model.cfg.warmup)
         with torch.inference_mode():
             for f in t:
                 enc, scale = self._encode(f[None])
@@ -245,6 +247,7 @@ class ConvLSTMEngine(NetworkEngine):
             if self._count < self.window or not output:
                 self.last_cost = (t1 - t0, 0.0)
                 return None
+            assert h is not None  # (at least one frame was encoded)
             out = self._to_numpy(self._decode(h, self._scales))
         self.last_cost = (t1 - t0, time.perf_counter() - t1)
         return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from collections import deque
 from dataclasses import dataclass, field, fields
+from multiprocessing.pool import AsyncResult, Pool
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -217,7 +218,7 @@ def make_batch(seeds: list[int], cfg: DataConfig) -> tuple[np.ndarray, np.ndarra
     """Samples stacked; numpy's BLAS held to one thread (the simulator's matrix products run
     ~10x slower with two threads on a shared 2-core CPU)."""
     with threadpool_limits(1, user_api="blas"):
-        xs, ys = zip(*(make_sample(s, cfg) for s in seeds))
+        xs, ys = zip(*(make_sample(s, cfg) for s in seeds), strict=True)
     return np.stack(xs), np.stack(ys)
 
 
@@ -238,8 +239,8 @@ class SampleStream:
         self.k = start_batch
         # each batch is one job: keep every worker busy (and one more batch each queued)
         self.workers, self.prefetch = workers, max(prefetch, 2 * workers)
-        self._pool = None
-        self._pending: deque = deque()
+        self._pool: Pool | None = None
+        self._pending: deque[AsyncResult] = deque()
         self._next_job = start_batch
 
     def _seeds(self, k: int) -> list[int]:

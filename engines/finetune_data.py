@@ -155,8 +155,8 @@ def build_field(name: str, frames: np.ndarray, sofi_options: dict[str, Any], *,
                 holdout: float = 0.25, gap: int = HOLDOUT_GAP_PX) -> FieldPairs:
     """Split a (T, H, W) movie of a fixed sample and compute each part's target."""
     train, held = split_field(frames.shape[1], frames.shape[2], holdout, gap)
-    tf = np.ascontiguousarray(frames[(slice(None), *train.slices)], dtype=np.float32)
-    hf = np.ascontiguousarray(frames[(slice(None), *held.slices)], dtype=np.float32)
+    tf = np.ascontiguousarray(frames[(slice(None),) + train.slices], dtype=np.float32)
+    hf = np.ascontiguousarray(frames[(slice(None),) + held.slices], dtype=np.float32)
     t_img, info = long_sofi(tf, sofi_options)
     h_img, _ = long_sofi(hf, sofi_options)
     return FieldPairs(name=name, train_region=train, held_region=held, train_frames=tf,

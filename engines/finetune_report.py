@@ -12,13 +12,19 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engines.evaluation import SCORE_BORDER
 from engines.finetune_data import FieldPairs, static_twin
 from engines.metrics import pearson
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engines.base import Engine
+    from engines.nn_common import NetworkEngine, NormConfig
 
 __all__ = ["Agreement", "forgetting_check", "heldout_agreement", "invented_level",
            "network_engine", "sofi_agreement", "worse_scores", "write_figure"]
@@ -53,7 +59,7 @@ def window_starts(n_total: int, n: int, count: int) -> list[int]:
     return sorted({int(v) for v in np.linspace(0, n_total - n, count).round()})
 
 
-def network_engine(model_name: str, model: Any, norm: Any, device: str) -> Any:
+def network_engine(model_name: str, model: nn.Module, norm: NormConfig, device: str) -> NetworkEngine:
     """An engine around a copy of `model` (the live engine class, so what is scored is what the
     user will see; the copy keeps the training model's mode and memory format)."""
     from engines import engine_module
@@ -62,13 +68,13 @@ def network_engine(model_name: str, model: Any, norm: Any, device: str) -> Any:
     return engine_module(model_name).engine_from_model(m, norm, device=device)
 
 
-def eval_frames(engine: Any) -> int:
+def eval_frames(engine: Engine) -> int:
     """Frames per scored output: the ConvGRU's window; the ConvLSTM its warm-up and as many
     again (it is scored on its output after 2x warm-up, from zero state)."""
     return int(engine.window) * (2 if getattr(engine, "stateful", False) else 1)
 
 
-def heldout_agreement(engine: Any, fields: list[FieldPairs], windows: int) -> Agreement:
+def heldout_agreement(engine: Engine, fields: list[FieldPairs], windows: int) -> Agreement:
     """The engine on `windows` windows of each held-out part against that part's long SOFI."""
     n = eval_frames(engine)
     per, example = [], None
@@ -81,7 +87,7 @@ def heldout_agreement(engine: Any, fields: list[FieldPairs], windows: int) -> Ag
     return Agreement(float(np.mean(per)), per, example)
 
 
-def invented_level(engine: Any, fields: list[FieldPairs], windows: int) -> float:
+def invented_level(engine: Engine, fields: list[FieldPairs], windows: int) -> float:
     """Mean output on the static twins of the held-out windows over the mean output on the
     real windows (the evaluation's zero-target "level": 0 = invents nothing, 1 = cannot tell
     a blinking sample from a static one)."""
@@ -166,7 +172,7 @@ def write_figure(path: Path, field0: FieldPairs, images: dict[str, np.ndarray],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("mean of all frames", field0.held_frames.mean(0), None)]
+    panels: list[tuple[str, np.ndarray, float | None]] = [("mean of all frames", field0.held_frames.mean(0), None)]
     panels += [(k, v, numbers.get(k)) for k, v in images.items()]
     panels.append(("target: SOFI of all frames", field0.held_target, None))
     h, w = field0.held_target.shape
@@ -174,7 +180,7 @@ def write_figure(path: Path, field0: FieldPairs, images: dict[str, np.ndarray],
     n = len(panels)
     size = (2.2 * n, 2.2 * h / w + 1.2) if along_x else (6.0, 1.6 * n * h / w + 1.2)
     fig, axes = plt.subplots(1 if along_x else n, n if along_x else 1, figsize=size, squeeze=False)
-    for ax, (name, img, r) in zip(axes.ravel(), panels):
+    for ax, (name, img, r) in zip(axes.ravel(), panels, strict=True):
         lo, hi = np.percentile(img, [1, 99.7])
         ax.imshow(img, cmap="magma", vmin=lo, vmax=hi if hi > lo else lo + 1)
         ax.set_title(name + ("" if r is None else f"\nr = {r:.3f}"), fontsize=8)

@@ -35,6 +35,7 @@ __all__ = [
     "line_like_mask",
     "li_threshold",
     "pearson",
+    "pearson_r",
     "sublattice_ratio",
     "tpr_tnr",
     "window_consistency",
@@ -94,12 +95,17 @@ def _crop(img: np.ndarray, border: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- Pearson
-def _pearson_raw(a: np.ndarray, b: np.ndarray) -> float:
+def pearson_r(a: np.ndarray, b: np.ndarray, *, if_constant: float = float("nan")) -> float:
+    """Plain Pearson r of two same-size arrays (no alignment, no resampling).
+
+    A constant image has no correlation to speak of: NaN by default, so that a score never
+    counts it; training's validation mean asks for 0.0 (a flat output scores as uncorrelated).
+    """
     a = a.ravel() - a.mean()
     b = b.ravel() - b.mean()
     den = math.sqrt(float(a @ a) * float(b @ b))
     if den == 0.0:
-        return float("nan")  # a constant image has no correlation to speak of
+        return if_constant
     return float(a @ b) / den
 
 
@@ -116,10 +122,10 @@ def pearson(pred: np.ndarray, gt: np.ndarray, align: bool = True, *, max_shift: 
         p, _ = align_to(pred, gt, max_shift=max_shift)
         g = _as_2d_float(gt, "gt")
         border = int(math.ceil(max_shift))
-        return _pearson_raw(_crop(p, border), _crop(g, border))
+        return pearson_r(_crop(p, border), _crop(g, border))
     g = _as_2d_float(gt, "gt")
     p = _to_shape(_as_2d_float(pred, "pred"), g.shape)
-    return _pearson_raw(p, g)
+    return pearson_r(p, g)
 
 
 # --------------------------------------------------------------------------- Li / TPR / TNR
@@ -193,7 +199,7 @@ def window_consistency(images: list[np.ndarray], *, border: int = 3) -> float:
         return float("nan")
     if any(im.shape != imgs[0].shape for im in imgs):
         raise ValueError(f"window outputs differ in shape: {[im.shape for im in imgs]}")
-    rs = [_pearson_raw(imgs[i], imgs[j]) for i in range(len(imgs)) for j in range(i + 1, len(imgs))]
+    rs = [pearson_r(imgs[i], imgs[j]) for i in range(len(imgs)) for j in range(i + 1, len(imgs))]
     rs = [r for r in rs if math.isfinite(r)]
     return float(np.mean(rs)) if rs else float("nan")
 
@@ -380,7 +386,8 @@ class _Decorrelator:
         return out
 
 
-def decorrelation_analysis(img: np.ndarray, *, n_r: int = 50, n_g: int = 10, apodize: int | None = None) -> DecorrelationResult:
+def decorrelation_analysis(img: np.ndarray, *, n_r: int = 50, n_g: int = 10,
+                           apodize: int | None = None) -> DecorrelationResult:
     """Parameter-free resolution estimate (Descloux, Grussmayer & Radenovic 2019).
 
     A faithful port of ImDecorr's getDcorr: d(r) is the correlation of the image
@@ -490,7 +497,7 @@ def evaluate_image(pred: np.ndarray, gt: np.ndarray, pixel_nm: float, *, max_shi
     tpr, tnr = tpr_tnr(_crop(p, border), _crop(g, border))
     pred_pixel_nm = float(pixel_nm) * g.shape[0] / raw.shape[0]
     return {
-        "pearson": _pearson_raw(_crop(p, border), _crop(g, border)),
+        "pearson": pearson_r(_crop(p, border), _crop(g, border)),
         "resolution_nm": decorrelation_resolution(raw, pred_pixel_nm),
         "tpr": tpr,
         "tnr": tnr,

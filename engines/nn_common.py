@@ -180,6 +180,7 @@ def count_conv_macs(module: nn.Module, fn) -> int:
 
     def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
+        assert isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))  # (registered on those only)
         if isinstance(m, nn.ConvTranspose2d):
             total += inp[0].numel() * m.weight[0].numel()  # each input value hits cout*k*k
         else:
@@ -411,14 +412,16 @@ class NetworkEngine(EngineBase):
     learned = True
 
     def __init__(self, model: nn.Module, norm: NormConfig | None, config: dict, window: int, *,
-                 device: str, precision: str, weights_path: str | Path | None = None):
+                 upsample: int, device: str, precision: str, weights_path: str | Path | None = None):
         super().__init__(window, device=device, precision=precision)
         self.config = config
         self.weights_path = None if weights_path is None else Path(weights_path)
         self.model_dtype = DTYPES[precision]
-        self.model = model.to(self.device, self.model_dtype, memory_format=torch.channels_last).eval()
+        # (Module.to takes memory_format at run time; torch's stubs omit it)
+        self.model = model.to(self.device, self.model_dtype,
+                              memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
         self.norm = norm or NormConfig()
-        self.upsample = model.cfg.upsample
+        self.upsample = upsample
         self.legacy = is_legacy(config)
         self.output_units = "arbitrary (legacy weights)" if self.legacy else OUTPUT.units
         if self.legacy:

@@ -68,7 +68,7 @@ def optical_fwhm_px(effective_px: float) -> float | None:
     return math.sqrt(s2) / FWHM_TO_SIGMA if s2 > 0 else None
 
 
-def _positive(name: str, v: Any, lo: float, hi: float) -> float | None:
+def _positive(name: str, v: object, lo: float, hi: float) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (lo < v <= hi):

@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from engines import exception_reason, load_engine_for_scoring  # torch-free unti
 from engines.blinking import assess_blinking
 from engines.metrics import invented_filaments, invented_structure, pearson, window_consistency
 from engines.registry import ENGINES, REFERENCE_ENGINE, default_window, neural_engines, parse_weights_arg
+
+if TYPE_CHECKING:
+    from engines.base import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -159,7 +162,7 @@ class RealEvaluationConfig:
 @dataclass
 class RowRun:
     row: Row
-    engine: Any = None
+    engine: Engine | None = None  # None for the rows that load none (mean, SOFI) or could not
     status: str = "ok"
     note: str = ""
     window: int = 0
@@ -188,6 +191,7 @@ def _output(run: RowRun, frames: np.ndarray, sofi_opts: dict[str, Any]) -> np.nd
 
         return SofiEngine(window=len(frames), **sofi_opts).reconstruct(frames)
     eng = run.engine
+    assert eng is not None, row.label  # (rows whose engine could not load are not run)
     if getattr(ENGINES.get(row.engine), "stateful", False):  # scored as in live use: reset, every frame of the window pushed
         eng.reset()
         out = None
@@ -255,7 +259,9 @@ def evaluate_movie(path: Path, runs: list[RowRun], cfg: RealEvaluationConfig) ->
             entry["status"] = f"n/a: a {n}-frame window is the whole {t}-frame movie (it is the reference)"
             continue
         k_windows = t // n
-        outs, per, times = [], [], []
+        outs: list[np.ndarray] = []
+        per: list[dict[str, Any]] = []  # one JSON row per window
+        times: list[float] = []
         try:
             for k in range(k_windows):
                 t1 = time.perf_counter()
@@ -347,12 +353,12 @@ def format_table(results: dict[str, Any]) -> str:
                           f(r["invented"], True), f(r["invented_filaments"], True), f"{r['ms_per_output']:.0f}"])
         widths = [max(len(head[i]), *(len(x[i]) for x in table if len(x) > 2)) if i < len(head) else 0
                   for i in range(len(head))]
-        lines.append("  " + "  ".join(h.ljust(wd) for h, wd in zip(head, widths)))
+        lines.append("  " + "  ".join(h.ljust(wd) for h, wd in zip(head, widths, strict=True)))
         for x in table:
             if len(x) == 2:
                 lines.append("  " + x[0].ljust(widths[0]) + "  " + x[1])
             else:
-                lines.append("  " + "  ".join(c.ljust(wd) for c, wd in zip(x, widths)).rstrip())
+                lines.append("  " + "  ".join(c.ljust(wd) for c, wd in zip(x, widths, strict=False)).rstrip())
         lines.append("")
     lines.append("agreement: Pearson with SOFI of all frames; consistency: mean Pearson between "
                  "windows (static samples); invented: claimed structure >= 1 px from the reference's; "

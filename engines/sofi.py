@@ -83,14 +83,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .base import EngineBase
-from .blinking import MIN_FRAMES, background_noise_correlation
+from .blinking import MIN_FRAMES, NoiseCorrelation, background_noise_correlation
 from .psf import FIT_BOUNDS, FWHM_TO_SIGMA, Optics, ResolvedPsf, effective_fwhm_px, optical_fwhm_px
 from .registry import ENGINES
 from .trend import MAX_ORDER, centred_times, polynomial_basis, polynomial_coefficients
@@ -113,6 +113,8 @@ SHIFTS = (SHIFT_H, SHIFT_V, SHIFT_D, SHIFT_A, SHIFT_H2, SHIFT_V2)
 
 DistanceFactor = Literal["psf", "data", "none"]
 BLEACH_NAMES = {0: "off", 1: "linear", 2: "quadratic", 3: "cubic"}
+#: one pair class: its shift, then the slices of the first and the second pixel
+_Region = tuple[tuple[int, int], tuple[slice, slice], tuple[slice, slice]]
 
 
 def pair_slices(shift: tuple[int, int], h: int, w: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
@@ -151,7 +153,7 @@ def fit_fwhm_from_class_means(means: dict[float, list[float]]) -> float | None:
     sxx = sum((x - mx) ** 2 for x in xs)
     if sxx == 0.0:
         return None
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
     if not slope < 0.0:
         return None
     sigma = math.sqrt(-1.0 / (4.0 * slope))
@@ -240,7 +242,8 @@ class SofiEngine(EngineBase):
             raise ValueError(f"resync_every must be >= 1, got {resync_every}")
         # precision is accepted for API symmetry; cumulants are always accumulated in float64
         # (differences of large sums) and returned as float32
-        super().__init__(ENGINES[self.name].default_window if window is None else window, device=device, precision=precision)
+        super().__init__(ENGINES[self.name].default_window if window is None else window,
+                         device=device, precision=precision)
         self.bleach_order = int(bleach_order)
         self.lag_setting: int | str = lag if lag == AUTO else int(lag)
         fixed = 0 if lag == AUTO else int(lag)
@@ -266,7 +269,7 @@ class SofiEngine(EngineBase):
         self._warned = False
         self._lag: int | None = None if lag == AUTO else int(lag)
         self._lag_reason = "fixed" if lag != AUTO else "not decided yet"
-        self._noise: Any = None
+        self._noise: NoiseCorrelation | None = None
         if lag == AUTO:  # its first live decision should not pay numpy's lazy imports (~50 ms)
             from .blinking import warm_up
 
@@ -360,7 +363,7 @@ class SofiEngine(EngineBase):
         """Optical-equivalent PSF FWHM fitted to the class means of this output (None if impossible)."""
         sums = torch.stack([num[s].sum() for s in SHIFTS]).tolist()
         sizes = [num[s].numel() for s in SHIFTS]
-        mean = {s: (v / n if n else float("nan")) for s, v, n in zip(SHIFTS, sums, sizes)}
+        mean = {s: (v / n if n else float("nan")) for s, v, n in zip(SHIFTS, sums, sizes, strict=True)}
         n_diag, n_real = sizes[2] + sizes[3], sizes[4] + sizes[5]
         m_d = (sums[2] + sums[3]) / n_diag if n_diag else float("nan")
         m_r = (sums[4] + sums[5]) / n_real if n_real else float("nan")
@@ -389,7 +392,8 @@ class SofiEngine(EngineBase):
             return fit
         why = ("no fit possible (class means not positive or not falling with distance)" if fit is None
                else f"fitted {fit:.2f} px is outside {lo:g}-{hi:g}x the optical {optical:.2f} px")
-        self._set_fit_status("rejected", f"PSF fit rejected: {why}; using the optical {optical:.2f} px ({self.psf.source})")
+        self._set_fit_status("rejected",
+                             f"PSF fit rejected: {why}; using the optical {optical:.2f} px ({self.psf.source})")
         self.last_fwhm_px, self.last_fwhm_source = optical, "psf (fit rejected)"
         return optical
 
@@ -447,11 +451,11 @@ class SofiEngine(EngineBase):
         self._ring: torch.Tensor | None = None
         self._moments: torch.Tensor | None = None  # (K, H, W): sum_t t^k x, t = 0 for the newest
         self._pairs: dict[tuple[int, int], torch.Tensor] = {}
-        self._regions: list[tuple[tuple[int, int], tuple[slice, slice], tuple[slice, slice]]] = []
+        self._regions: list[_Region] = []
         self._stream_lag: int | None = None
         # time origin moves one frame back per push: m_k <- sum_j C(k,j) (-1)^(k-j) m_j
         self._shift = _binomial_shift(self.bleach_order + 1, -1.0)
-        self._consts: dict[str, Any] | None = None
+        self._consts: dict[str, np.ndarray] | None = None
         self._plan: _StreamPlan | None = None
         self._restart()
 
@@ -537,7 +541,10 @@ class SofiEngine(EngineBase):
                 self._stream_lag = self._lag = lag
                 self._resync()
                 if self._plan is None:
-                    self._plan = _StreamPlan(self, h, w)
+                    assert self._moments is not None
+                    self._plan = _StreamPlan(self, h, w, ring=self._ring, moments=self._moments, pairs=self._pairs,
+                                             regions=self._regions, lag=lag, consts=self._stream_constants(),
+                                             shift=self._shift)
                 plan = self._plan
             else:
                 assert plan is not None
@@ -547,16 +554,16 @@ class SofiEngine(EngineBase):
                 self._since_resync += 1
                 if self._since_resync >= self.resync_every:
                     self._resync()
-            return self._to_output(plan.image()) if output else None
+            return self._to_output(plan.image(self._head, self._assemble)) if output else None
 
     def current(self) -> np.ndarray | None:
         """The image of the newest full window (None before ``window`` frames were pushed)."""
         if self._n < self.window or self._plan is None:
             return None
         with torch.inference_mode():
-            return self._to_output(self._plan.image())
+            return self._to_output(self._plan.image(self._head, self._assemble))
 
-    def _stream_constants(self) -> dict[str, Any]:
+    def _stream_constants(self) -> dict[str, np.ndarray]:
         """Basis matrices for the window (depend only on T, order and lag): computed once."""
         if self._consts is not None:
             return self._consts
@@ -565,7 +572,7 @@ class SofiEngine(EngineBase):
         C = polynomial_coefficients(T, order)  # Bn = U C, U = centred monomials
         c = -(T - 1) / 2.0  # window centre in "newest = 0" time
         to_centred = _binomial_shift(k, -c)  # mu_i = sum_j to_centred[i, j] m_j
-        consts: dict[str, Any] = {"a_from_m": C.T @ to_centred}
+        consts: dict[str, np.ndarray] = {"a_from_m": C.T @ to_centred}
         if lag:
             u = centred_times(T)
 
@@ -596,19 +603,20 @@ class _StreamPlan:
     touches (ring slot x pair region, trend coefficient x region) cost about as much again.
     """
 
-    def __init__(self, eng: SofiEngine, h: int, w: int) -> None:
-        assert eng._ring is not None and eng._moments is not None
-        self.eng, self.h, self.w = eng, h, w
-        self.T, self.lag, self.k = eng.window, eng._stream_lag or 0, eng.bleach_order + 1
+    def __init__(self, eng: SofiEngine, h: int, w: int, *, ring: torch.Tensor, moments: torch.Tensor,
+                 pairs: dict[tuple[int, int], torch.Tensor], regions: list[_Region], lag: int,
+                 consts: dict[str, np.ndarray], shift: np.ndarray) -> None:
+        self.h, self.w = h, w
+        self.T, self.lag, self.k = eng.window, lag, eng.bleach_order + 1
         dt, dev = eng.compute_dtype, eng.device
-        ring, regions = eng._ring, eng._regions
-        self.moments = [eng._moments[i] for i in range(self.k)]
+        self.regions = regions
+        self.moments = [moments[i] for i in range(self.k)]
         self.slot_views = [[(ring[i][a], ring[i][b]) for _, a, b in regions] for i in range(self.T)]
-        self.pair_bufs = [eng._pairs[s] for s, _, _ in regions]
-        c = eng._stream_constants()
+        self.pair_bufs = [pairs[s] for s, _, _ in regions]
+        c = consts
         t_old = -(self.T - 1.0)
         self.drop_weights = [-(t_old**i) for i in range(self.k)]
-        S = eng._shift
+        S = shift
         self.shift_terms = [(i, j, float(S[i, j])) for i in range(self.k - 1, 0, -1) for j in range(i)]
         self.a = torch.empty((self.k, h, w), dtype=dt, device=dev)
         self.a_from_m = c["a_from_m"]
@@ -619,19 +627,19 @@ class _StreamPlan:
             self.w_newest, self.w_oldest = c["w_newest"], c["w_oldest"]
             self.ring_slots = [ring[i] for i in range(self.T)]
         g = self.g if self.lag else self.a
-        self.nums = {s: torch.empty_like(eng._pairs[s]) for s, _, _ in regions}
+        self.nums = {s: torch.empty_like(pairs[s]) for s, _, _ in regions}
         # per shift: (pair sum, output buffer, [(a_first, g_second, g_first, a_second) per trend term])
-        self.terms = [(eng._pairs[s], self.nums[s], [(self.a[j][a], g[j][b], g[j][a], self.a[j][b])
-                                                     for j in range(self.k)]) for s, a, b in regions]
+        self.terms = [(pairs[s], self.nums[s], [(self.a[j][a], g[j][b], g[j][a], self.a[j][b])
+                                                for j in range(self.k)]) for s, a, b in regions]
 
     def add_pairs(self, early: int, late: int, sign: float) -> None:
         """Pair products of ring slots (early, late) (the same slot twice at lag 0)."""
         ev, lv = self.slot_views[early], self.slot_views[late]
         if self.lag:
-            for buf, (e_a, e_b), (l_a, l_b) in zip(self.pair_bufs, ev, lv):
+            for buf, (e_a, e_b), (l_a, l_b) in zip(self.pair_bufs, ev, lv, strict=True):
                 buf.addcmul_(e_a, l_b, value=sign).addcmul_(e_b, l_a, value=sign)
         else:
-            for buf, (e_a, e_b) in zip(self.pair_bufs, ev):
+            for buf, (e_a, e_b) in zip(self.pair_bufs, ev, strict=True):
                 buf.addcmul_(e_a, e_b, value=sign)
 
     def drop_and_shift(self, oldest: torch.Tensor) -> None:
@@ -643,11 +651,13 @@ class _StreamPlan:
         for i, j, c in self.shift_terms:
             m[i].add_(m[j], alpha=c)
 
-    def image(self) -> torch.Tensor:
-        eng, T, lag, k = self.eng, self.T, self.lag, self.k
+    def image(self, head: int, assemble: Callable[[dict[tuple[int, int], torch.Tensor], float, int, int],
+                                                  torch.Tensor]) -> torch.Tensor:
+        """The window's image; ``head`` is the engine's oldest ring slot, ``assemble`` its interleaver."""
+        T, lag, k = self.T, self.lag, self.k
         _combine(self.a_from_m, self.moments, self.a)  # orthonormal trend coefficients per pixel
         if lag:
-            f, head, slots = self.f, eng._head, self.ring_slots  # head = the oldest slot (ring full)
+            f, slots = self.f, self.ring_slots  # head = the oldest slot (ring full)
             _combine(self.f_from_m, self.moments, f)
             for j in range(lag):  # h drops the newest lag frames, e the oldest lag frames
                 newest, oldest = slots[(head - lag + j) % T], slots[(head + j) % T]
@@ -655,7 +665,7 @@ class _StreamPlan:
                     f[i].add_(newest, alpha=-float(self.w_newest[j, i])).add_(oldest, alpha=-float(self.w_oldest[j, i]))
             _combine(self.half_N, self.a, self.g, alpha=-1.0, add_to=f)
         num = {}
-        for (s, _, _), (pairs, out, terms) in zip(eng._regions, self.terms):
+        for (s, _, _), (pairs, out, terms) in zip(self.regions, self.terms, strict=True):
             a0, g0, g0a, a0b = terms[0]
             torch.addcmul(pairs, a0, g0, value=-1.0, out=out)
             if lag:
@@ -665,10 +675,10 @@ class _StreamPlan:
                 if lag:
                     out.addcmul_(g_f, a_s, value=-1.0)
             num[s] = out.mul_(0.5) if lag else out
-        return eng._assemble(num, 1.0 / (T - lag - k), self.h, self.w)
+        return assemble(num, 1.0 / (T - lag - k), self.h, self.w)
 
 
-def _combine(mat: np.ndarray, x: Any, out: torch.Tensor, alpha: float = 1.0,
+def _combine(mat: np.ndarray, x: Sequence[torch.Tensor] | torch.Tensor, out: torch.Tensor, alpha: float = 1.0,
              add_to: torch.Tensor | None = None) -> torch.Tensor:
     """out[i] = add_to[i] + alpha * sum_j mat[i, j] x[j] (a few axpys: einsum is slow on CPU here)."""
     for i in range(mat.shape[0]):

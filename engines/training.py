@@ -30,6 +30,7 @@ import torch
 
 from engines import engine_module
 from engines.data import DataConfig, SampleStream, heldout_set
+from engines.metrics import pearson_r
 from engines.nn_common import (
     WEIGHTS_DIR,
     NormConfig,
@@ -101,13 +102,6 @@ def _per_frame(model_name: str) -> bool:
     return ENGINES[model_name].stateful
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.ravel() - a.mean()
-    b = b.ravel() - b.mean()
-    d = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / d) if d > 0 else 0.0
-
-
 def predict(model, x: torch.Tensor, norm: NormConfig, model_name: str, decode_from: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw frames (B, T, H, W) -> raw network outputs a and the scales that map them back:
@@ -151,8 +145,8 @@ def validation_metrics(model, val: tuple[np.ndarray, np.ndarray], cfg: TrainConf
     out = decode_output(a, scale).cpu().numpy()
     has = tgt.reshape(len(tgt), -1).max(1) > 0
     level = float(tgt[has].mean()) if has.any() else 1.0
-    return {"pearson": float(np.mean([pearson(o, t) for o, t in zip(out[has], tgt[has])]))
-            if has.any() else float("nan"),
+    rs = [pearson_r(o, t, if_constant=0.0) for o, t in zip(out[has], tgt[has], strict=True)]
+    return {"pearson": float(np.mean(rs)) if has.any() else float("nan"),
             "zero_level": float(out[~has].mean() / level) if (~has).any() else float("nan"),
             "loss": loss}
 

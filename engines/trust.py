@@ -33,11 +33,15 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Union
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
+
+from engines.blinking import BlinkingReport
 
 __all__ = [
     "MIN_AGREEMENT",
@@ -51,6 +55,10 @@ __all__ = [
     "agreement",
     "frame_snr",
 ]
+
+#: the worker's latest blinking check: the report, its ``as_dict()`` (from another process), or
+#: None before the first check
+Blinking = Union[BlinkingReport, Mapping[str, Any], None]
 
 #: ResultHeader.info keys of the trust signal start with this
 TRUST_PREFIX = "trust."
@@ -71,7 +79,7 @@ SNR_KEEP = 9  # the reported SNR is the median of this many measurements
 SNR_MIN_REL_SCALE = 1e-3  # = engines.nn_common.NormConfig.min_rel_scale (that module imports torch)
 
 
-def frame_snr(frame: Any, *, max_pixels: int = SNR_PIXELS) -> float:
+def frame_snr(frame: npt.ArrayLike, *, max_pixels: int = SNR_PIXELS) -> float:
     """The input SNR proxy: (99th percentile - median) / (1.4826 MAD) of one frame.
 
     The median is the camera offset plus background (blinking frames are sparse) and the MAD
@@ -201,7 +209,7 @@ class TrustMonitor:
     """
 
     def __init__(self, config: TrustConfig | Mapping[str, Any] | None = None, *,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         from engines.sofi import SofiEngine  # torch: only where a network runs anyway
 
         self.config = TrustConfig.coerce(config)
@@ -228,7 +236,7 @@ class TrustMonitor:
         self._t_last: float | None = None
         self.reference = None
 
-    def add(self, frame: Any, seq: int | None = None) -> None:
+    def add(self, frame: npt.ArrayLike, seq: int | None = None) -> None:
         """Feed one frame to the companion SOFI (running sums only) and, now and then, the SNR proxy."""
         if self._n % SNR_EVERY == 0:
             self._snrs = (self._snrs + [frame_snr(frame)])[-SNR_KEEP:]
@@ -248,10 +256,10 @@ class TrustMonitor:
         fitted = self._sofi.last_fwhm_px
         return float(fitted) if fitted is not None else float(self._sofi.psf_fwhm_px)
 
-    def input_warnings(self, blinking: Any = None) -> list[str]:
+    def input_warnings(self, blinking: Blinking = None) -> list[str]:
         """Why the input is outside the training range (empty when it is not, as far as known)."""
         out = []
-        check = blinking.as_dict() if hasattr(blinking, "as_dict") else (blinking or {})
+        check = blinking.as_dict() if isinstance(blinking, BlinkingReport) else (blinking or {})
         if check and check.get("ok") is False:
             out.append(f"no independent blinking ({check.get('reason') or 'blinking check failed'})")
         lo, hi = self.config.psf_range_px
@@ -277,7 +285,7 @@ class TrustMonitor:
         self.reference = (ref, last - self.config.window + 1, last)
         self.fresh_reference = True
 
-    def assess(self, output: np.ndarray, seq: int | None = None, *, blinking: Any = None,
+    def assess(self, output: np.ndarray, seq: int | None = None, *, blinking: Blinking = None,
                force: bool = False) -> TrustReport:
         """The verdict for this output (a new agreement if due, or ``force``)."""
         now = self._clock()
@@ -288,31 +296,33 @@ class TrustMonitor:
         self.report = self._report(blinking)
         return self.report
 
-    def _report(self, blinking: Any) -> TrustReport:
+    def _report(self, blinking: Blinking) -> TrustReport:
         cfg = self.config
         warnings = self.input_warnings(blinking)
         a = self._agreement
         ref = f"SOFI of the last {cfg.window} frames"
         if a is not None and a < cfg.min_agreement:
             warnings.append(f"agreement {a:.2f} with {ref} is below {cfg.min_agreement:.2f}")
-        common = dict(agreement=a, warnings=tuple(warnings), reference_frames=cfg.window,
-                      frames_seen=self._n, measured_at=self._measured_at,
-                      min_agreement=cfg.min_agreement, psf_fwhm_px=self.psf_fwhm_px(), snr=self.snr())
+        psf, snr = self.psf_fwhm_px(), self.snr()
+
+        def report(ok: bool | None, reason: str, message: str) -> TrustReport:
+            return TrustReport(ok=ok, reason=reason, message=message, agreement=a, warnings=tuple(warnings),
+                               reference_frames=cfg.window, frames_seen=self._n, measured_at=self._measured_at,
+                               min_agreement=cfg.min_agreement, psf_fwhm_px=psf, snr=snr)
+
         if warnings:
             reason = "low agreement" if len(warnings) == 1 and a is not None and a < cfg.min_agreement \
                 else "out of domain"
-            return TrustReport(ok=False, reason=reason, message=(
-                "Do not trust this image: " + "; ".join(warnings) + ". Switch to SOFI."), **common)
+            return report(False, reason, "Do not trust this image: " + "; ".join(warnings) + ". Switch to SOFI.")
         if a is None:
             if self._n < cfg.window:
                 msg = (f"Checking: the comparison with {ref} needs {cfg.window} frames "
                        f"({self._n} so far).")
             else:
                 msg = f"Checking: nothing to compare yet (the network or {ref} shows a flat image)."
-            return TrustReport(ok=None, reason="checking", message=msg, **common)
-        return TrustReport(ok=True, reason="agrees", message=(
-            f"Agrees with {ref} (r = {a:.2f} >= {cfg.min_agreement:.2f}): the network shows what the "
-            "data support."), **common)
+            return report(None, "checking", msg)
+        return report(True, "agrees", f"Agrees with {ref} (r = {a:.2f} >= {cfg.min_agreement:.2f}): the network "
+                      "shows what the data support.")
 
 
 class TrustTally:

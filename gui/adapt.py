@@ -24,6 +24,7 @@ from typing import Any
 from qtpy import QtCore, QtWidgets
 
 from engines.registry import neural_engines
+from gui.naming import named
 from gui.relay import LatestSlot
 
 __all__ = ["AdaptPanel", "WeightsNote", "default_out_dir"]
@@ -66,26 +67,25 @@ class AdaptPanel(QtWidgets.QGroupBox):
         self.process.finished.connect(self._on_finished)
         self.process.errorOccurred.connect(self._on_process_error)
 
-        self.source = QtWidgets.QLabel("record a fixed sample (>= 500 frames) first",
-                                       objectName="adapt_source")
+        self.source = named(QtWidgets.QLabel("record a fixed sample (>= 500 frames) first"), "adapt_source")
         self.source.setWordWrap(True)
-        self.model = QtWidgets.QComboBox(objectName="adapt_model")
+        self.model = named(QtWidgets.QComboBox(), "adapt_model")
         self.model.addItems(MODELS)
-        self.minutes = QtWidgets.QDoubleSpinBox(objectName="adapt_minutes")
+        self.minutes = named(QtWidgets.QDoubleSpinBox(), "adapt_minutes")
         self.minutes.setRange(0.5, 600.0)
         self.minutes.setValue(5.0)
         self.minutes.setSuffix(" min")
         self.minutes.setToolTip("training time budget (the held-out scoring and the check on "
                                 "simulated scenes come on top)")
-        self.run_btn = QtWidgets.QPushButton("Adapt to this sample", objectName="adapt_run")
+        self.run_btn = named(QtWidgets.QPushButton("Adapt to this sample"), "adapt_run")
         self.run_btn.setToolTip("fine-tune the network on the last recording (a fixed sample) "
                                 "in a background process")
-        self.cancel_btn = QtWidgets.QPushButton("Cancel", objectName="adapt_cancel")
-        self.progress = QtWidgets.QProgressBar(objectName="adapt_progress")
+        self.cancel_btn = named(QtWidgets.QPushButton("Cancel"), "adapt_cancel")
+        self.progress = named(QtWidgets.QProgressBar(), "adapt_progress")
         self.progress.setRange(0, 1000)
-        self.status = QtWidgets.QLabel("", objectName="adapt_status")
+        self.status = named(QtWidgets.QLabel(""), "adapt_status")
         self.status.setWordWrap(True)
-        self.use_btn = QtWidgets.QPushButton("Use the new weights", objectName="adapt_use")
+        self.use_btn = named(QtWidgets.QPushButton("Use the new weights"), "adapt_use")
         self.use_btn.setToolTip("switch the live engine to the fine-tuned weights")
         self.run_btn.clicked.connect(self.start)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -158,7 +158,7 @@ class AdaptPanel(QtWidgets.QGroupBox):
             self.process.terminate()
 
     def _read_output(self) -> None:
-        self._buffer += bytes(self.process.readAllStandardOutput())
+        self._buffer += bytes(self.process.readAllStandardOutput().data())
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             self._event(line.decode(errors="replace").strip())
@@ -212,7 +212,7 @@ class AdaptPanel(QtWidgets.QGroupBox):
             self._update_buttons()
 
     def _stderr_line(self) -> str:
-        text = bytes(self.process.readAllStandardError()).decode(errors="replace").strip()
+        text = bytes(self.process.readAllStandardError().data()).decode(errors="replace").strip()
         return text.splitlines()[-1] if text else ""
 
     def _use(self) -> None:
@@ -249,7 +249,8 @@ class WeightsNote(QtWidgets.QLabel):
     """Where the chosen weights file came from, read off the Qt thread."""
 
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
-        super().__init__("", parent, objectName="weights_note")
+        super().__init__("", parent)
+        self.setObjectName("weights_note")
         self.setWordWrap(True)
         self.setStyleSheet("color: #9e9e9e;")
         self._slot = LatestSlot[tuple[str, str]]()

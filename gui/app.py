@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qtpy import QtCore, QtWidgets
 
@@ -15,7 +15,7 @@ def get_app() -> QtWidgets.QApplication:
     if app is None:
         app = QtWidgets.QApplication(sys.argv[:1])
         app.setApplicationName("livesr")
-    return app
+    return cast(QtWidgets.QApplication, app)  # a widget program: the instance is a QApplication
 
 
 def run_gui(

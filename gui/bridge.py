@@ -11,10 +11,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engines.registry import BACKEND_CHOICES, DEFAULT_ENGINE
 from gui.controls import ControlValues
+
+if TYPE_CHECKING:  # (names only: the pipeline is imported when a run starts)
+    from pymmcore_plus import CMMCorePlus
+
+    from realtime.config import PipelineConfig
+    from realtime.metrics import PipelineMetrics
+    from realtime.pipeline import Pipeline
+    from realtime.protocol import ResultHeader
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +44,19 @@ SIGNALS = {
 BLINKING_PREFIX = "blinking_check."
 
 
-def default_config() -> Any:
+def default_config() -> PipelineConfig:
     from realtime.config import PipelineConfig
 
     return PipelineConfig()
 
 
-def default_pipeline_factory(config: Any, mmcore: Any = None) -> Any:
+def default_pipeline_factory(config: PipelineConfig, mmcore: CMMCorePlus | None = None) -> Pipeline:
     from realtime.pipeline import Pipeline
 
     return Pipeline(config, mmcore=mmcore)
 
 
-def qt_thread_core(cfg: Any) -> Any:
+def qt_thread_core(cfg: PipelineConfig) -> CMMCorePlus | None:
     """For an MDA run, an empty core made here, on the Qt thread (None otherwise).
 
     With a QApplication running, pymmcore-plus delivers MDA events as Qt signals, queued to
@@ -84,7 +92,7 @@ def backend_names() -> list[str]:
     return list(BACKEND_CHOICES)
 
 
-def controls_from_config(cfg: Any) -> ControlValues:
+def controls_from_config(cfg: PipelineConfig) -> ControlValues:
     """What the widgets show for a configuration (e.g. the one the CLI built)."""
     record = getattr(cfg, "record", None)
     return ControlValues(
@@ -100,7 +108,7 @@ def controls_from_config(cfg: Any) -> ControlValues:
     )
 
 
-def apply_controls(cfg: Any, v: ControlValues) -> Any:
+def apply_controls(cfg: PipelineConfig, v: ControlValues) -> PipelineConfig:
     """A new config with the user's choices; raises ValueError for impossible values.
 
     The GUI runs until Stop (or the end of a replay), so `seconds` becomes None.
@@ -137,14 +145,14 @@ def apply_controls(cfg: Any, v: ControlValues) -> Any:
     return validate() if validate is not None else new
 
 
-def connect_pipeline(pipe: Any, window: Any) -> None:
+def connect_pipeline(pipe: Pipeline, window: object) -> None:
     for sig_name, handler in SIGNALS.items():
         sig = getattr(pipe, sig_name, None)
         if sig is not None and hasattr(sig, "connect"):
             sig.connect(getattr(window, handler))
 
 
-def disconnect_pipeline(pipe: Any, window: Any) -> None:
+def disconnect_pipeline(pipe: Pipeline, window: object) -> None:
     for sig_name, handler in SIGNALS.items():
         sig = getattr(pipe, sig_name, None)
         if sig is not None and hasattr(sig, "disconnect"):
@@ -154,16 +162,16 @@ def disconnect_pipeline(pipe: Any, window: Any) -> None:
                 pass
 
 
-def final_metrics(pipe: Any) -> Any:
+def final_metrics(pipe: Pipeline) -> PipelineMetrics | None:
     m = getattr(pipe, "metrics", None)
     return m() if callable(m) else m
 
 
-def counters(m: Any) -> dict[str, Any]:
+def counters(m: PipelineMetrics | None) -> dict[str, int]:
     """Counter values from a `PipelineMetrics` (only the fields it has)."""
     if m is None:
         return {}
-    out: dict[str, Any] = {}
+    out: dict[str, int] = {}
     if hasattr(m, "frames_acquired"):
         out["acquired"] = int(m.frames_acquired)
     rec = getattr(m, "frames_recorded", None)
@@ -195,7 +203,7 @@ def describe_error(exc: BaseException) -> str:
     return text
 
 
-def result_title(header: Any) -> str:
+def result_title(header: ResultHeader) -> str:
     engine = getattr(header, "engine", "") or "super-resolved"
     first, last = getattr(header, "seq_first", None), getattr(header, "seq_last", None)
     span = f", frames {first}-{last}" if first is not None and last is not None else ""

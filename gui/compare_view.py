@@ -16,6 +16,7 @@ import numpy as np
 from qtpy import QtCore, QtWidgets
 
 from gui.image_views import ImagePanel, SideBySideView
+from gui.naming import named
 
 RAW_NEWEST, RAW_MEAN = "newest frame", "window mean"
 
@@ -93,13 +94,13 @@ class CompareView(SideBySideView):
         self.reference.view.setXLink(self.raw.view)
         self.reference.view.setYLink(self.raw.view)
         self.reference.widget.hide()
-        self.layout().addWidget(self.reference.widget, 1)
-        self.raw_mode = QtWidgets.QComboBox(objectName="raw_mode")
+        self.row.addWidget(self.reference.widget, 1)
+        self.raw_mode = named(QtWidgets.QComboBox(), "raw_mode")
         self.raw_mode.addItems([RAW_NEWEST, RAW_MEAN])
         self.raw_mode.setToolTip("raw panel: the newest camera frame, or the mean of the frames of the "
                                  "engine's window (what the super-resolved image was made from)")
         self.raw_mode.currentTextChanged.connect(self.rawModeChanged)
-        self.show_reference = QtWidgets.QCheckBox("SOFI next to it", objectName="show_reference")
+        self.show_reference = named(QtWidgets.QCheckBox("SOFI next to it"), "show_reference")
         self.show_reference.setChecked(True)
         self.show_reference.setToolTip("show the SOFI image a network's output is checked against "
                                        "(the trust reference: SOFI of the last frames)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from qtpy import QtCore, QtGui, QtWidgets
 
 from engines.registry import BACKEND_CHOICES, DEFAULT_ENGINE, ENGINES
+from gui.naming import named
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,13 @@ class ExposureFpsWidget(QtWidgets.QWidget):
         super().__init__(parent)
         self._mmcore = None
         # the minimum (0) of each box means "not set": shown as a word, mapped to None
-        self.exposure = QtWidgets.QDoubleSpinBox(objectName="exposure_ms")
+        self.exposure = named(QtWidgets.QDoubleSpinBox(), "exposure_ms")
         self.exposure.setRange(0.0, 10000.0)
         self.exposure.setDecimals(2)
         self.exposure.setSuffix(" ms")
         self.exposure.setSpecialValueText("camera default")
         self.exposure.setKeyboardTracking(False)
-        self.fps = QtWidgets.QDoubleSpinBox(objectName="fps")
+        self.fps = named(QtWidgets.QDoubleSpinBox(), "fps")
         self.fps.setRange(0.0, 10000.0)
         self.fps.setDecimals(1)
         self.fps.setSuffix(" fps")
@@ -129,9 +130,9 @@ class ControlPanel(QtWidgets.QWidget):
     ) -> None:
         super().__init__(parent)
         # --- run ---
-        self.start_btn = QtWidgets.QPushButton("Start", objectName="start")
+        self.start_btn = named(QtWidgets.QPushButton("Start"), "start")
         self.start_btn.setToolTip("Start acquisition and reconstruction (Ctrl+R or Space)")
-        self.stop_btn = QtWidgets.QPushButton("Stop", objectName="stop")
+        self.stop_btn = named(QtWidgets.QPushButton("Stop"), "stop")
         self.stop_btn.setToolTip("Stop acquisition (Ctrl+. or Space)")
         self.stop_btn.setEnabled(False)
         self.start_btn.clicked.connect(self.startRequested)
@@ -142,27 +143,28 @@ class ControlPanel(QtWidgets.QWidget):
 
         # --- camera ---
         self.timing = ExposureFpsWidget(mmcore=mmcore)
-        self.crop = QtWidgets.QCheckBox("crop to ROI", objectName="roi_crop")
+        self.crop = named(QtWidgets.QCheckBox("crop to ROI"), "roi_crop")
         self.crop.setToolTip("Drag the cyan rectangle on the raw view, then Start")
         self.crop.toggled.connect(self.roiToggled)
 
         # --- reconstruction ---
-        self.engine = QtWidgets.QComboBox(objectName="engine")
+        self.engine = named(QtWidgets.QComboBox(), "engine")
         self.engine.addItems(engines)
-        self.backend = QtWidgets.QComboBox(objectName="backend")
+        self.backend = named(QtWidgets.QComboBox(), "backend")
         # the registry's choices (torch-free: the Qt thread must not import torch); an
         # unavailable choice is reported by the engine worker as a clear error in the window
         self.backend.addItems(backends or list(BACKEND_CHOICES))
-        self.window = QtWidgets.QSpinBox(objectName="window")
-        self.window.setRange(1, 500)  # 1 is shown as "engine default" (None)
-        self.window.setSpecialValueText("engine default")
-        self.window.setSuffix(" frames")
-        self.stride = QtWidgets.QSpinBox(objectName="stride")
+        self.window_frames = named(QtWidgets.QSpinBox(), "window")
+        self.window_frames.setRange(1, 500)  # 1 is shown as "engine default" (None)
+        self.window_frames.setSpecialValueText("engine default")
+        self.window_frames.setSuffix(" frames")
+        self.stride = named(QtWidgets.QSpinBox(), "stride")
         self.stride.setRange(1, 500)
         self.stride.setToolTip("one output every `stride` frames")
-        self.weights = QtWidgets.QLineEdit(objectName="weights")
+        self.weights = named(QtWidgets.QLineEdit(), "weights")
         self.weights.setPlaceholderText("default weights")
-        self.weights_browse = QtWidgets.QToolButton(text="...", objectName="weights_browse")
+        self.weights_browse = named(QtWidgets.QToolButton(), "weights_browse")
+        self.weights_browse.setText("...")
         self.weights_browse.clicked.connect(self._choose_weights)
         w_row = QtWidgets.QHBoxLayout()
         w_row.addWidget(self.weights)
@@ -170,10 +172,11 @@ class ControlPanel(QtWidgets.QWidget):
         self.engine.currentTextChanged.connect(self._engine_changed)
 
         # --- recording ---
-        self.record = QtWidgets.QCheckBox("record to file", objectName="record")
-        self.record_path = QtWidgets.QLineEdit(objectName="record_path")
+        self.record = named(QtWidgets.QCheckBox("record to file"), "record")
+        self.record_path = named(QtWidgets.QLineEdit(), "record_path")
         self.record_path.setPlaceholderText("movie.ome.tif")
-        self.browse = QtWidgets.QToolButton(text="...", objectName="browse")
+        self.browse = named(QtWidgets.QToolButton(), "browse")
+        self.browse.setText("...")
         self.browse.clicked.connect(self._choose_file)
         self._confirmed_overwrite = ""  # a path the file dialog already asked about
         rec_row = QtWidgets.QHBoxLayout()
@@ -181,10 +184,10 @@ class ControlPanel(QtWidgets.QWidget):
         rec_row.addWidget(self.browse)
 
         # --- display ---
-        self.colormap = QtWidgets.QComboBox(objectName="colormap")
+        self.colormap = named(QtWidgets.QComboBox(), "colormap")
         self.colormap.addItems(colormaps or ["grey"])
         self.colormap.currentTextChanged.connect(self.colormapChanged)
-        self.auto_contrast = QtWidgets.QCheckBox("auto contrast", objectName="auto_contrast")
+        self.auto_contrast = named(QtWidgets.QCheckBox("auto contrast"), "auto_contrast")
         self.auto_contrast.setChecked(True)
         self.auto_contrast.setToolTip("off: set levels by dragging the histogram handles")
         self.auto_contrast.toggled.connect(self.autoContrastChanged)
@@ -197,16 +200,17 @@ class ControlPanel(QtWidgets.QWidget):
         form.addRow("backend:", self.backend)
         form.addRow("weights:", w_row)
         self._weights_row = form.rowCount() - 1
-        form.addRow("window:", self.window)
+        form.addRow("window:", self.window_frames)
         form.addRow("output stride:", self.stride)
         form.addRow(self.record)
         form.addRow(rec_row)
         form.addRow("colour map:", self.colormap)
         form.addRow("", self.auto_contrast)
         self.setLayout(form)
+        self._form = form
         # widgets that must not change while the pipeline runs
         self._setup_widgets = [
-            self.timing.fps, self.crop, self.engine, self.backend, self.window,
+            self.timing.fps, self.crop, self.engine, self.backend, self.window_frames,
             self.stride, self.record, self.record_path, self.browse,
         ]
         self._running = False
@@ -214,14 +218,14 @@ class ControlPanel(QtWidgets.QWidget):
 
     def insert_below_weights(self, widget: QtWidgets.QWidget) -> None:
         """Add a widget (e.g. a note on the chosen file) under the weights chooser."""
-        self.layout().insertRow(self._weights_row + 1, "", widget)
+        self._form.insertRow(self._weights_row + 1, "", widget)
 
     # ------------------------------------------------------------------ values
     def values(self, roi: tuple[int, int, int, int] | None = None) -> ControlValues:
         return ControlValues(
             engine=self.engine.currentText(),
             backend=self.backend.currentText(),
-            window=self.window.value() if self.window.value() > 1 else None,
+            window=self.window_frames.value() if self.window_frames.value() > 1 else None,
             stride=self.stride.value(),
             exposure_ms=self.timing.exposure_ms(),
             fps=self.timing.frame_rate(),
@@ -239,7 +243,7 @@ class ControlPanel(QtWidgets.QWidget):
             if combo.findText(text) < 0:
                 combo.addItem(text)
             combo.setCurrentText(text)
-        self.window.setValue(int(v.window) if v.window else 1)
+        self.window_frames.setValue(int(v.window) if v.window else 1)
         self.stride.setValue(int(v.stride))
         self.timing.set_values(v.exposure_ms, v.fps)
         self.record.setChecked(bool(v.record))

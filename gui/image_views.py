@@ -143,7 +143,7 @@ class SideBySideView(QtWidgets.QWidget):
         self.roi.addScaleHandle([0, 0], [1, 1])
         self.roi.hide()
         self.raw.view.addItem(self.roi)
-        lay = QtWidgets.QHBoxLayout(self)
+        self.row = lay = QtWidgets.QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(0)
         lay.addWidget(self.raw.widget, 1)

@@ -14,8 +14,9 @@ import math
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
+import numpy as np
 from qtpy import QtCore, QtWidgets
 
 from engines.registry import DEFAULT_ENGINE, REFERENCE_ENGINE
@@ -24,13 +25,24 @@ from gui.adapt import AdaptPanel, WeightsNote
 from gui.compare_view import CompareView, RollingMean
 from gui.controls import ControlPanel, add_shortcuts
 from gui.image_views import COLORMAPS
+from gui.naming import named
 from gui.plots import CountersWidget, FpsPlot, LatencyPlot
 from gui.relay import LatestSlot, MessageQueue, RateMeter, RollingLatency
 from gui.trust_panel import TrustPanel
 
+if TYPE_CHECKING:  # (names only: the window imports the pipeline when a run starts)
+    from pymmcore_plus import CMMCorePlus
+
+    from realtime.config import PipelineConfig
+    from realtime.metrics import PipelineMetrics
+    from realtime.pipeline import Pipeline
+    from realtime.protocol import ReferenceHeader, ResultHeader
+
 log = logging.getLogger(__name__)
 
-PipelineFactory = Callable[[Any, Any], Any]
+PipelineFactory = Callable[["PipelineConfig", "CMMCorePlus | None"], "Pipeline"]
+
+_T = TypeVar("_T")
 
 IDLE, STARTING, RUNNING, STOPPING = "idle", "starting", "running", "stopping"
 
@@ -49,10 +61,10 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def __init__(
         self,
-        config: Any = None,
+        config: PipelineConfig | None = None,
         *,
         pipeline_factory: PipelineFactory | None = None,
-        mmcore: Any = None,
+        mmcore: CMMCorePlus | None = None,
         refresh_hz: float = 50.0,
         plot_hz: float = 4.0,
         histogram_hz: float = 2.0,
@@ -66,7 +78,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.mmcore = mmcore
         self.error_dialogs = error_dialogs
         self.state = IDLE
-        self.pipeline: Any = None
+        self.pipeline: Pipeline | None = None
         self._helper: threading.Thread | None = None
         self._close_when_stopped = False
         self._restart_when_stopped = False  # "Switch to SOFI" during a run: stop, then start SOFI
@@ -74,18 +86,19 @@ class MainWindow(QtWidgets.QMainWindow):
         self.errors: list[str] = []  # every error shown in this window (for tests/logs)
 
         # ---- cross-thread slots (written by pipeline threads, read by the timer) ----
-        self._frame = LatestSlot[tuple[int, Any]]()
-        self._result = LatestSlot[tuple[Any, Any]]()
-        self._metrics = LatestSlot[Any]()
-        self._reference = LatestSlot[tuple[Any, Any]]()  # a network's trust reference (SOFI)
+        self._frame = LatestSlot[tuple[int, np.ndarray]]()
+        self._result = LatestSlot[tuple["ResultHeader", np.ndarray]]()
+        self._metrics = LatestSlot["PipelineMetrics"]()
+        self._reference = LatestSlot[tuple["ReferenceHeader", np.ndarray]]()  # a network's trust reference (SOFI)
         self._raw_mean = RollingMean(int(getattr(self.config, "window", None) or 20))
         self._mean_on = False  # read by the pipeline thread: feed the rolling mean only when shown
         self._shown_span: tuple[int, int] | None = None  # frames of the output on screen
         self._raw_title = ""
-        self._messages = MessageQueue()
-        self._statuses = MessageQueue()  # progress notes from the pipeline ("compiling ...")
-        self._notes = MessageQueue()  # warnings and check reports: the message area, not error dialogs
-        self._lifecycle = MessageQueue()  # "started", "start_failed", "stopped"
+        self._messages: MessageQueue[str] = MessageQueue()
+        self._statuses: MessageQueue[str] = MessageQueue()  # progress notes from the pipeline ("compiling ...")
+        self._notes: MessageQueue[str] = MessageQueue()  # warnings and check reports: the message area
+        # (kind, error text or None): "started", "start_failed", "stopped", "finished"
+        self._lifecycle: MessageQueue[tuple[str, str | None]] = MessageQueue()
         self.acq_rate = RateMeter()
         self.out_rate = RateMeter()
         self.disp_rate = RateMeter()
@@ -94,8 +107,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.seq_gaps = 0  # breaks in the frame sequence numbers reported by the pipeline
         self._last_seq: int | None = None
         self.n_displayed = 0
-        self.last_metrics: Any = None
-        self._last_header: Any = None
+        self.last_metrics: PipelineMetrics | None = None
+        self._last_header: ResultHeader | None = None
         self._t0 = time.monotonic()
 
         # ---- widgets ----
@@ -116,15 +129,15 @@ class MainWindow(QtWidgets.QMainWindow):
         self.fps_plot = FpsPlot()
         self.counters = CountersWidget()
         # what the engine used (PSF, lag, bleaching) and, when the data cannot support it, a warning
-        self.blinking_banner = QtWidgets.QLabel(objectName="blinking_banner")
+        self.blinking_banner = named(QtWidgets.QLabel(), "blinking_banner")
         self.blinking_banner.setWordWrap(True)
         self.blinking_banner.setStyleSheet("background: #b71c1c; color: white; padding: 4px; font-weight: bold;")
         self.blinking_banner.hide()
-        self.engine_info_label = QtWidgets.QLabel(objectName="engine_info")
+        self.engine_info_label = named(QtWidgets.QLabel(), "engine_info")
         self.engine_info_label.setWordWrap(True)
         self.engine_info_label.setStyleSheet("color: #9e9e9e;")
         self._last_info: dict | None = None
-        self.message_area = QtWidgets.QPlainTextEdit(objectName="messages")
+        self.message_area = named(QtWidgets.QPlainTextEdit(), "messages")
         self.message_area.setReadOnly(True)
         self.message_area.setMaximumBlockCount(500)
         self.message_area.setPlaceholderText("status and error messages appear here")
@@ -285,7 +298,7 @@ class MainWindow(QtWidgets.QMainWindow):
             self._restart_when_idle = False
             QtCore.QTimer.singleShot(0, self.start)
 
-    def _run_helper(self, fn: Callable, arg: Any, name: str) -> None:
+    def _run_helper(self, fn: Callable[[_T], None], arg: _T, name: str) -> None:
         previous = self._helper
 
         def run() -> None:
@@ -297,7 +310,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._helper.start()
 
     # ---- helper-thread bodies (no Qt calls in here) ----
-    def _start_in_helper(self, arg: tuple[Any, Any]) -> None:
+    def _start_in_helper(self, arg: tuple[PipelineConfig, CMMCorePlus | None]) -> None:
         """Open the camera/movie and recording, spawn the engine worker (fast failures)."""
         cfg, mmcore = arg
         pipe = None
@@ -316,7 +329,7 @@ class MainWindow(QtWidgets.QMainWindow):
                 bridge.disconnect_pipeline(pipe, self)
             self._lifecycle.put(("start_failed", bridge.describe_error(exc)))
 
-    def _stop_in_helper(self, _: Any) -> None:
+    def _stop_in_helper(self, _: None) -> None:
         """Stop and wait until the recording is closed and the worker has ended."""
         pipe, err = self.pipeline, None
         if pipe is not None:
@@ -334,13 +347,13 @@ class MainWindow(QtWidgets.QMainWindow):
     def on_started(self) -> None:
         self._lifecycle.put(("started", None))
 
-    def on_finished(self, metrics: Any = None) -> None:
+    def on_finished(self, metrics: PipelineMetrics | None = None) -> None:
         """The run is over: by Stop, or by itself (end of a replay, camera/engine failure)."""
         if metrics is not None:
             self._metrics.put(metrics)
         self._lifecycle.put(("finished", None))
 
-    def on_frame(self, seq: int, image: Any) -> None:
+    def on_frame(self, seq: int, image: np.ndarray) -> None:
         last = self._last_seq
         if last is not None and seq != last + 1:
             self.seq_gaps += 1  # a frame the GUI never heard of: shown in the counters
@@ -350,14 +363,14 @@ class MainWindow(QtWidgets.QMainWindow):
         self._frame.put((seq, image))
         self.acq_rate.tick()
 
-    def on_result(self, header: Any, image: Any) -> None:
+    def on_result(self, header: ResultHeader, image: np.ndarray) -> None:
         self._result.put((header, image))
         self.out_rate.tick()
 
-    def on_reference(self, header: Any, image: Any) -> None:
+    def on_reference(self, header: ReferenceHeader, image: np.ndarray) -> None:
         self._reference.put((header, image))
 
-    def on_metrics(self, metrics: Any) -> None:
+    def on_metrics(self, metrics: PipelineMetrics) -> None:
         self._metrics.put(metrics)
 
     def on_error(self, message: str) -> None:
@@ -368,7 +381,7 @@ class MainWindow(QtWidgets.QMainWindow):
     def on_warning(self, message: str) -> None:
         self._notes.put(f"Warning: {message}")
 
-    def on_blinking_checked(self, check: Any) -> None:
+    def on_blinking_checked(self, check: object) -> None:
         self._notes.put(f"Blinking check: {check.get('message') if isinstance(check, dict) else check}")
 
     # ================================================================ Qt-thread side

@@ -50,18 +50,18 @@ class LatestSlot(Generic[T]):
             self._fresh = False
 
 
-class MessageQueue:
-    """Thread-safe FIFO of short text messages (errors are rare and must all be shown)."""
+class MessageQueue(Generic[T]):
+    """Thread-safe FIFO of short messages (errors are rare and must all be shown)."""
 
     def __init__(self, maxlen: int = 100) -> None:
-        self._items: deque[str] = deque(maxlen=maxlen)
+        self._items: deque[T] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
 
-    def put(self, msg: str) -> None:
+    def put(self, msg: T) -> None:
         with self._lock:
             self._items.append(msg)
 
-    def drain(self) -> list[str]:
+    def drain(self) -> list[T]:
         with self._lock:
             items = list(self._items)
             self._items.clear()

@@ -13,6 +13,7 @@ from typing import Any
 from qtpy import QtCore, QtWidgets
 
 from engines.trust import TRUST_PREFIX
+from gui.naming import named
 
 STYLE = {
     True: "background: #1b5e20; color: white; padding: 4px;",
@@ -41,12 +42,12 @@ class TrustPanel(QtWidgets.QWidget):
 
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
-        self.label = QtWidgets.QLabel(objectName="trust_label")
+        self.label = named(QtWidgets.QLabel(), "trust_label")
         self.label.setWordWrap(True)
         self.label.setToolTip("agreement (Pearson r) of the network's image with SOFI of the last frames, "
                               "and whether the input is what the network was trained on (README: "
                               "Can I trust the network?)")
-        self.button = QtWidgets.QPushButton("Switch to SOFI", objectName="switch_to_sofi")
+        self.button = named(QtWidgets.QPushButton("Switch to SOFI"), "switch_to_sofi")
         self.button.setToolTip("run SOFI instead: computed from the data alone, no learned prior")
         self.button.clicked.connect(self.fallbackRequested)
         row = QtWidgets.QHBoxLayout(self)

@@ -1,4 +1,4 @@
-"""Live super-resolution on any pymmcore-plus MDA run.
+r"""Live super-resolution on any pymmcore-plus MDA run.
 
 pymmcore-plus leaves on-the-fly processing to listeners: an object whose methods are
 named like the MDA signals (``sequenceStarted``, ``frameReady(img, event, meta)``,
@@ -14,7 +14,7 @@ engine keeps one window (and one streaming state) per stream, so a window never 
 frames of different positions, channels or z planes.
 
     core = CMMCorePlus(); core.loadSystemConfiguration("MMConfig_demo.cfg")
-    with LiveSR(core, engine="sofi", record="run.ome.zarr") as sr, \\
+    with LiveSR(core, engine="sofi", record="run.ome.zarr") as sr, \
             mda_listeners_connected(sr, mda_events=core.mda.events):
         core.mda.run(useq.MDASequence(time_plan={"interval": 0, "loops": 300}))
     print(sr.metrics().outputs)
@@ -164,6 +164,8 @@ class MDASource:
             self.sequenceStarted(getattr(event, "sequence", None), None)
             if self._state == "closed":
                 return
+        info = self.info
+        assert info is not None  # (set by sequenceStarted, which did not close)
         meta = meta or {}
         index = dict(getattr(event, "index", {}) or {})
         key = stream_key(index)
@@ -176,9 +178,9 @@ class MDASource:
             # and the runner's clocks (fine for frame intervals: elapsed_ms, not for latency)
             t_acq_ns=time.time_ns(),
             frame=self.frames_acquired,
-            camera=str(meta.get("camera_device") or self.info.camera),
-            exposure_ms=_num(meta.get("exposure_ms")) or self.info.exposure_ms,
-            pixel_size_um=_num(meta.get("pixel_size_um")) or self.info.pixel_size_um,
+            camera=str(meta.get("camera_device") or info.camera),
+            exposure_ms=_num(meta.get("exposure_ms")) or info.exposure_ms,
+            pixel_size_um=_num(meta.get("pixel_size_um")) or info.pixel_size_um,
             elapsed_ms=None if runner_ms is None else float(runner_ms),
             stream_key=key,
             index=index,
@@ -250,7 +252,8 @@ class LiveSR:
         self.core = mmcore or CMMCorePlus.instance()
         engine_obj = None if isinstance(engine, str) else engine
         cfg = PipelineConfig(source="core", mode="mda", engine=engine if engine_obj is None
-                             else str(getattr(engine, "name", "custom")), record=record,
+                             else str(getattr(engine, "name", "custom")),
+                             record=None if record is None else Path(record),
                              seconds=None, headless=True, **options)
         cfg.addresses.frames = cfg.addresses.results = "tcp://127.0.0.1:0"
         self.pipeline = Pipeline(cfg, mmcore=self.core, engine=engine_obj)

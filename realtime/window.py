@@ -106,9 +106,11 @@ class RollingWindow:
                 self.resets += 1
             if self._buf is None or self._buf.shape[1:] != frame.shape or self._buf.dtype != frame.dtype:
                 self._buf = np.empty((2 * self.size, *frame.shape), dtype=frame.dtype)
+        buf = self._buf
+        assert buf is not None  # (a first frame always starts a new run)
         i = (self._continuity.count - 1) % self.size
-        self._buf[i] = frame
-        self._buf[i + self.size] = frame
+        buf[i] = frame
+        buf[i + self.size] = frame
         return new_run
 
     def stack(self) -> np.ndarray:

@@ -232,7 +232,7 @@ def test_change_engine_between_runs(make_window, qtbot, tmp_path):
     win.controls.engine.setCurrentText(other)
     assert win.controls.weights.isEnabled()
     win.controls.weights.setText(str(_random_weights(tmp_path, other)))
-    win.controls.window.setValue(4)
+    win.controls.window_frames.setValue(4)
     start_and_wait_results(qtbot, win, n=2)
     header, img = win._result.peek()
     assert header.engine == other

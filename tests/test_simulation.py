@@ -126,7 +126,7 @@ def test_target_is_zero_where_nothing_blinks(kw):
 def test_static_emitters_keep_the_target_but_add_light():
     base = SimulationConfig(size=24, seed=6, off_ms=190.0)
     full = BlinkingScene(base).expected_cumulant()
-    part = BlinkingScene(base.with_(static_fraction=0.5))
+    part = BlinkingScene(replace(base, static_fraction=0.5))
     assert 0.3 * full.sum() < part.expected_cumulant().sum() < 0.7 * full.sum()
     assert part._static.mean() == pytest.approx(0.5, abs=0.1)
     assert part.signal_photons().sum() > BlinkingScene(base).signal_photons().sum()

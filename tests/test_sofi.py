@@ -17,12 +17,11 @@ from scipy.special import erf
 
 from benchmarks.sofi_checks import global_share, ring_z
 from engines.metrics import sublattice_ratio
-from engines.psf import Optics
+from engines.psf import FWHM_TO_SIGMA, Optics
 from engines.sofi import SAMPLE_OFFSET_INPUT_PX, SofiEngine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DONUT = DATA / "real-static-donut-100f.tif"
-FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
