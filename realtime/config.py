@@ -152,7 +152,8 @@ class SofiOptions:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not math.isfinite(v) or not lo < v <= hi):
-                out.append(f"{name} must be in ({lo:g}, {hi:g}], got {v!r}")
+                out.append(f"{name} must be a positive number, got {v!r}" if lo == 0 and isinstance(v, (int, float)) and v <= 0
+                           else f"{name} must be in ({lo:g}, {hi:g}], got {v!r}")
         if self.psf_fwhm_nm is not None and (self.na is not None or self.wavelength_nm is not None):
             out.append("give --psf-fwhm-nm or --na/--wavelength-nm, not both")
         if self.lag != "auto" and (isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 0):
@@ -301,8 +302,8 @@ class PipelineConfig:
             problems.append(f"size must be an integer >= 4 pixels, got {self.size!r}")
         if self.fps is not None and (not (self.fps > 0) or self.fps > 100_000):
             problems.append(f"fps must be > 0 (and sane), got {self.fps!r}")
-        if self.seconds is not None and not (self.seconds >= 0):
-            problems.append(f"seconds must be >= 0, got {self.seconds!r}")
+        if self.seconds is not None and not (0 <= self.seconds < math.inf):
+            problems.append(f"seconds must be >= 0 (and finite), got {self.seconds!r}")
         if self.window is not None and (not isinstance(self.window, int)
                                         or self.window < ANY_ENGINE_MIN_WINDOW):
             problems.append(f"window must be an integer >= {ANY_ENGINE_MIN_WINDOW} frames, got {self.window!r}")
@@ -312,13 +313,13 @@ class PipelineConfig:
             problems.append(f"crop must be an integer >= 4 pixels, got {self.crop!r}")
         if self.roi is not None and (
             len(self.roi) != 4 or any(not isinstance(v, int) for v in self.roi)
-            or self.roi[0] < 0 or self.roi[1] < 0 or self.roi[2] < 1 or self.roi[3] < 1
+            or self.roi[0] < 0 or self.roi[1] < 0 or self.roi[2] < 4 or self.roi[3] < 4
         ):
-            problems.append(f"roi must be (x, y, width, height) with x, y >= 0 and a positive size, got {self.roi!r}")
+            problems.append(f"roi (crop X,Y,W,H) must have x, y >= 0 and width, height >= 4 pixels, got {self.roi!r}")
         if self.roi is not None and self.crop is not None:
             problems.append("give either crop or roi, not both")
-        if self.exposure_ms is not None and not (self.exposure_ms > 0):
-            problems.append(f"exposure_ms must be > 0, got {self.exposure_ms!r}")
+        if self.exposure_ms is not None and not (0 < self.exposure_ms < math.inf):
+            problems.append(f"exposure_ms must be > 0 (and finite), got {self.exposure_ms!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             problems.append(f"threads must be an integer >= 1, got {self.threads!r}")
         if self.worker_mode not in ("process", "thread"):
