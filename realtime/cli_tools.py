@@ -259,9 +259,44 @@ _PASS_ON = {"context_settings": {"allow_extra_args": True, "ignore_unknown_optio
                                  "help_option_names": []}, "add_help_option": False}
 
 
-def finetune(ctx: typer.Context) -> int:
-    """Fine-tune the ConvGRU or ConvLSTM on recordings of a fixed blinking sample (see `livesr finetune --help`)."""
-    return int(tool_module("finetune").main(list(ctx.args)))
+@uses(sofi=sofi_flags)
+def finetune(
+    recordings: Annotated[list[str], typer.Argument(
+        metavar="RECORDING...", show_default=False,
+        help="OME-TIFF / OME-Zarr of a fixed sample, hundreds of frames each (shorter ones are refused)")],
+    *,
+    out: Annotated[str, typer.Option(metavar="WEIGHTS", show_default=False,
+                                     help="the new weights file (.pt)")],
+    model: Annotated[str | None, typer.Option(help=" | ".join(neural_engines()) + " (default convgru)")] = None,
+    base: Annotated[str | None, typer.Option(
+        "--from", metavar="WEIGHTS", help="weights to start from (default: the shipped ones)")] = None,
+    steps: Annotated[int | None, typer.Option(help="training steps (default 300)")] = None,
+    minutes: Annotated[float | None, typer.Option(
+        help="wall-clock budget for training; the learning rate anneals to it")] = None,
+    patch: Annotated[int | None, typer.Option(help="patch size in input pixels (default 64)")] = None,
+    batch: Annotated[int | None, typer.Option(help="patches per step (default 4)")] = None,
+    lr: Annotated[float | None, typer.Option(help="initial learning rate (default 3e-4)")] = None,
+    seed: Annotated[int | None, typer.Option(help="(default 0)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto (default auto)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: half the cores, 1-4)")] = None,
+    resume: Annotated[bool, typer.Option("--resume",
+                                         help="continue from the checkpoint next to --out")] = False,
+    holdout: Annotated[float | None, typer.Option(
+        help="share of the field held out for the agreement (default 0.25)")] = None,
+    static_share: Annotated[float | None, typer.Option(
+        help="share of training samples that are a static twin of the patch (each pixel's mean + "
+             "independent noise) with a zero target, so the network does not learn to draw the sample "
+             "where nothing blinks (default 0.25)")] = None,
+    eval_windows: Annotated[int | None, typer.Option(
+        help="held-out windows scored per recording (default 8)")] = None,
+    no_forgetting_check: Annotated[bool, typer.Option(
+        "--no-forgetting-check", help="skip the check of base and new weights on simulated scenes")] = False,
+    events: Annotated[bool, typer.Option(
+        "--events", help="print progress as JSON lines on stdout (for the GUI)")] = False,
+    sofi: SofiOptions,
+) -> int:
+    """Fine-tune the ConvGRU or ConvLSTM on recordings of a fixed blinking sample: 20-frame windows in, the SOFI of all frames out; report before/after agreement on a held-out part of the field."""  # noqa: E501
+    return int(tool_module("finetune").run_cli(dict(locals())))
 
 
 def bench(ctx: typer.Context) -> int:
@@ -271,6 +306,6 @@ def bench(ctx: typer.Context) -> int:
 
 #: (command, Typer settings): the order of `livesr --help`
 COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = [
-    (train, {}), (finetune, _PASS_ON), (evaluate, {}), (bench, _PASS_ON), (export, {}), (engine, {}),
+    (train, {}), (finetune, {}), (evaluate, {}), (bench, _PASS_ON), (export, {}), (engine, {}),
     (keys, {})]
 HIDDEN: dict[str, Callable[..., Any]] = {"evaluate-real": evaluate_real}
