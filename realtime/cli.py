@@ -422,8 +422,8 @@ def _configure_logging(verbose: bool) -> None:
 
 from . import cli_tools  # noqa: E402  (its commands need `Refused` and the flag groups)
 
-for _tool, _settings in cli_tools.COMMANDS:
-    app.command(rich_help_panel="tools", **_settings)(_tool)
+for _tool in cli_tools.COMMANDS:
+    app.command(rich_help_panel="tools")(_tool)
 for _name, _tool in cli_tools.HIDDEN.items():
     app.command(_name, hidden=True)(_tool)
 
@@ -435,8 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`livesr ARGV`: the command's exit code; a bad command line or a run that cannot start
     as asked is one ``livesr COMMAND: error: ...`` line on stderr and SystemExit(2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["evaluate"] and "--real" in argv:  # its own flags: a command of its own
-        argv = ["evaluate-real", *(a for a in argv[1:] if a != "--real")]
+    for (command, flag), mode in cli_tools.MODE_FLAGS.items():  # `bench --pipeline`: other flags
+        if argv[:1] == [command] and flag in argv:
+            argv = [mode, *(a for a in argv[1:] if a != flag)]
     try:
         rc = typer.main.get_command(app).main(args=argv, prog_name="livesr", standalone_mode=False)
     except cli_tools.ToolUnavailable as e:

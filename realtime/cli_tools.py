@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Annotated, Any, Callable
 
 import typer
@@ -255,10 +255,6 @@ def evaluate_real(
     return int(tool_module("evaluate-real").run_cli(dict(locals())))
 
 
-_PASS_ON = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
-                                 "help_option_names": []}, "add_help_option": False}
-
-
 @uses(sofi=sofi_flags)
 def finetune(
     recordings: Annotated[list[str], typer.Argument(
@@ -299,13 +295,66 @@ def finetune(
     return int(tool_module("finetune").run_cli(dict(locals())))
 
 
-def bench(ctx: typer.Context) -> int:
-    """Latency / throughput benchmark; --pipeline: end to end (see `livesr bench --help`)."""
-    return int(tool_module("bench").main(list(ctx.args)))
+def bench(
+    pipeline: Annotated[bool, typer.Option(
+        "--pipeline", help="end-to-end mode (camera -> ZeroMQ -> engine -> result); see "
+                           "`livesr bench --pipeline --help` for its options")] = False,
+    engines: Annotated[str | None, typer.Option(help="comma list (default: every engine)")] = None,
+    backends: Annotated[str | None, typer.Option(
+        help="comma list of eager, channels_last, jit, compile, compile-cudagraphs, onnxruntime, "
+             "tensorrt, auto; '+cl' adds channels_last (default eager)")] = None,
+    precisions: Annotated[str | None, typer.Option(help="fp32,bf16,fp16,int8 (default fp32)")] = None,
+    sizes: Annotated[str | None, typer.Option(help="frame sizes in px (default 128,256,512)")] = None,
+    modes: Annotated[str | None, typer.Option(help="window,push (default both)")] = None,
+    threads: Annotated[str | None, typer.Option(help="torch threads, comma list (default: torch's)")] = None,
+    reps: Annotated[int | None, typer.Option(help="timed repetitions (default 500)")] = None,
+    warmup: Annotated[int | None, typer.Option(help="untimed calls first (default 10)")] = None,
+    max_seconds: Annotated[float | None, typer.Option(
+        help="cap per measurement (fewer reps on slow CPUs; N used is printed)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default cpu)")] = None,
+    camera_fps: Annotated[str | None, typer.Option(help="camera rates N for R (default 100,1000)")] = None,
+    weights: Annotated[list[str] | None, typer.Option(
+        metavar="ENGINE=PATH", help="weights file per engine (repeatable)")] = None,
+    no_check: Annotated[bool, typer.Option("--no-check", help="skip the eager-fp32 comparison")] = False,
+    interleave: Annotated[bool, typer.Option(
+        "--interleave", help="time backends round-robin so a busy shared CPU biases none of them")] = False,
+    out_dir: Annotated[str | None, typer.Option(
+        help="where CSV/JSON/PNG go (default: the current folder)")] = None,
+    stem: Annotated[str | None, typer.Option(help="file name stem (default latency_<device>)")] = None,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="no PNG")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="tiny run: sizes 16,32, 5 reps")] = False,
+    list_backends: Annotated[bool, typer.Option("--list-backends",
+                                                help="print availability and exit")] = False,
+) -> int:
+    """Latency benchmark of each engine x backend x precision x size -> ./latency_<device>.{csv,json,png} (benchmarks.latency)."""  # noqa: E501
+    return int(tool_module("bench").run_cli({k: v for k, v in locals().items() if k != "pipeline"}))
 
 
-#: (command, Typer settings): the order of `livesr --help`
-COMMANDS: list[tuple[Callable[..., Any], dict[str, Any]]] = [
-    (train, {}), (finetune, {}), (evaluate, {}), (bench, _PASS_ON), (export, {}), (engine, {}),
-    (keys, {})]
-HIDDEN: dict[str, Callable[..., Any]] = {"evaluate-real": evaluate_real}
+def bench_pipeline(
+    engines: Annotated[str, typer.Option(help="comma list of engines")] = "sofi",
+    sizes: Annotated[str, typer.Option(help="comma list of frame sizes")] = "128",
+    camera_fps: Annotated[str, typer.Option(help="comma list of camera rates")] = "100",
+    seconds: Annotated[float, typer.Option(help="acquisition time per run")] = 10.0,
+    backends: Annotated[str, typer.Option(help="comma list")] = "eager",
+    precisions: Annotated[str, typer.Option(help="comma list")] = "fp32",
+    device: Annotated[str, typer.Option()] = "cpu",
+    stride: Annotated[int, typer.Option()] = 1,
+    threads: Annotated[int | None, typer.Option(help="engine compute threads")] = None,
+    worker_mode: Annotated[str, typer.Option(parser=choice("--worker-mode", ("process", "thread")),
+                                             help="process | thread")] = "process",
+    out_dir: Annotated[str, typer.Option(help="where JSON/CSV go (default: the current folder)")] = ".",
+    stem: Annotated[str | None, typer.Option(help="file stem (default pipeline_<device>)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="tiny run: 16 px, 1 s, thread worker")] = False,
+    capacity: Annotated[bool, typer.Option(
+        "--capacity", help="also time the engine's push alone and report outputs/s vs that capacity")] = False,
+) -> int:
+    """`livesr bench --pipeline`: end to end, camera -> ZeroMQ -> engine -> result, per engine x size x camera rate (benchmarks.pipeline_bench)."""  # noqa: E501
+    return int(tool_module("bench-pipeline").run_cli(SimpleNamespace(**locals())))
+
+
+#: in the order of `livesr --help`
+COMMANDS: list[Callable[..., Any]] = [train, finetune, evaluate, bench, export, engine, keys]
+#: commands of their own that a flag of a documented command selects (realtime.cli.main)
+HIDDEN: dict[str, Callable[..., Any]] = {"evaluate-real": evaluate_real, "bench-pipeline": bench_pipeline}
+MODE_FLAGS: dict[tuple[str, str], str] = {("evaluate", "--real"): "evaluate-real",
+                                          ("bench", "--pipeline"): "bench-pipeline"}
