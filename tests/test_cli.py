@@ -42,7 +42,7 @@ def parse(*argv):
         (["mda", "no-such-sequence.yaml"], "no such MDA sequence file"),
     ],
 )
-def test_absurd_values_are_clear_argparse_errors(argv, words, capsys):
+def test_absurd_values_are_clear_errors(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
