@@ -37,7 +37,7 @@ from engines.registry import BACKEND_CHOICES, PRECISIONS
 from .cli_flags import crop_value, remote_flags, sofi_flags, uses
 from .config import Addresses, PipelineConfig, SofiOptions
 
-__all__ = ["DEMO_HEADLESS_SECONDS", "app", "main", "parse_config"]
+__all__ = ["DEMO_HEADLESS_SECONDS", "Refused", "app", "main", "parse_config", "run_app"]
 
 DEMO_HEADLESS_SECONDS = 10.0
 
@@ -438,16 +438,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for (command, flag), mode in cli_tools.MODE_FLAGS.items():  # `bench --pipeline`: other flags
         if argv[:1] == [command] and flag in argv:
             argv = [mode, *(a for a in argv[1:] if a != flag)]
+    return run_app(app, argv, "livesr")
+
+
+def run_app(typer_app: typer.Typer, argv: Sequence[str], prog: str) -> int:
+    """Run a Typer app as a function: its exit code; errors are one ``PROG CMD: error:`` line
+    and SystemExit(2) (also for the small `python -m` tools that have a Typer app)."""
+    argv = list(argv)
     try:
-        rc = typer.main.get_command(app).main(args=argv, prog_name="livesr", standalone_mode=False)
+        rc = typer.main.get_command(typer_app).main(args=argv, prog_name=prog, standalone_mode=False)
     except cli_tools.ToolUnavailable as e:
         _say(str(e), err=True)
         return 2
     except Refused as e:
-        _refuse(_command_path(argv), str(e))
+        _refuse(_command_path(prog, argv), str(e))
     except ClickException as e:
         ctx = getattr(e, "ctx", None)
-        _refuse(ctx.command_path if ctx is not None else _command_path(argv), e.format_message())
+        _refuse(ctx.command_path if ctx is not None else _command_path(prog, argv), e.format_message())
     except typer.Abort:
         return 1
     return int(rc) if isinstance(rc, (int, bool)) else 0
@@ -467,9 +474,9 @@ def parse_config(argv: Sequence[str]) -> PipelineConfig:
     return parsed[0]
 
 
-def _command_path(argv: Sequence[str]) -> str:
-    command = next((a for a in argv if not a.startswith("-")), None)
-    return f"livesr {command}" if command else "livesr"
+def _command_path(prog: str, argv: Sequence[str]) -> str:
+    command = next((a for a in argv if not a.startswith("-")), None) if prog == "livesr" else None
+    return f"{prog} {command}" if command else prog
 
 
 def _refuse(command_path: str, message: str) -> None:
