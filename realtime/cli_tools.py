@@ -27,9 +27,9 @@ TOOL_MODULES: dict[str, str] = {
     "train": "engines.training",
     "finetune": "engines.finetune",
     "evaluate": "engines.evaluation",
-    "evaluate-real": "engines.real_evaluation",
+    "evaluate --real": "engines.real_evaluation",
     "bench": "benchmarks.latency",
-    "bench-pipeline": "benchmarks.pipeline_bench",
+    "bench --pipeline": "benchmarks.pipeline_bench",
     "export": "engines.onnx_export",
     "engine": "realtime.remote",
     "keys": "realtime.security",
@@ -251,8 +251,8 @@ def evaluate_real(
     pixel_size_um: Annotated[float | None, typer.Option(
         rich_help_panel="optics (override every movie's)")] = None,
 ) -> int:
-    """`livesr evaluate --real`: score the engines on real movies against SOFI of all frames: agreement, window-to-window consistency, invented structure and invented filaments, over disjoint windows; writes real_data.{json,csv} and a figure per movie."""  # noqa: E501
-    return int(tool_module("evaluate-real").run_cli(dict(locals())))
+    """Score the engines on real movies against SOFI of all frames: agreement, window-to-window consistency, invented structure and invented filaments, over disjoint windows; writes real_data.{json,csv} and a figure per movie."""  # noqa: E501
+    return int(tool_module("evaluate --real").run_cli(dict(locals())))
 
 
 @uses(sofi=sofi_flags)
@@ -348,13 +348,14 @@ def bench_pipeline(
     capacity: Annotated[bool, typer.Option(
         "--capacity", help="also time the engine's push alone and report outputs/s vs that capacity")] = False,
 ) -> int:
-    """`livesr bench --pipeline`: end to end, camera -> ZeroMQ -> engine -> result, per engine x size x camera rate (benchmarks.pipeline_bench)."""  # noqa: E501
-    return int(tool_module("bench-pipeline").run_cli(SimpleNamespace(**locals())))
+    """End to end, camera -> ZeroMQ -> engine -> result, per engine x size x camera rate (benchmarks.pipeline_bench)."""  # noqa: E501
+    return int(tool_module("bench --pipeline").run_cli(SimpleNamespace(**locals())))
 
 
 #: in the order of `livesr --help`
 COMMANDS: list[Callable[..., Any]] = [train, finetune, evaluate, bench, export, engine, keys]
 #: commands of their own that a flag of a documented command selects (realtime.cli.main)
-HIDDEN: dict[str, Callable[..., Any]] = {"evaluate-real": evaluate_real, "bench-pipeline": bench_pipeline}
-MODE_FLAGS: dict[tuple[str, str], str] = {("evaluate", "--real"): "evaluate-real",
-                                          ("bench", "--pipeline"): "bench-pipeline"}
+#: (named as typed, so that usage and error lines read `livesr bench --pipeline`)
+HIDDEN: dict[str, Callable[..., Any]] = {"evaluate --real": evaluate_real, "bench --pipeline": bench_pipeline}
+MODE_FLAGS: dict[tuple[str, str], str] = {("evaluate", "--real"): "evaluate --real",
+                                          ("bench", "--pipeline"): "bench --pipeline"}
