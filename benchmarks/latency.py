@@ -20,7 +20,6 @@ see :mod:`benchmarks.pipeline_bench`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -68,6 +67,15 @@ class BenchConfig:
     stem: str | None = None                # file stem; default latency_<device>
     plot: bool = True
     progress: bool = True
+
+    def validate(self) -> BenchConfig:
+        """Raise ValueError for what cannot be measured; return self."""
+        bad = [m for m in self.modes if m not in ("window", "push")]
+        if bad:
+            raise ValueError(f"unknown mode(s) {bad}: use window,push")
+        if self.reps < 1 or any(s < 4 for s in self.sizes):
+            raise ValueError("--reps must be >= 1 and every size >= 4")
+        return self
 
 
 # --------------------------------------------------------------------------- engines
@@ -524,80 +532,56 @@ def _csv(text: str, cast: type = str) -> tuple:
     return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def config_from_flags(flags: dict[str, Any]) -> BenchConfig:
+    """The BenchConfig of `livesr bench` (realtime/cli_tools.py); flags not given keep its defaults."""
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="livesr bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default=",".join(d.engines), help="comma list (%(default)s)")
-    p.add_argument("--backends", default=",".join(d.backends),
-                   help="comma list of eager, channels_last, jit, compile, compile-cudagraphs, "
-                        "onnxruntime, tensorrt, auto; '+cl' adds channels_last (%(default)s)")
-    p.add_argument("--precisions", default=",".join(d.precisions), help="fp32,bf16,fp16,int8")
-    p.add_argument("--sizes", default=",".join(map(str, d.sizes)), help="frame sizes in px")
-    p.add_argument("--modes", default=",".join(d.modes), help="window,push")
-    p.add_argument("--threads", default="", help="torch threads, comma list (default: torch's)")
-    p.add_argument("--reps", type=int, default=d.reps, help="timed repetitions (%(default)s)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed calls first")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="cap per measurement (fewer reps on slow CPUs; N used is printed)")
-    p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
-    p.add_argument("--camera-fps", default="100,1000", help="camera rates N for R")
-    p.add_argument("--weights", action="append", default=[], metavar="ENGINE=PATH",
-                   help="weights file per engine (repeatable)")
-    p.add_argument("--no-check", action="store_true", help="skip the eager-fp32 comparison")
-    p.add_argument("--interleave", action="store_true",
-                   help="time backends round-robin so a busy shared CPU biases none of them")
-    p.add_argument("--out-dir", default=str(d.out_dir),
-                   help="where CSV/JSON/PNG go (default: the current folder)")
-    p.add_argument("--stem", default=None, help="file name stem (default latency_<device>)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--quick", action="store_true", help="tiny run: sizes 16,32, 5 reps")
-    p.add_argument("--list-backends", action="store_true", help="print availability and exit")
-    p.add_argument("--pipeline", action="store_true",
-                   help="end-to-end mode (camera -> ZeroMQ -> engine -> result); see "
-                        "benchmarks.pipeline_bench --help for its options")
-    return p
-
-
-def config_from_args(a: argparse.Namespace) -> BenchConfig:
     weights = {}
-    for item in a.weights:
+    for item in flags["weights"] or ():
         k, sep, v = item.partition("=")
         if not sep:
-            raise SystemExit(f"--weights expects ENGINE=PATH, got {item!r}")
+            raise ValueError(f"--weights expects ENGINE=PATH, got {item!r}")
         weights[k] = v
+
+    def given(name: str, cast: type = str) -> Any:
+        v = flags[name]
+        return getattr(d, name) if v is None else _csv(v, cast)
+
     cfg = BenchConfig(
-        engines=_csv(a.engines), backends=_csv(a.backends), precisions=_csv(a.precisions),
-        sizes=_csv(a.sizes, int), modes=_csv(a.modes), threads=_csv(a.threads, int),
-        reps=a.reps, warmup=a.warmup, max_seconds=a.max_seconds, device=a.device,
-        camera_fps=_csv(a.camera_fps, float), weights=weights, check=not a.no_check,
-        interleave=a.interleave,
-        out_dir=Path(a.out_dir), stem=a.stem, plot=not a.no_plot)
-    if a.quick:
+        engines=given("engines"), backends=given("backends"), precisions=given("precisions"),
+        sizes=given("sizes", int), modes=given("modes"), threads=given("threads", int),
+        reps=d.reps if flags["reps"] is None else flags["reps"],
+        warmup=d.warmup if flags["warmup"] is None else flags["warmup"], max_seconds=flags["max_seconds"],
+        device=flags["device"] or d.device, camera_fps=given("camera_fps", float), weights=weights,
+        check=not flags["no_check"], interleave=flags["interleave"],
+        out_dir=Path(flags["out_dir"]) if flags["out_dir"] is not None else d.out_dir,
+        stem=flags["stem"], plot=not flags["no_plot"])
+    if flags["quick"]:
         cfg.sizes = tuple(s for s in cfg.sizes if s <= 32) or (16, 32)
         cfg.reps, cfg.warmup = min(cfg.reps, 5), min(cfg.warmup, 1)
-    bad = [m for m in cfg.modes if m not in ("window", "push")]
-    if bad:
-        raise SystemExit(f"unknown mode(s) {bad}: use window,push")
-    if cfg.reps < 1 or any(s < 4 for s in cfg.sizes):
-        raise SystemExit("--reps must be >= 1 and every size >= 4")
-    return cfg
+    return cfg.validate()
+
+
+def run_cli(flags: dict[str, Any]) -> int:
+    """`livesr bench`: ``--list-backends``, or the benchmark of the flags' BenchConfig."""
+    if flags["list_backends"]:
+        from engines.backends import describe_backends
+
+        print(describe_backends(flags["device"] or BenchConfig.device))
+        return 0
+    try:
+        cfg = config_from_flags(flags)
+    except ValueError as e:
+        print(f"livesr bench: error: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--pipeline" in argv:
-        from benchmarks import pipeline_bench
+    """`python -m benchmarks.latency ARGS` = `livesr bench ARGS` (``--pipeline``: end to end)."""
+    from realtime.cli import main as livesr
 
-        return pipeline_bench.main([x for x in argv if x != "--pipeline"])
-    a = build_parser().parse_args(argv)
-    if a.list_backends:
-        from engines.backends import describe_backends
-
-        print(describe_backends(a.device))
-        return 0
-    run(config_from_args(a))
-    return 0
+    return livesr(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ engine such as the ConvLSTM keeps its state and skips outputs instead of re-warm
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -141,25 +140,8 @@ def print_result(r: dict[str, Any]) -> None:
         print("  errors: " + "; ".join(r["errors"][:5]))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="livesr bench --pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default=DEFAULT_ENGINE, help="comma list of engines (%(default)s)")
-    p.add_argument("--sizes", default="128", help="comma list of frame sizes (%(default)s)")
-    p.add_argument("--camera-fps", default="100", help="comma list of camera rates (%(default)s)")
-    p.add_argument("--seconds", type=float, default=10.0, help="acquisition time per run")
-    p.add_argument("--backends", default="eager")
-    p.add_argument("--precisions", default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--stride", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="engine compute threads")
-    p.add_argument("--worker-mode", default="process", choices=("process", "thread"))
-    p.add_argument("--out-dir", default=".", help="where JSON/CSV go (default: the current folder)")
-    p.add_argument("--stem", default=None, help="file stem (default pipeline_<device>)")
-    p.add_argument("--quick", action="store_true", help="tiny run: 16 px, 1 s, thread worker")
-    p.add_argument("--capacity", action="store_true",
-                   help="also time the engine's push alone and report outputs/s vs that capacity")
-    a = p.parse_args(argv)
+def run_cli(a: Any) -> int:
+    """`livesr bench --pipeline` (realtime/cli_tools.py holds the flags): ``a`` has one attribute per flag."""
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     sizes = [int(x) for x in split(a.sizes)]
     rates = [float(x) for x in split(a.camera_fps)]
@@ -226,6 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              for v in vals) + "\n")
     print(f"\nwrote {path}, {csv_path}")
     return 0 if all("status" not in r for r in results) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m benchmarks.pipeline_bench ARGS` = `livesr bench --pipeline ARGS`."""
+    from realtime.cli import main as livesr
+
+    return livesr(["bench", "--pipeline", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ output's claimed structure lying >= 1 input pixel from any ground-truth structur
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -566,53 +565,16 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = EvaluationConfig()
-    p = argparse.ArgumentParser(
-        prog="livesr evaluate",
-        description="Score SOFI and the neural engines on held-out simulated sets against the "
-        "expected cumulant image (Pearson, invented structure, decorrelation resolution, "
-        "Li TPR/TNR, output level on zero-target scenes, time per output). "
-        "`livesr evaluate --real [MOVIE ...]` scores real movies instead (see its --help).",
-    )
-    p.add_argument("--size", type=int, default=d.size, help="scene size in camera pixels (default %(default)s)")
-    p.add_argument("--frames", type=int, default=d.frames, help="frames for the neural engines (default %(default)s)")
-    p.add_argument("--n", type=int, default=d.n, help="scenes per class of the thesis set (default %(default)s)")
-    p.add_argument("--n-wide", type=int, default=d.n_wide, help="scenes of the wide set (default %(default)s)")
-    p.add_argument("--n-zero", type=int, default=d.n_zero, help="zero-target scenes (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="base seed of the held-out sets (default %(default)s)")
-    p.add_argument("--engines", default=",".join(d.engines),
-                   help="comma-separated; sofiN = SOFI on N frames (default %(default)s)")
-    p.add_argument("--sets", default=",".join(d.sets), help="comma-separated among %(default)s")
-    p.add_argument("--classes", default=",".join(d.classes),
-                   help="thesis-set classes, comma-separated among %(default)s")
-    p.add_argument("--weights", action="append", default=[], metavar="ENGINE=PATH",
-                   help="weights file for a neural engine, e.g. convgru=runs/x/convgru.pt "
-                   "(repeatable; default: the shipped weights)")
-    p.add_argument("--out", type=Path, default=d.out, help="output folder (default %(default)s)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
-    p.add_argument("--no-figure", action="store_true", help="skip the PNG of example reconstructions")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--real" in argv:  # `livesr evaluate --real [MOVIE ...]`: the real-data suite
-        from engines.real_evaluation import main as real_main
-
-        return real_main([a for a in argv if a != "--real"])
-    args = build_parser().parse_args(argv)
+def run_cli(flags: dict[str, Any]) -> int:
+    """`livesr evaluate` (realtime/cli_tools.py): flags not given keep EvaluationConfig's defaults."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    for k in ("engines", "sets", "classes"):
+        if k in given:
+            given[k] = _names(given[k])
     try:
-        weights = dict(parse_weights_arg(w) for w in args.weights)
-        cfg = EvaluationConfig(
-            size=args.size, frames=args.frames, n=args.n, n_wide=args.n_wide, n_zero=args.n_zero,
-            seed=args.seed, engines=_names(args.engines), sets=_names(args.sets),
-            classes=_names(args.classes), weights=weights, out=args.out, device=args.device,
-            threads=args.threads,
-            figure=not args.no_figure, progress=not args.quiet,
-        )
+        weights = dict(parse_weights_arg(w) for w in given.pop("weights", None) or ())
+        cfg = EvaluationConfig(**{k: v for k, v in given.items() if k not in ("no_figure", "quiet")},
+                               weights=weights, figure=not given["no_figure"], progress=not given["quiet"])
     except ValueError as exc:
         print(f"livesr evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -622,6 +584,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     ok = any(r["status"] == "ok" and r["n"] for r in results["engines"] if r["engine"] != WIDEFIELD)
     return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engines.evaluation ARGS` = `livesr evaluate ARGS` (``--real``: the real-data suite)."""
+    from realtime.cli import main as livesr
+
+    return livesr(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

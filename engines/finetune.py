@@ -20,7 +20,6 @@ weights), shown briefly wherever the weights are loaded (``--weights``, the GUI)
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -46,7 +45,7 @@ from engines.finetune_data import (
 from engines.nn_common import NormConfig, WeightsError, is_legacy, save_weights
 from engines.registry import DEFAULT_NETWORK, ENGINES, REFERENCE_ENGINE, default_window, neural_engines
 from engines.training import TrainConfig, _lr_at, _progress, compute_loss, refuse_shipped
-from realtime.config import SofiOptions, add_sofi_arguments
+from realtime.config import SofiOptions
 
 MIN_FRAMES = 500  # fewer frames give a long-window SOFI too noisy to be a target
 BLINK_CHECK_FRAMES = 500  # frames the blinking check looks at (the first ones)
@@ -537,59 +536,14 @@ def _f(v: Any) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    d = FinetuneConfig(recordings=("x",), out="x.pt")
-    p = argparse.ArgumentParser(prog="livesr finetune", description=(
-        "Fine-tune the ConvGRU or ConvLSTM on recordings of a fixed blinking sample: 20-frame "
-        "windows in, the SOFI of all frames out; report before/after agreement on a held-out "
-        "part of the field."))
-    p.add_argument("recordings", nargs="+", metavar="RECORDING",
-                   help=f"OME-TIFF / OME-Zarr of a fixed sample, >= {MIN_FRAMES} frames each")
-    p.add_argument("--model", choices=list(neural_engines()), default=d.model)
-    p.add_argument("--out", required=True, metavar="WEIGHTS", help="the new weights file (.pt)")
-    p.add_argument("--from", dest="base", metavar="WEIGHTS",
-                   help="weights to start from (default: the shipped ones)")
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget for training; the learning rate anneals to it")
-    p.add_argument("--patch", type=int, default=d.patch, help="patch size in input pixels (default %(default)s)")
-    p.add_argument("--batch", type=int, default=d.batch, help="patches per step (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="initial learning rate (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N | auto (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores, 1-4)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --out")
-    p.add_argument("--holdout", type=float, default=d.holdout,
-                   help="share of the field held out for the agreement (default %(default)s)")
-    p.add_argument("--static-share", type=float, default=d.static_share,
-                   help="share of training samples that are a static twin of the patch (each "
-                        "pixel's mean + independent noise) with a zero target, so the network "
-                        "does not learn to draw the sample where nothing blinks (default %(default)s)")
-    p.add_argument("--eval-windows", type=int, default=d.eval_windows,
-                   help="held-out windows scored per recording (default %(default)s)")
-    p.add_argument("--no-forgetting-check", action="store_true",
-                   help="skip the check of base and new weights on simulated scenes")
-    p.add_argument("--events", action="store_true",
-                   help="print progress as JSON lines on stdout (for the GUI)")
-    add_sofi_arguments(p)
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    return FinetuneConfig(
-        recordings=tuple(args.recordings), out=args.out, model=args.model, base=args.base,
-        steps=args.steps, minutes=args.minutes, patch=args.patch, batch=args.batch, lr=args.lr,
-        seed=args.seed, device=args.device, threads=args.threads, resume=args.resume,
-        holdout=args.holdout, static_share=args.static_share, eval_windows=args.eval_windows,
-        forgetting_check=not args.no_forgetting_check, sofi=SofiOptions.from_args(args),
-        events=args.events)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    events = bool(args.events)
+def run_cli(flags: dict[str, Any]) -> int:
+    """`livesr finetune` (realtime/cli_tools.py): flags not given keep FinetuneConfig's defaults."""
+    events = bool(flags["events"])
+    given = {k: v for k, v in flags.items() if v is not None
+             and k not in ("recordings", "no_forgetting_check", "sofi")}
     try:
-        cfg = config_from_args(args)
+        cfg = FinetuneConfig(recordings=tuple(flags["recordings"]), sofi=flags["sofi"],
+                             forgetting_check=not flags["no_forgetting_check"], **given)
         if cfg.base is not None and not Path(cfg.base).is_file():
             raise RefusedError(f"--from {cfg.base}: no such weights file")
     except ValueError as e:  # RefusedError too
@@ -608,6 +562,13 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"{type(e).__name__}: {e}", events)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engines.finetune ARGS` = `livesr finetune ARGS`."""
+    from realtime.cli import main as livesr
+
+    return livesr(["finetune", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _error(message: str, events: bool) -> None:

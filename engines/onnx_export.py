@@ -8,9 +8,9 @@ and the per-frame normalisation it expects is written into the file's metadata.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from engines import backends as B
-from engines.registry import DEFAULT_NETWORK, EngineSpec
 
 
 def export_onnx(engine: Any, size: int, out: Any, *, check: bool = True) -> dict[str, Any]:
@@ -86,18 +85,12 @@ def export_onnx(engine: Any, size: int, out: Any, *, check: bool = True) -> dict
     return info
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`livesr export --engine convgru --size 128 --out model.onnx`."""
-    p = argparse.ArgumentParser(prog="livesr export", description=export_onnx.__doc__)
-    p.add_argument("--engine", default=DEFAULT_NETWORK, help="neural engine to export (default %(default)s)")
-    p.add_argument("--size", type=int, default=128, help="frame height = width in pixels")
-    p.add_argument("--out", default="model.onnx", help="output .onnx path")
-    p.add_argument("--weights", default=None, help="weights file (default: the engine's)")
-    p.add_argument("--window", type=int, default=None, help="frames per output (engine default)")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    a = p.parse_args(argv)
-    if a.size < 4:
-        p.error(f"--size must be >= 4, got {a.size}")
+def export_cli(*, engine: str, size: int, out: str, weights: str | None, window: int | None,
+               check: bool) -> int:
+    """`livesr export --engine convgru --size 128 --out model.onnx` (realtime/cli_tools.py)."""
+    if size < 4:
+        print(f"livesr export: error: --size must be >= 4, got {size}", file=sys.stderr)
+        return 2
     why = B._import_error("onnx")
     if why:
         print(f"unavailable: ONNX export needs the 'onnx' package, which is not installed "
@@ -106,10 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engines import load_engine
 
     try:
-        engine = load_engine(EngineSpec(a.engine, weights=a.weights, window=a.window))
-        info = export_onnx(engine, a.size, a.out, check=not a.no_check)
+        net = load_engine(engine, weights=weights, window=window)
+        info = export_onnx(net, size, out, check=check)
     except (B.BackendError, ValueError, RuntimeError, ImportError) as e:
         print(f"export failed: {e}")
         return 1
     print(json.dumps(info, indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engines.onnx_export ARGS` = `livesr export ARGS`."""
+    from realtime.cli import main as livesr
+
+    return livesr(["export", *(sys.argv[1:] if argv is None else argv)])

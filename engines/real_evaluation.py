@@ -29,7 +29,6 @@ window too), ``real_data.csv`` (one row per movie and engine) and ``real_<movie>
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -463,51 +462,23 @@ def write_outputs(results: dict[str, Any], cfg: RealEvaluationConfig) -> list[Pa
 # --------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
+def run_cli(flags: dict[str, Any]) -> int:
+    """`livesr evaluate --real` (realtime/cli_tools.py): flags not given keep RealEvaluationConfig's defaults."""
     d = RealEvaluationConfig()
-    p = argparse.ArgumentParser(
-        prog="livesr evaluate --real",
-        description="Score the engines on real movies against SOFI of all frames: agreement, "
-        "window-to-window consistency, invented structure and invented filaments, over disjoint "
-        "windows; writes real_data.{json,csv} and a figure per movie.")
-    p.add_argument("movies", nargs="*", type=Path, help="more movies (TIFF), besides those in --data")
-    p.add_argument("--data", type=Path, default=d.data_dir,
-                   help="folder whose TIFFs are scored too (default %(default)s; skipped when absent)")
-    p.add_argument("--no-data", action="store_true", help="score only the movies given")
-    p.add_argument("--engines", default=",".join(d.engines),
-                   help="comma-separated rows: meanN, sofiN, convgru, convlstm (default %(default)s)")
-    p.add_argument("--window", type=int, default=d.window, help="window of the figure's SOFI (default %(default)s)")
-    p.add_argument("--weights", action="append", default=[], metavar="ENGINE=PATH",
-                   help="weights for a network, e.g. convgru=runs/x/convgru.pt (repeatable)")
-    p.add_argument("--out", type=Path, default=d.out, help="output folder (default: the current folder)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
-    p.add_argument("--figure-windows", type=int, default=d.figure_windows,
-                   help="windows shown per figure (default %(default)s)")
-    p.add_argument("--no-figure", action="store_true", help="skip the PNGs")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    g = p.add_argument_group("optics (override every movie's)")
-    g.add_argument("--na", type=float, default=None)
-    g.add_argument("--wavelength-nm", type=float, default=None)
-    g.add_argument("--psf-fwhm-nm", type=float, default=None)
-    g.add_argument("--pixel-size-um", type=float, default=None)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        optics = {k: v for k, v in (("na", args.na), ("wavelength_nm", args.wavelength_nm),
-                                    ("psf_fwhm_nm", args.psf_fwhm_nm), ("pixel_size_um", args.pixel_size_um))
-                  if v is not None}
+        optics = {k: flags[k] for k in ("na", "wavelength_nm", "psf_fwhm_nm", "pixel_size_um")
+                  if flags[k] is not None}
         if "pixel_size_um" in optics:
             optics["pixel_size_source"] = "--pixel-size-um"
+        given = {k: flags[k] for k in ("window", "out", "device", "threads", "figure_windows")
+                 if flags[k] is not None}
+        engines = d.engines if flags["engines"] is None else tuple(
+            e.strip() for e in flags["engines"].split(",") if e.strip())
+        data = flags["data"] if flags["data"] is not None else d.data_dir
         cfg = RealEvaluationConfig(
-            movies=tuple(args.movies), data_dir=None if args.no_data else args.data,
-            engines=tuple(e.strip() for e in args.engines.split(",") if e.strip()),
-            window=args.window, weights=dict(parse_weights_arg(w) for w in args.weights), optics=optics,
-            out=args.out, device=args.device, threads=args.threads, figure=not args.no_figure,
-            figure_windows=args.figure_windows, progress=not args.quiet)
+            movies=tuple(flags["movies"] or ()), data_dir=None if flags["no_data"] else data,
+            engines=engines, weights=dict(parse_weights_arg(w) for w in flags["weights"] or ()),
+            optics=optics, figure=not flags["no_figure"], progress=not flags["quiet"], **given)
         missing = [str(m) for m in cfg.movies if not m.is_file()]
         if missing:
             raise ValueError(f"no such movie: {', '.join(missing)}")
@@ -526,6 +497,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("wrote " + ", ".join(str(p) for p in paths))
     scored = [r for m in results["movies"] if m["status"] == "ok" for r in m["rows"] if r["status"] == "ok"]
     return 0 if scored else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engines.real_evaluation ARGS` = `livesr evaluate --real ARGS`."""
+    from realtime.cli import main as livesr
+
+    return livesr(["evaluate", "--real", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ writes into the installed package: the shipped weights change only with
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -24,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -353,46 +353,11 @@ def _merge(obj, overrides: dict):
     return obj
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="livesr train", description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=list(neural_engines()), default=TrainConfig.model)
-    p.add_argument("--config", dest="preset", choices=["cpu", "gpu", *PRESET_ALIASES],
-                   default="cpu", help="cpu: a shared 2-core CPU (1 thread + 1 data process); "
-                   "gpu: one GPU, 14 data processes (small/full: old names of cpu/gpu)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lr-final", type=float)
-    p.add_argument("--patch", type=int, help="training patch size in input pixels")
-    p.add_argument("--frames", type=int, help="frames per sample (ConvGRU window / LSTM sequence)")
-    p.add_argument("--hidden", type=int, help="hidden channels (default: architecture's)")
-    p.add_argument("--mse-weight", type=float)
-    p.add_argument("--l1-weight", type=float)
-    p.add_argument("--image-floor", type=float,
-                   help="per-image relative loss floor (0: plain MSE on sqrt(target)/scale)")
-    p.add_argument("--pearson-weight", type=float)
-    p.add_argument("--out", help="run folder: log.jsonl, ckpt.pt, <model>.pt (default: "
-                   "<user data dir>/livesr/runs/<model>-<time>)")
-    p.add_argument("--weights-out", help="final weights file (default <out>/<model>.pt)")
-    p.add_argument("--overwrite-shipped", action="store_true",
-                   help="allow --out/--weights-out inside the package's weights folder "
-                        "(to ship new default weights)")
-    p.add_argument("--resume", help="checkpoint to resume from")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--workers", type=int, help="background data processes (0: inline)")
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--max-minutes", type=float,
-                   help="wall-clock budget; the LR anneals to it and training stops there")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    preset = PRESET_ALIASES.get(args.preset, args.preset)
-    cfg = TrainConfig(model=args.model, preset=preset)
-    _merge(cfg, engine_module(args.model).TRAIN_PRESETS[preset])
+def config_from_flags(flags: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of `livesr train` (realtime/cli_tools.py): the preset, then each flag given."""
+    preset = PRESET_ALIASES.get(flags["preset"], flags["preset"])
+    cfg = TrainConfig(model=flags["model"], preset=preset)
+    _merge(cfg, engine_module(flags["model"]).TRAIN_PRESETS[preset])
     if preset == "gpu":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     simple = {"steps": "steps", "batch": "batch", "lr": "lr", "lr_final": "lr_final",
@@ -401,25 +366,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
               "workers": "workers", "ckpt_every": "ckpt_every", "eval_every": "eval_every",
               "max_minutes": "max_minutes", "overwrite_shipped": "overwrite_shipped"}
     for a, k in simple.items():
-        v = getattr(args, a)
-        if v is not None:
+        v = flags.get(a)
+        if v is not None and v is not False:
             setattr(cfg, k, v)
-    if args.patch is not None:
-        cfg.data.size = args.patch
-    if args.frames is not None:
-        cfg.data.frames = args.frames
+    if flags.get("patch") is not None:
+        cfg.data.size = flags["patch"]
+    if flags.get("frames") is not None:
+        cfg.data.frames = flags["frames"]
     for a in ("mse_weight", "l1_weight", "image_floor", "pearson_weight"):
-        v = getattr(args, a)
+        v = flags.get(a)
         if v is not None:
             setattr(cfg.loss, a, v)
-    if args.out is None:
+    if flags.get("out") is None:
         cfg.out = str(default_run_dir(cfg.model))
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+def run_cli(cfg: TrainConfig) -> int:
+    """`livesr train`: refuse an output that may not be written (exit 2), else print the config and train."""
     try:
         output_paths(cfg)
     except ValueError as e:
@@ -428,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(_jsonable(cfg)), flush=True)
     train(cfg)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engines.training ARGS` = `livesr train ARGS`."""
+    from realtime.cli import main as livesr
+
+    return livesr(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
-"""``livesr`` command line: run the live pipeline, or hand over to the other tools.
+"""``livesr`` command line: one Typer app, each command a function whose signature is its flags.
 
     livesr demo   [options]            simulated blinking sample (GUI if available)
     livesr replay FILE.tif [options]   stream a recorded movie as if it were a camera
     livesr live --config FILE.cfg      a real Micro-Manager camera
     livesr mda SEQ.yaml [--config FILE.cfg]   a useq MDA sequence, live SR per position/channel/z
-    livesr train|finetune|evaluate|bench|export|engine|keys ...   (passed to their own modules)
+    livesr train|finetune|evaluate|bench|export|engine|keys ...   (realtime/cli_tools.py)
 
-The run commands only map flags onto :class:`realtime.config.PipelineConfig`; everything
-else lives in :class:`realtime.pipeline.Pipeline`. Headless runs print a one-screen summary
-and write ``--json``.
+The run commands only map flags onto :class:`realtime.config.PipelineConfig`, which decides
+what is allowed (``validate``); everything else lives in :class:`realtime.pipeline.Pipeline`.
+Headless runs print a one-screen summary and write ``--json``. Building the app imports
+neither torch nor Qt: heavy imports stay inside the command bodies.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -21,233 +21,254 @@ import signal
 import sys
 import threading
 import time
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Sequence
 
-from engines.registry import BACKEND_CHOICES
+import typer
 
-from .config import Addresses, PipelineConfig, SofiOptions, add_sofi_arguments
+try:  # typer >= 0.23 vendors click and does not re-export its exception base class
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer depends on click
+    from click.exceptions import ClickException  # type: ignore[no-redef]
 
-__all__ = ["build_parser", "config_from_args", "main"]
+from engines.registry import BACKEND_CHOICES, PRECISIONS
 
-#: subcommand -> ("module", "function", what it does); the function gets the remaining argv
-PASSTHROUGH: dict[str, tuple[str, str, str]] = {
-    "train": ("engines.training", "main", "train a neural engine"),
-    "finetune": ("engines.finetune", "main", "fine-tune a network on recordings of a fixed sample"),
-    "evaluate": ("engines.evaluation", "main", "score engines against ground truth"),
-    "bench": ("benchmarks.latency", "main", "latency / throughput benchmark"),
-    "export": ("engines.onnx_export", "main", "export an engine to a compiled backend"),
-    "engine": ("realtime.remote", "engine_main", "serve an engine for a remote pipeline"),
-    "keys": ("realtime.security", "keys_main", "create CURVE keys for remote engines"),
-}
+from .cli_flags import crop_value, remote_flags, sofi_flags, uses
+from .config import Addresses, PipelineConfig, SofiOptions
+
+__all__ = ["DEMO_HEADLESS_SECONDS", "Refused", "app", "main", "parse_config", "run_app"]
 
 DEMO_HEADLESS_SECONDS = 10.0
 
+app = typer.Typer(
+    name="livesr", rich_markup_mode="rich", no_args_is_help=True, add_completion=False,
+    pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]},
+    help="Live super-resolution (SOFI, ConvGRU, streaming ConvLSTM) while a camera acquires.",
+)
 
-# ----------------------------------------------------------------------------- value checks
+
+class Refused(Exception):
+    """A command that cannot run as asked: main() prints one line and exits 2."""
 
 
-def _positive_int(name: str, minimum: int = 1) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _version(show: bool) -> None:
+    if show:
         try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {v}")
-        return v
+            from importlib.metadata import version
 
-    parse.__name__ = name
-    return parse
+            text = version("livesr")
+        except Exception:
+            text = "unknown"
+        print(f"livesr {text}")
+        raise typer.Exit()
 
 
-def _float(name: str, *, positive: bool = False, nonneg: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
+@app.callback()
+def _livesr(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Live super-resolution (SOFI, ConvGRU, streaming ConvLSTM) while a camera acquires."""
+
+
+# ----------------------------------------------------------------------------- run flags
+
+RUN, ENGINE, OUTPUT = "run", "engine", "output"
+
+
+def run_flags(
+    headless: Annotated[bool, typer.Option(
+        "--headless", rich_help_panel=RUN, help="no GUI: run, print a summary, write --json")] = False,
+    seconds: Annotated[float | None, typer.Option(
+        rich_help_panel=RUN, help=f"acquisition time (headless default: {DEMO_HEADLESS_SECONDS:g} s for "
+        "the simulator, the whole movie for a replay; GUI: until closed)")] = None,
+    size: Annotated[int, typer.Option(
+        rich_help_panel=RUN, help="simulated camera: image size in pixels")] = PipelineConfig.size,
+    fps: Annotated[float | None, typer.Option(
+        rich_help_panel=RUN,
+        help="frame rate (default: 100 for the simulator, the file's own rate for a replay)")] = None,
+    exposure: Annotated[float | None, typer.Option(
+        metavar="MS", rich_help_panel=RUN, help="camera exposure in ms")] = None,
+    crop: Annotated[str | None, typer.Option(
+        parser=crop_value, metavar="N|X,Y,W,H", rich_help_panel=RUN,
+        help="camera ROI: N (centred N x N) or X,Y,W,H")] = None,
+    engine: Annotated[str, typer.Option(
+        rich_help_panel=ENGINE, help="sofi | convgru | convlstm")] = PipelineConfig.engine,
+    window: Annotated[int | None, typer.Option(
+        rich_help_panel=ENGINE, help="frames per output (default: the engine's, 20 for sofi)")] = None,
+    stride: Annotated[int, typer.Option(
+        rich_help_panel=ENGINE, help="one output every K frames")] = PipelineConfig.stride,
+    backend: Annotated[str, typer.Option(
+        metavar="NAME", rich_help_panel=ENGINE,
+        help=" | ".join(BACKEND_CHOICES) + " (neural engines only)")] = PipelineConfig.backend,
+    device: Annotated[str, typer.Option(
+        rich_help_panel=ENGINE, help="cpu | cuda | cuda:N | auto")] = PipelineConfig.device,
+    precision: Annotated[str, typer.Option(
+        rich_help_panel=ENGINE, help=" | ".join(PRECISIONS))] = PipelineConfig.precision,
+    weights: Annotated[str | None, typer.Option(
+        rich_help_panel=ENGINE, help="weights file for a neural engine")] = None,
+    threads: Annotated[int | None, typer.Option(
+        rich_help_panel=ENGINE, help="engine compute threads (default: half the cores, 1-4)")] = None,
+    worker: Annotated[str, typer.Option(
+        rich_help_panel=ENGINE,
+        help="process | thread: run the engine in its own process or a thread")] = PipelineConfig.worker_mode,
+    trust_window: Annotated[int, typer.Option(
+        metavar="N", rich_help_panel=ENGINE,
+        help="a network's outputs are checked against SOFI of the last N frames (see README: "
+             "Can I trust the network?)")] = PipelineConfig.trust_window,
+    no_trust: Annotated[bool, typer.Option(
+        "--no-trust", rich_help_panel=ENGINE,
+        help="do not check a network's outputs (saves one streaming SOFI)")] = False,
+    record: Annotated[Path | None, typer.Option(
+        metavar="PATH", rich_help_panel=OUTPUT,
+        help="record every frame: PATH.ome.tif (OME-TIFF) or PATH.ome.zarr (OME-Zarr)")] = None,
+    save_sr: Annotated[Path | None, typer.Option(
+        metavar="PATH", rich_help_panel=OUTPUT,
+        help="save every super-resolved image (.ome.tif or .ome.zarr; half the pixel size, source "
+             "frame range of each image in the metadata)")] = None,
+    on_recording_failure: Annotated[str, typer.Option(
+        rich_help_panel=OUTPUT, help="stop | continue: when the recording cannot be written (full "
+        "disk), stop the run, or continue without recording")] = PipelineConfig.recording_failure,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", rich_help_panel=OUTPUT, help="replace existing --record/--save-sr files")] = False,
+    json: Annotated[Path | None, typer.Option(
+        metavar="PATH", rich_help_panel=OUTPUT, help="write the run's metrics as JSON")] = None,
+    frames_addr: Annotated[str, typer.Option(
+        rich_help_panel=OUTPUT,
+        help="ZeroMQ endpoint this run binds for frames (port 0: a free port)")] = Addresses.frames,
+    results_addr: Annotated[str, typer.Option(
+        rich_help_panel=OUTPUT,
+        help="ZeroMQ endpoint this run binds for results (port 0: a free port)")] = Addresses.results,
+    verbose: Annotated[bool, typer.Option(
+        "-v", "--verbose", rich_help_panel=OUTPUT, help="log what the pipeline does")] = False,
+) -> dict[str, Any]:
+    """The flags of every run command, as PipelineConfig fields (plus `verbose`)."""
+    roi = crop if isinstance(crop, tuple) else None
+    return dict(
+        headless=headless, seconds=seconds, size=size, fps=fps, exposure_ms=exposure,
+        crop=None if roi else crop, roi=roi, engine=engine, window=window, stride=stride,
+        backend=backend, device=device, precision=precision, weights=weights, threads=threads,
+        worker_mode=worker, trust_window=trust_window, trust=not no_trust, record=record,
+        save_sr=save_sr, recording_failure=on_recording_failure, overwrite=overwrite, json=json,
+        addresses=Addresses(frames=frames_addr, results=results_addr), verbose=verbose,
+    )
+
+
+def _pipeline_config(flags: dict[str, Any], sofi: SofiOptions, remote: dict[str, Any], *,
+                     source: str, fps: float | None, ends_by_itself: bool = False, mode: str = "live",
+                     sequence: Path | None = None, loop: bool = False) -> PipelineConfig:
+    """The validated PipelineConfig of a run command (raises Refused with PipelineConfig's reasons).
+
+    A headless run that would not end by itself (a camera, a looped movie) gets
+    DEMO_HEADLESS_SECONDS unless --seconds says otherwise.
+    """
+    fields = {k: v for k, v in flags.items() if k != "verbose"}
+    if fields["seconds"] is None and fields["headless"] and not ends_by_itself:
+        fields["seconds"] = DEMO_HEADLESS_SECONDS
+    fields.update(source=source, fps=fps, mode=mode, sequence=sequence, loop=loop, sofi=sofi, **remote)
+    try:
+        return PipelineConfig(**fields).validate()
+    except ValueError as e:
+        raise Refused(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- run commands
+
+SIM_FPS = 100.0  # the simulated camera's rate unless --fps says otherwise
+
+
+@app.command(rich_help_panel="run")
+@uses(flags=run_flags, sofi=sofi_flags, remote=remote_flags)
+def demo(*, flags: dict[str, Any], sofi: SofiOptions, remote: dict[str, Any]) -> int:
+    """Simulated camera -> live engine."""
+    fps = flags["fps"] if flags["fps"] is not None else SIM_FPS
+    return _run(_pipeline_config(flags, sofi, remote, source="sim", fps=fps), flags["verbose"])
+
+
+@app.command(rich_help_panel="run")
+@uses(flags=run_flags, sofi=sofi_flags, remote=remote_flags)
+def replay(
+    file: Annotated[Path, typer.Argument(help="TIFF movie (T, H, W)", show_default=False)],
+    *,
+    loop: Annotated[bool, typer.Option("--loop", rich_help_panel=RUN, help="loop the movie")] = False,
+    once: Annotated[bool, typer.Option("--once", rich_help_panel=RUN,
+                                       help="play the movie once (the default)")] = False,
+    flags: dict[str, Any], sofi: SofiOptions, remote: dict[str, Any],
+) -> int:
+    """Replay a TIFF movie through the live pipeline, as if it were a camera."""
+    if loop and once:
+        raise Refused("--once: not allowed with --loop")
+    cfg = _pipeline_config(flags, sofi, remote, source=str(file), fps=flags["fps"], loop=loop,
+                           ends_by_itself=not loop)
+    return _run(cfg, flags["verbose"])
+
+
+@app.command(rich_help_panel="run")
+@uses(flags=run_flags, sofi=sofi_flags, remote=remote_flags)
+def live(
+    *,
+    mm_config: Annotated[Path, typer.Option(
+        "--config", metavar="FILE.cfg", rich_help_panel=RUN, show_default=False,
+        help="Micro-Manager hardware configuration")],
+    flags: dict[str, Any], sofi: SofiOptions, remote: dict[str, Any],
+) -> int:
+    """Live camera from a Micro-Manager .cfg."""
+    return _run(_pipeline_config(flags, sofi, remote, source=str(mm_config), fps=flags["fps"]),
+                flags["verbose"])
+
+
+@app.command(rich_help_panel="run")
+@uses(flags=run_flags, sofi=sofi_flags, remote=remote_flags)
+def mda(
+    sequence: Annotated[Path, typer.Argument(metavar="SEQUENCE.yaml", show_default=False,
+                                             help="useq-schema MDASequence file")],
+    *,
+    mm_config: Annotated[Path | None, typer.Option(
+        "--config", metavar="FILE.cfg", rich_help_panel=RUN,
+        help="Micro-Manager hardware configuration (default: the simulated camera)")] = None,
+    flags: dict[str, Any], sofi: SofiOptions, remote: dict[str, Any],
+) -> int:
+    """Run a useq-schema MDA sequence (YAML/JSON, as `mmcore run`) and reconstruct every
+    position/channel/z stream live."""
+    source = "sim" if mm_config is None else str(mm_config)
+    fps = flags["fps"] if flags["fps"] is not None or mm_config is not None else SIM_FPS
+    cfg = _pipeline_config(flags, sofi, remote, source=source, fps=fps, mode="mda", sequence=sequence,
+                           ends_by_itself=True)
+    return _run(cfg, flags["verbose"])
+
+
+#: set by parse_config: the run commands hand their config over instead of running
+_parsed: ContextVar[list[PipelineConfig] | None] = ContextVar("livesr_parsed", default=None)
+
+
+def _run(cfg: PipelineConfig, verbose: bool) -> int:
+    """Check that the inputs exist, then open the GUI where one can open, else run headless."""
+    parsed = _parsed.get()
+    if parsed is not None:
+        parsed.append(cfg)
+        return 0
+    _configure_logging(verbose)
+    if cfg.source_kind == "replay" and not Path(cfg.source).is_file():
+        raise Refused(f"no such movie file: {cfg.source}")
+    if cfg.source_kind == "mm" and not Path(cfg.source).is_file():
+        raise Refused(f"no such Micro-Manager config: {cfg.source}")
+    if cfg.sequence is not None:
+        from .mda import load_sequence
+
         try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if v != v or v in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
-        if positive and v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v:g}")
-        if nonneg and v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v:g}")
-        return v
-
-    parse.__name__ = name
-    return parse
-
-
-def _crop(text: str) -> int | tuple[int, int, int, int]:
-    """``N`` (centred N x N) or ``X,Y,W,H`` (camera ROI)."""
-    try:
-        vals = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"crop must be N or X,Y,W,H integers, got {text!r}") from None
-    if len(vals) == 1:
-        if vals[0] < 4:
-            raise argparse.ArgumentTypeError(f"crop must be >= 4 pixels, got {vals[0]}")
-        return vals[0]
-    if len(vals) != 4 or vals[0] < 0 or vals[1] < 0 or vals[2] < 4 or vals[3] < 4:
-        raise argparse.ArgumentTypeError(f"crop X,Y,W,H needs X,Y >= 0 and W,H >= 4, got {text!r}")
-    return tuple(vals)  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- parser
-
-
-def _add_run_options(p: argparse.ArgumentParser, *, replay: bool = False) -> None:
-    d = PipelineConfig()
-    g = p.add_argument_group("run")
-    g.add_argument("--headless", action="store_true", help="no GUI: run, print a summary, write --json")
-    g.add_argument("--seconds", type=_float("seconds", nonneg=True), default=None,
-                   help="acquisition time (headless default: %g s for the simulator, the whole movie "
-                        "for a replay; GUI: until closed)" % DEMO_HEADLESS_SECONDS)
-    g.add_argument("--size", type=_positive_int("size", 4), default=d.size,
-                   help="simulated camera: image size in pixels (default %(default)s)")
-    g.add_argument("--fps", type=_float("fps", positive=True), default=None,
-                   help="frame rate (default: 100 for the simulator, the file's own rate for a replay)")
-    g.add_argument("--exposure", type=_float("exposure", positive=True), default=None, metavar="MS",
-                   help="camera exposure in ms")
-    g.add_argument("--crop", type=_crop, default=None, help="camera ROI: N (centred N x N) or X,Y,W,H")
-    e = p.add_argument_group("engine")
-    e.add_argument("--engine", default=d.engine, help="sofi | convgru | convlstm (default %(default)s)")
-    e.add_argument("--window", type=_positive_int("window", 2), default=None,
-                   help="frames per output (default: the engine's, 20 for sofi)")
-    e.add_argument("--stride", type=_positive_int("stride", 1), default=d.stride,
-                   help="one output every K frames (default %(default)s)")
-    e.add_argument("--backend", default=d.backend, metavar="NAME",
-                   help=" | ".join(BACKEND_CHOICES) + " (default %(default)s; neural engines only)")
-    e.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N | auto (default %(default)s)")
-    e.add_argument("--precision", default=d.precision, choices=["fp32", "fp16", "bf16"])
-    e.add_argument("--weights", default=None, help="weights file for a neural engine")
-    e.add_argument("--threads", type=_positive_int("threads", 1), default=None,
-                   help="engine compute threads (default: half the cores, 1-4)")
-    e.add_argument("--worker", choices=["process", "thread"], default=d.worker_mode,
-                   help="run the engine in its own process (default) or a thread")
-    e.add_argument("--trust-window", type=_positive_int("trust-window", 10), default=d.trust_window,
-                   metavar="N", help="a network's outputs are checked against SOFI of the last N frames "
-                                     "(default %(default)s; see README: Can I trust the network?)")
-    e.add_argument("--no-trust", dest="trust", action="store_false",
-                   help="do not check a network's outputs (saves one streaming SOFI)")
-    add_sofi_arguments(p)
-    o = p.add_argument_group("output")
-    o.add_argument("--record", type=Path, default=None, metavar="PATH",
-                   help="record every frame: PATH.ome.tif (OME-TIFF) or PATH.ome.zarr (OME-Zarr)")
-    o.add_argument("--save-sr", type=Path, default=None, metavar="PATH",
-                   help="save every super-resolved image (.ome.tif or .ome.zarr; half the pixel "
-                        "size, source frame range of each image in the metadata)")
-    o.add_argument("--on-recording-failure", choices=["stop", "continue"], default=d.recording_failure,
-                   help="when the recording cannot be written (full disk): stop the run (default), "
-                        "or continue without recording")
-    o.add_argument("--overwrite", action="store_true", help="replace existing --record/--save-sr files")
-    o.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the run's metrics as JSON")
-    o.add_argument("--frames-addr", default=d.addresses.frames,
-                   help="ZeroMQ endpoint this run binds for frames (default %(default)s: a free port)")
-    o.add_argument("--results-addr", default=d.addresses.results,
-                   help="ZeroMQ endpoint this run binds for results (default %(default)s: a free port)")
-    o.add_argument("-v", "--verbose", action="store_true", help="log what the pipeline does")
-    from .remote import add_remote_client_arguments  # --engine-at, --server-key, --client-key
-
-    add_remote_client_arguments(p)
-    if replay:
-        lp = p.add_mutually_exclusive_group()
-        lp.add_argument("--loop", dest="loop", action="store_true", help="loop the movie")
-        lp.add_argument("--once", dest="loop", action="store_false", help="play the movie once (default)")
-        p.set_defaults(loop=False)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="livesr",
-        description="Live super-resolution (SOFI, ConvGRU, streaming ConvLSTM) while a camera acquires.",
-    )
-    parser.add_argument("--version", action="version", version=f"livesr {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    p = sub.add_parser("demo", help="simulated blinking sample", description="Simulated camera -> live engine.")
-    _add_run_options(p)
-    p = sub.add_parser("replay", help="stream a recorded movie (TIFF) as a camera",
-                       description="Replay a TIFF movie through the live pipeline.")
-    p.add_argument("file", type=Path, help="TIFF movie (T, H, W)")
-    _add_run_options(p, replay=True)
-    p = sub.add_parser("live", help="a Micro-Manager camera", description="Live camera from a Micro-Manager .cfg.")
-    p.add_argument("--config", dest="mm_config", type=Path, required=True, metavar="FILE.cfg",
-                   help="Micro-Manager hardware configuration")
-    _add_run_options(p)
-    p = sub.add_parser("mda", help="run a useq MDA sequence with live SR",
-                       description="Run a useq-schema MDA sequence (YAML/JSON, as `mmcore run`) and "
-                                   "reconstruct every position/channel/z stream live.")
-    p.add_argument("sequence", type=Path, metavar="SEQUENCE.yaml", help="useq-schema MDASequence file")
-    p.add_argument("--config", dest="mm_config", type=Path, default=None, metavar="FILE.cfg",
-                   help="Micro-Manager hardware configuration (default: the simulated camera)")
-    _add_run_options(p)
-    for name, (module, func, what) in PASSTHROUGH.items():
-        sub.add_parser(name, help=f"{what} (see `livesr {name} --help`)", add_help=False)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """Map parsed flags onto a PipelineConfig (raises ValueError for absurd combinations)."""
-    mode, sequence = "live", None
-    if args.command == "demo":
-        source, fps = "sim", args.fps if args.fps is not None else 100.0
-    elif args.command == "replay":
-        source, fps = str(args.file), args.fps
-    elif args.command == "mda":
-        mode, sequence = "mda", args.sequence
-        source = "sim" if args.mm_config is None else str(args.mm_config)
-        fps = args.fps if args.fps is not None else (100.0 if source == "sim" else None)
-    else:
-        source, fps = str(args.mm_config), args.fps
-    seconds = args.seconds
-    loop = bool(getattr(args, "loop", False))
-    if seconds is None and args.headless and args.command != "mda" and (
-            args.command != "replay" or loop):
-        seconds = DEMO_HEADLESS_SECONDS
-    crop = roi = None
-    if isinstance(args.crop, tuple):
-        roi = args.crop
-    elif args.crop is not None:
-        crop = args.crop
-    cfg = PipelineConfig(
-        source=source, size=args.size, fps=fps, loop=loop, crop=crop, roi=roi,
-        exposure_ms=args.exposure, seconds=seconds, engine=args.engine, window=args.window,
-        stride=args.stride, backend=args.backend, device=args.device, precision=args.precision,
-        weights=args.weights, worker_mode=args.worker, threads=args.threads, record=args.record,
-        save_sr=args.save_sr, recording_failure=args.on_recording_failure, mode=mode,
-        sequence=sequence, json=args.json, headless=args.headless, overwrite=args.overwrite,
-        addresses=Addresses(frames=args.frames_addr, results=args.results_addr),
-        engine_at=tuple(args.engine_at or ()), server_key=args.server_key,
-        client_key=args.client_key, sofi=SofiOptions.from_args(args),
-        trust=args.trust, trust_window=args.trust_window,
-    )
-    return cfg.validate()
-
-
-# ----------------------------------------------------------------------------- commands
-
-
-def _run_passthrough(command: str, argv: list[str]) -> int:
-    module_name, func_name, _ = PASSTHROUGH[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name and module_name.startswith(e.name):
-            why = f"{module_name} is missing"
-        else:
-            why = f"importing {module_name} failed: {type(e).__name__}: {e}"
-        print(f"livesr {command}: not available in this install ({why})", file=sys.stderr)
-        return 2
-    func = getattr(module, func_name, None)
-    if func is None:
-        print(f"livesr {command}: not available ({module_name} has no {func_name}())", file=sys.stderr)
-        return 2
-    rc = func(argv)
-    return int(rc) if isinstance(rc, (int, bool)) else 0
-
-
+            load_sequence(cfg.sequence)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+    if not cfg.headless:
+        problem = _gui_problem()
+        if problem is None:
+            return _run_gui(cfg, cfg.seconds)
+        print(f"livesr: GUI unavailable: {problem}; running headless", file=sys.stderr)
+        cfg = cfg.replace(headless=True)
+        if cfg.seconds is None and cfg.mode != "mda" and (cfg.source_kind != "replay" or cfg.loop):
+            cfg = cfg.replace(seconds=DEMO_HEADLESS_SECONDS)
+    return _run_headless(cfg)
 #: run in a fresh interpreter: can Qt open its platform (display) here? A stale DISPLAY makes
 #: Qt abort the whole process (rc 134), so it is tried where an abort costs nothing
 _QT_PROBE = "from qtpy import QtWidgets; QtWidgets.QApplication(['livesr-probe'])"
@@ -388,60 +409,80 @@ def _configure_logging(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger().setLevel(level)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:
-        return _run_passthrough(argv[0], argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
     mm_log = logging.getLogger("pymmcore-plus")
     mm_log.propagate = False  # it has its own handler: one copy of each message
-    if not args.verbose:
+    if not verbose:
         # UniMMCore logs a harmless "no Micro-Manager installation" error for Python cameras;
         # for a .cfg the error livesr raises carries pymmcore-plus's reason (-v shows its log)
         mm_log.setLevel(logging.CRITICAL)
+
+
+
+# ----------------------------------------------------------------------------- the other tools
+
+from . import cli_tools  # noqa: E402  (its commands need `Refused` and the flag groups)
+
+for _tool in cli_tools.COMMANDS:
+    app.command(rich_help_panel="tools")(_tool)
+for _name, _tool in cli_tools.HIDDEN.items():
+    app.command(_name, hidden=True)(_tool)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`livesr ARGV`: the command's exit code; a bad command line or a run that cannot start
+    as asked is one ``livesr COMMAND: error: ...`` line on stderr and SystemExit(2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for (command, flag), mode in cli_tools.MODE_FLAGS.items():  # `bench --pipeline`: other flags
+        if argv[:1] == [command] and flag in argv:
+            argv = [mode, *(a for a in argv[1:] if a != flag)]
+    return run_app(app, argv, "livesr")
+
+
+def run_app(typer_app: typer.Typer, argv: Sequence[str], prog: str) -> int:
+    """Run a Typer app as a function: its exit code; errors are one ``PROG CMD: error:`` line
+    and SystemExit(2) (also for the small `python -m` tools that have a Typer app)."""
+    argv = list(argv)
     try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        _refuse(args.command, str(e))
-    if args.command == "replay" and not args.file.is_file():
-        _refuse(args.command, f"no such movie file: {args.file}")
-    if args.command in ("live", "mda") and args.mm_config is not None and not args.mm_config.is_file():
-        _refuse(args.command, f"no such Micro-Manager config: {args.mm_config}")
-    if args.command == "mda":
-        from .mda import load_sequence
-
-        try:
-            load_sequence(args.sequence)
-        except ValueError as e:
-            _refuse(args.command, str(e))
-    if not cfg.headless:
-        problem = _gui_problem()
-        if problem is None:
-            return _run_gui(cfg, args.seconds)
-        print(f"livesr: GUI unavailable: {problem}; running headless", file=sys.stderr)
-        cfg = cfg.replace(headless=True)
-        if cfg.seconds is None and cfg.mode != "mda" and (cfg.source_kind != "replay" or cfg.loop):
-            cfg = cfg.replace(seconds=DEMO_HEADLESS_SECONDS)
-    return _run_headless(cfg)
+        rc = typer.main.get_command(typer_app).main(args=argv, prog_name=prog, standalone_mode=False)
+    except cli_tools.ToolUnavailable as e:
+        _say(str(e), err=True)
+        return 2
+    except Refused as e:
+        _refuse(_command_path(prog, argv), str(e))
+    except ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        _refuse(ctx.command_path if ctx is not None else _command_path(prog, argv), e.format_message())
+    except typer.Abort:
+        return 1
+    return int(rc) if isinstance(rc, (int, bool)) else 0
 
 
-def _refuse(command: str, message: str) -> None:
-    """A run that cannot be started as asked: one line, exit code 2 (like argparse)."""
-    _say(f"livesr {command}: error: {message}", err=True)
+def parse_config(argv: Sequence[str]) -> PipelineConfig:
+    """The validated PipelineConfig that `livesr ARGV` (a run command) would run, without
+    running it or checking that its input files exist (errors as in :func:`main`)."""
+    parsed: list[PipelineConfig] = []
+    token = _parsed.set(parsed)
+    try:
+        main(argv)
+    finally:
+        _parsed.reset(token)
+    if not parsed:
+        raise SystemExit(2)  # --help, or not a run command
+    return parsed[0]
+
+
+def _command_path(prog: str, argv: Sequence[str]) -> str:
+    command = next((a for a in argv if not a.startswith("-")), None) if prog == "livesr" else None
+    return f"{prog} {command}" if command else prog
+
+
+def _refuse(command_path: str, message: str) -> None:
+    """A command that cannot run as asked: one line, exit code 2 (as a usage error)."""
+    _say(f"{command_path}: error: {message}", err=True)
     raise SystemExit(2)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("livesr")
-    except Exception:
-        return "unknown"
 
 
 if __name__ == "__main__":  # pragma: no cover

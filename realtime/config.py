@@ -8,7 +8,6 @@ nothing else; the GUI edits the same objects.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -42,7 +41,6 @@ __all__ = [
     "available_memory_bytes",
     "canonical_backend",
     "SofiOptions",
-    "add_sofi_arguments",
     "free_tcp_address",
     "memory_problem",
     "output_problem",
@@ -156,7 +154,9 @@ class SofiOptions:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not math.isfinite(v) or not lo < v <= hi):
-                out.append(f"{name} must be in ({lo:g}, {hi:g}], got {v!r}")
+                positive = lo == 0 and isinstance(v, (int, float)) and v <= 0
+                out.append(f"{name} must be a positive number, got {v!r}" if positive
+                           else f"{name} must be in ({lo:g}, {hi:g}], got {v!r}")
         if self.psf_fwhm_nm is not None and (self.na is not None or self.wavelength_nm is not None):
             out.append("give --psf-fwhm-nm or --na/--wavelength-nm, not both")
         if self.lag != "auto" and (isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 0):
@@ -174,57 +174,6 @@ class SofiOptions:
                   "pixel_size_um": pixel_size_um, "pixel_size_source": pixel_size_source if pixel_size_um else None}
         return {"optics": {k: v for k, v in optics.items() if v is not None},
                 "lag": self.lag, "bleach_order": self.bleach_order}
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> SofiOptions:
-        return cls(psf_fwhm_nm=args.psf_fwhm_nm, na=args.na, wavelength_nm=args.wavelength_nm,
-                   pixel_size_um=args.pixel_size_um, lag=args.lag,
-                   bleach_order=0 if args.no_bleach_correction else args.bleach_order)
-
-
-def _lag_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"lag must be 'auto' or an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"lag must be >= 0 frames, got {v}")
-    return v
-
-
-def _positive_arg(name: str) -> Any:
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {text!r}")
-        return v
-
-    parse.__name__ = name
-    return parse
-
-
-def add_sofi_arguments(parser: argparse.ArgumentParser) -> None:
-    """The SOFI flags, shared by every run command and `livesr engine` (validated by SofiOptions)."""
-    d = SofiOptions()
-    g = parser.add_argument_group("SOFI optics and corrections (see README: SOFI on your camera)")
-    g.add_argument("--psf-fwhm-nm", type=_positive_arg("--psf-fwhm-nm"), default=None, metavar="NM",
-                   help="PSF FWHM in the sample, if measured (else from --na/--wavelength-nm)")
-    g.add_argument("--na", type=_positive_arg("--na"), default=None, help="objective NA (default 1.4)")
-    g.add_argument("--wavelength-nm", type=_positive_arg("--wavelength-nm"), default=None, metavar="NM",
-                   help="emission wavelength (default 600)")
-    g.add_argument("--pixel-size-um", type=_positive_arg("--pixel-size-um"), default=None, metavar="UM",
-                   help="camera pixel in the sample (default: what the camera/file reports, else 0.1)")
-    g.add_argument("--lag", type=_lag_arg, default=d.lag, metavar="{auto,0,1,2,...}",
-                   help="time lag of the cumulants in frames (default auto: 1 if the camera correlates "
-                        "neighbouring pixels' noise)")
-    g.add_argument("--bleach-order", type=int, choices=[1, 2, 3], default=d.bleach_order,
-                   help="per-pixel polynomial trend removed in each window (default %(default)s)")
-    g.add_argument("--no-bleach-correction", action="store_true", help="do not remove bleaching trends")
 
 
 @dataclass
@@ -305,8 +254,8 @@ class PipelineConfig:
             problems.append(f"size must be an integer >= 4 pixels, got {self.size!r}")
         if self.fps is not None and (not (self.fps > 0) or self.fps > 100_000):
             problems.append(f"fps must be > 0 (and sane), got {self.fps!r}")
-        if self.seconds is not None and not (self.seconds >= 0):
-            problems.append(f"seconds must be >= 0, got {self.seconds!r}")
+        if self.seconds is not None and not (0 <= self.seconds < math.inf):
+            problems.append(f"seconds must be >= 0 (and finite), got {self.seconds!r}")
         if self.window is not None and (not isinstance(self.window, int)
                                         or self.window < ANY_ENGINE_MIN_WINDOW):
             problems.append(f"window must be an integer >= {ANY_ENGINE_MIN_WINDOW} frames, got {self.window!r}")
@@ -316,13 +265,14 @@ class PipelineConfig:
             problems.append(f"crop must be an integer >= 4 pixels, got {self.crop!r}")
         if self.roi is not None and (
             len(self.roi) != 4 or any(not isinstance(v, int) for v in self.roi)
-            or self.roi[0] < 0 or self.roi[1] < 0 or self.roi[2] < 1 or self.roi[3] < 1
+            or self.roi[0] < 0 or self.roi[1] < 0 or self.roi[2] < 4 or self.roi[3] < 4
         ):
-            problems.append(f"roi must be (x, y, width, height) with x, y >= 0 and a positive size, got {self.roi!r}")
+            problems.append("roi (crop X,Y,W,H) must have x, y >= 0 and width, height >= 4 pixels, "
+                            f"got {self.roi!r}")
         if self.roi is not None and self.crop is not None:
             problems.append("give either crop or roi, not both")
-        if self.exposure_ms is not None and not (self.exposure_ms > 0):
-            problems.append(f"exposure_ms must be > 0, got {self.exposure_ms!r}")
+        if self.exposure_ms is not None and not (0 < self.exposure_ms < math.inf):
+            problems.append(f"exposure_ms must be > 0 (and finite), got {self.exposure_ms!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             problems.append(f"threads must be an integer >= 1, got {self.threads!r}")
         if self.worker_mode not in ("process", "thread"):

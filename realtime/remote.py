@@ -33,7 +33,7 @@ a recorded frame. ZeroMQ reconnects by itself when the network returns.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -53,7 +53,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engines.registry import ANY_ENGINE_MIN_WINDOW, DEFAULT_ENGINE, ENGINES, EngineSpec
 
-from .config import SofiOptions, add_sofi_arguments
+from .config import SofiOptions
 from .handle import EngineReport
 from .protocol import (
     FOREIGN,
@@ -1075,90 +1075,21 @@ def handshake_advice(event: int, value: int, *, curve: bool) -> str:
 
 
 # ============================================================================ CLI glue
-def add_remote_client_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--engine-at`, `--server-key`, `--client-key` to a live/demo/replay parser."""
-    g = parser.add_argument_group("remote engine")
-    g.add_argument(
-        "--engine-at",
-        action="append",
-        metavar="tcp://HOST:PORT",
-        help="stream frames to a `livesr engine` at this address instead of a local engine; "
-        "repeat to share the stream between several engines",
-    )
-    g.add_argument("--server-key", type=Path, help="the engine's public server.key (CURVE)")
-    g.add_argument("--client-key", type=Path, help="this PC's .key_secret file (CURVE)")
-
-
-def remote_options_from_args(
-    args: argparse.Namespace, *, window: int | None = None, stride: int = 1
-) -> RemoteEngineOptions | None:
-    """RemoteEngineOptions for the parsed flags, or None when no --engine-at was given."""
-    if not getattr(args, "engine_at", None):
-        return None
-    return RemoteEngineOptions(
-        endpoints=tuple(args.engine_at),
-        server_key=args.server_key,
-        client_key=args.client_key,
-        window=window,
-        stride=stride,
-    ).validate()
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def engine_main(argv: Sequence[str] | None = None) -> int:
-    """`livesr engine`: serve an engine to microscope PCs over the network."""
-    p = argparse.ArgumentParser(
-        prog="livesr engine",
-        description=(
-            "Run a reconstruction engine for remote microscopes. Frames arrive on --bind, "
-            "results leave on the next port. Binding beyond loopback requires CURVE keys "
-            "(--keys, --allow): make them with `livesr keys`."
-        ),
-    )
-    p.add_argument("--bind", default=DEFAULT_ENGINE_BIND, help="frames endpoint (default %(default)s)")
-    p.add_argument("--results-bind", default=None, help="results endpoint (default: next port)")
-    p.add_argument("--engine", default=DEFAULT_ENGINE, help="engine name (default %(default)s)")
-    p.add_argument("--window", type=_positive_int, default=None, help="frames per output")
-    p.add_argument("--stride", type=_positive_int, default=1, help="one output every N frames")
-    p.add_argument("--backend", default="eager")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--keys", type=Path, help="server .key_secret file, or a directory holding one")
-    p.add_argument("--allow", type=Path, help="directory of allowed client public .key files")
-    p.add_argument("--max-restarts", type=int, default=5, help="within a minute, before giving up")
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_sofi_arguments(p)
-    args = p.parse_args(argv)
+    """`livesr engine ARGS` (kept for callers of this module)."""
+    from .cli import main as livesr
+
+    return livesr(["engine", *(sys.argv[1:] if argv is None else argv)])
+
+
+def serve_cli(cfg: EngineServerConfig, *, verbose: bool = False) -> int:
+    """`livesr engine` (realtime/cli_tools.py): serve ``cfg`` until Ctrl-C / SIGTERM."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    device = args.device or ("cuda" if _cuda_available() else "cpu")
-    cfg = EngineServerConfig(
-        bind=args.bind,
-        results_bind=args.results_bind,
-        engine=args.engine,
-        window=args.window,
-        stride=args.stride,
-        backend=args.backend,
-        device=device,
-        precision=args.precision,
-        weights=args.weights,
-        keys=args.keys,
-        allow=args.allow,
-        max_restarts=args.max_restarts,
-        sofi=SofiOptions.from_args(args),
-    )
+    if cfg.device is None:
+        cfg = dataclasses.replace(cfg, device="cuda" if _cuda_available() else "cpu")
     try:
         gw = EngineGateway(cfg)
         gw.start()
@@ -1223,8 +1154,6 @@ __all__ = [
     "EngineServerConfig",
     "RemoteEngineClient",
     "RemoteEngineOptions",
-    "add_remote_client_arguments",
     "engine_main",
-    "remote_options_from_args",
     "results_endpoint_for",
 ]

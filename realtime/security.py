@@ -12,7 +12,6 @@ to copy) and ``NAME.key_secret`` (keep private). `livesr keys` makes them.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
@@ -404,30 +403,10 @@ def combine(*setups: SocketSetup | None) -> SocketSetup | None:
 
 # ------------------------------------------------------------------------------ CLI
 def keys_main(argv: Sequence[str] | None = None) -> int:
-    """`livesr keys --out DIR --name NAME`: make a CURVE key pair."""
-    p = argparse.ArgumentParser(
-        prog="livesr keys",
-        description=(
-            "Make a CURVE key pair for a remote engine link. Run once on the GPU machine "
-            "(--name server) and once per microscope PC (--name <pc>). Copy each client's "
-            "public NAME.key into the engine's --allow directory, and the server's public "
-            "server.key to each client. Never copy a .key_secret file."
-        ),
-    )
-    p.add_argument("--out", required=True, help="directory for NAME.key and NAME.key_secret")
-    p.add_argument("--name", required=True, help="base name of the key files, e.g. server")
-    args = p.parse_args(argv)
-    try:
-        pub, sec = create_keypair(args.out, args.name)
-    except SecurityError as e:
-        print(f"livesr keys: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"livesr keys: error: cannot write keys to {args.out}: {e}", file=sys.stderr)
-        return 2
-    print(f"public key (share):   {pub}")
-    print(f"secret key (private): {sec}")
-    return 0
+    """`livesr keys ARGS` (kept for callers of this module)."""
+    from .cli import main as livesr
+
+    return livesr(["keys", *(sys.argv[1:] if argv is None else argv)])
 
 
 __all__ = [

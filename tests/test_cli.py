@@ -10,39 +10,39 @@ import pytest
 import tifffile
 
 from realtime import cli
-from realtime.cli import build_parser, config_from_args, main
+from realtime.cli import main, parse_config
 from realtime.config import PipelineConfig
 
 FREE = ["--frames-addr", "tcp://127.0.0.1:0", "--results-addr", "tcp://127.0.0.1:0"]
 
 
 def parse(*argv):
-    return config_from_args(build_parser().parse_args(list(argv)))
+    return parse_config(list(argv))
 
 
 @pytest.mark.parametrize(
     "argv, words",
     [
         (["demo", "--fps", "-5"], "fps must be > 0"),
-        (["demo", "--fps", "nan"], "fps must be finite"),
-        (["demo", "--size", "0"], "size must be >= 4"),
-        (["demo", "--size", "ten"], "size must be an integer"),
+        (["demo", "--fps", "nan"], "fps must be > 0 (and sane), got nan"),
+        (["demo", "--size", "0"], "size must be an integer >= 4"),
+        (["demo", "--size", "ten"], "Invalid value for '--size'"),
         (["demo", "--seconds", "-1"], "seconds must be >= 0"),
-        (["demo", "--window", "1"], "window must be >= 2"),
-        (["demo", "--stride", "0"], "stride must be >= 1"),
-        (["demo", "--threads", "0"], "threads must be >= 1"),
-        (["replay", "x.tif", "--crop", "2"], "crop must be >= 4"),
+        (["demo", "--window", "1"], "window must be an integer >= 2"),
+        (["demo", "--stride", "0"], "stride must be an integer >= 1"),
+        (["demo", "--threads", "0"], "threads must be an integer >= 1"),
+        (["replay", "x.tif", "--crop", "2"], "crop must be an integer >= 4"),
         (["replay", "x.tif", "--crop", "1,2,3"], "crop X,Y,W,H"),
         (["replay", "x.tif", "--loop", "--once"], "not allowed with"),
         (["live"], "--config"),
-        (["frobnicate"], "invalid choice"),
+        (["frobnicate"], "No such command 'frobnicate'"),
         (["demo", "--record", "x.h5"], "name it *.ome.tif (OME-TIFF) or *.ome.zarr"),
         (["demo", "--save-sr", "sr.png"], "cannot tell the recording format"),
-        (["demo", "--on-recording-failure", "ignore"], "invalid choice"),
+        (["demo", "--on-recording-failure", "ignore"], "recording_failure must be 'stop' or 'continue'"),
         (["mda", "no-such-sequence.yaml"], "no such MDA sequence file"),
     ],
 )
-def test_absurd_values_are_clear_argparse_errors(argv, words, capsys):
+def test_absurd_values_are_clear_errors(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -95,27 +95,36 @@ def test_mda_and_recording_flags_map_onto_config(tmp_path):
     assert parse("demo").mode == "live" and parse("demo").save_sr is None
 
 
-def test_passthrough_hands_over_the_remaining_argv(monkeypatch):
+def test_tool_command_hands_its_flags_to_its_module(monkeypatch):
     seen = {}
     fake = types.ModuleType("engines.training")
-    fake.main = lambda argv: seen.setdefault("argv", argv) and 3
+    fake.config_from_flags = lambda flags: seen.setdefault("flags", flags)
+    fake.run_cli = lambda cfg: 3
     monkeypatch.setitem(sys.modules, "engines.training", fake)
-    assert main(["train", "--steps", "5", "--help"]) == 3
-    assert seen["argv"] == ["--steps", "5", "--help"]
+    assert main(["train", "--steps", "5", "--model", "convlstm"]) == 3
+    assert seen["flags"]["steps"] == 5 and seen["flags"]["model"] == "convlstm"
+    assert seen["flags"]["preset"] == "cpu" and seen["flags"]["lr"] is None
 
 
-def test_passthrough_missing_module_is_a_clear_error(monkeypatch, capsys):
-    monkeypatch.setitem(cli.PASSTHROUGH, "bench", ("livesr_no_such_module.latency", "main", "x"))
-    assert main(["bench"]) == 2
-    assert "not available" in capsys.readouterr().err
+def test_tool_command_with_missing_module_is_a_clear_error(monkeypatch, capsys):
+    from realtime import cli_tools
+
+    monkeypatch.setitem(cli_tools.TOOL_MODULES, "keys", "livesr_no_such_module.security")
+    assert main(["keys", "--out", "k", "--name", "x"]) == 2
+    assert "livesr keys: not available in this install (livesr_no_such_module.security is missing)" \
+        in capsys.readouterr().err
 
 
-def test_passthrough_missing_function_is_a_clear_error(monkeypatch, capsys):
-    fake = types.ModuleType("fake_keys_mod")
-    monkeypatch.setitem(sys.modules, "fake_keys_mod", fake)
-    monkeypatch.setitem(cli.PASSTHROUGH, "keys", ("fake_keys_mod", "keys_main", "x"))
-    assert main(["keys"]) == 2
-    assert "no keys_main()" in capsys.readouterr().err
+def test_tool_command_with_a_module_that_fails_to_import_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    from realtime import cli_tools
+
+    (tmp_path / "livesr_broken_keys.py").write_text("raise ImportError('libsodium.so: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli_tools.TOOL_MODULES, "keys", "livesr_broken_keys")
+    assert main(["keys", "--out", "k", "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "livesr keys: not available" in err and "importing livesr_broken_keys failed" in err
+    assert "libsodium.so" in err and len(err.strip().splitlines()) == 1
 
 
 def test_gui_is_used_when_available(monkeypatch):
@@ -169,10 +178,10 @@ def test_sofi_flags_map_onto_config_and_engine_options():
 @pytest.mark.parametrize("argv, words", [
     (["demo", "--psf-fwhm-nm", "250", "--na", "1.3"], "not both"),
     (["demo", "--na", "3"], "na must be in"),
-    (["demo", "--lag", "-1"], "lag must be >= 0"),
+    (["demo", "--lag", "-1"], "lag must be 'auto' or an integer >= 0"),
     (["demo", "--lag", "often"], "lag must be 'auto'"),
     (["demo", "--pixel-size-um", "0"], "positive number"),
-    (["demo", "--bleach-order", "7"], "invalid choice"),
+    (["demo", "--bleach-order", "7"], "bleach_order must be 0 (off) .. 3"),
 ])
 def test_bad_sofi_flags_are_clear_errors(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:

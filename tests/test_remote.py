@@ -395,8 +395,8 @@ def test_engine_cli_refuses_public_bind_without_keys(capsys, tmp_path):
     assert "refusing to bind tcp://0.0.0.0:5999 without CURVE" in err and "livesr keys" in err
     assert engine_main(["--bind", "tcp://127.0.0.1:5999", "--keys", str(tmp_path), "--device", "cpu"]) == 2
     assert "--keys and --allow go together" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        engine_main(["--window", "-3"])
+    assert engine_main(["--window", "-3", "--device", "cpu"]) == 2
+    assert "--window must be >= 2 frames, got -3" in capsys.readouterr().err
     with pytest.raises(SecurityError, match="go together"):
         RemoteEngineOptions(endpoints=("tcp://127.0.0.1:5570",), client_key=tmp_path).validate()
     with pytest.raises(ValueError, match="lists an engine twice"):
