@@ -36,11 +36,14 @@ import numpy as np
 from tqdm import tqdm
 
 from acquisition.simulation import BlinkingScene
-from engines.evaluation import EvaluationConfig
+from engines.evaluation import EvaluationConfig, parse_scored_engine
 from engines.metrics import evaluate_image
 
-ENGINE_WINDOW = {"mean": 20, "sofi20": 20, "convgru": 20, "convlstm": 20, "sofi100": 100,
-                 "sofi500": 500}  # frames each evaluated engine sees in `livesr evaluate`
+
+def engine_window(label: str) -> int:
+    """Frames an evaluated row sees in `livesr evaluate`: N for a windowed row ('sofi100'),
+    else the evaluation's --frames (the networks and the widefield mean)."""
+    return parse_scored_engine(label).window or EvaluationConfig.frames
 
 
 def ceiling_scores(cfg: EvaluationConfig, windows: Sequence[int]) -> list[dict]:
@@ -87,8 +90,8 @@ def format_table(summ: dict[str, dict[str, float]], windows: Sequence[int],
                  engines: dict[tuple[str, str], dict[str, float]] | None) -> str:
     head = ["set/class", "n"] + [f"{k}-{n}" for n in windows for k in ("ceiling", "detect")]
     seen = {e for d in (engines or {}).values() for e in d}
-    names = [e for e in ENGINE_WINDOW if e in seen] + sorted(seen - set(ENGINE_WINDOW))
-    head += [f"{e} (share of ceiling-{ENGINE_WINDOW.get(e, '?')})" for e in names]
+    names = sorted(seen, key=lambda e: (engine_window(e), e))
+    head += [f"{e} (share of ceiling-{engine_window(e)})" for e in names]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for g, s in summ.items():
         cells = [g, str(s["n"])] + [f"{s[f'{k}{n}']:.3f}" for n in windows
@@ -100,8 +103,8 @@ def format_table(summ: dict[str, dict[str, float]], windows: Sequence[int],
             per = ({} if set_name != "thesis" else
                    engines.get((set_name, cls)) or (_pooled(engines, set_name) if cls == "all" else {}))
             for e in names:
-                w = ENGINE_WINDOW.get(e)
-                if e in per and w is not None and f"ceiling{w}" in s:
+                w = engine_window(e)
+                if e in per and f"ceiling{w}" in s:
                     cells.append(f"{per[e]:.3f} ({per[e] / s[f'ceiling{w}']:.0%})")
                 else:
                     cells.append("—")
@@ -128,8 +131,8 @@ def write_figure(path: Path, summ: dict[str, dict[str, float]],
     import matplotlib.pyplot as plt
 
     groups = [g for g in summ if g.startswith("thesis/") and g != "thesis/all"] + ["thesis/all"]
-    names = [e for e in ENGINE_WINDOW if ENGINE_WINDOW[e] == 20
-             and any(e in d for (s, _), d in engines.items() if s == "thesis")]
+    names = sorted({e for (s, _), d in engines.items() if s == "thesis" for e in d
+                    if engine_window(e) == EvaluationConfig.frames})
     series = [("ceiling-20 (perfect frames)", [summ[g]["ceiling20"] for g in groups])]
     for e in names:
         per = [(engines.get(("thesis", g.split("/")[1])) or

@@ -40,6 +40,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 import msgspec
 import numpy as np
 
+from engines.registry import REFERENCE_ENGINE  # torch-free
+
 __all__ = [
     "ALLOWED_DTYPES",
     "FOREIGN",
@@ -187,7 +189,7 @@ class ReferenceHeader(_Message, tag="reference", frozen=True):
     seq_first: Count
     seq_last: Count
     shape: Shape
-    engine: str = "sofi"
+    engine: str = REFERENCE_ENGINE
     dtype: Dtype = "float32"
     run_id: RunId = ""
     stream: str = ""
