@@ -774,6 +774,7 @@ class EngineWorker:
     def _engine_reset(self) -> None:
         self._engine_next_seq = None
         self._fed = 0  # frames a stateful engine has been fed since its reset
+        self._state_first_seq: int | None = None  # the first of them: its outputs depend on all since
         if self._streaming:
             self._engine.reset()
 
@@ -840,22 +841,25 @@ class EngineWorker:
         try:
             if last_due is not None and last_due >= start:
                 h, _, t_recv = run[last_due]
-                out = self._push_frames([img for _, img, _ in run[start:last_due + 1]], True)
+                out = self._push_frames([img for _, img, _ in run[start:last_due + 1]], True, run[start][0].seq)
                 if out is not None:
                     self._publish(h, out, t_recv, t_start)
                     published = True
                 start = last_due + 1
             if start < len(run):
-                self._push_frames([img for _, img, _ in run[start:]], False)
+                self._push_frames([img for _, img, _ in run[start:]], False, run[start][0].seq)
         except Exception as e:
             self._engine_error(e)
             self._continuity.reset()  # the next frame starts a fresh run on the reset engine
         if dues and not published:  # the others were counted by the caller
             self.stats.outputs_skipped += 1
 
-    def _push_frames(self, imgs: list, want_output: bool) -> Any:
-        """Feed frames to a stateful engine (push_many when it has one); learn its costs."""
+    def _push_frames(self, imgs: list, want_output: bool, first_seq: int) -> Any:
+        """Feed frames (the first is ``first_seq``) to a stateful engine (push_many when it has
+        one); learn its costs."""
         eng = self._engine
+        if self._state_first_seq is None:
+            self._state_first_seq = first_seq
         self._fed += len(imgs)
         t0 = time.perf_counter()
         many = getattr(eng, "push_many", None)
@@ -929,8 +933,12 @@ class EngineWorker:
         seq_last = h.seq
         if self._trust is not None:
             self._assess_trust(out, seq_last)
+        # a windowed engine saw the last `window` frames; a stateful one (ConvLSTM: `window`
+        # is its warm-up) carries state from every frame fed since its reset
+        first = self._state_first_seq if self._stateful and self._state_first_seq is not None else (
+            seq_last - self.window + 1)
         header = ResultHeader(
-            seq_first=seq_last - self.window + 1,
+            seq_first=first,
             seq_last=seq_last,
             t_acq_ns=h.t_acq_ns,
             shape=(int(out.shape[0]), int(out.shape[1])),

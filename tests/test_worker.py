@@ -470,9 +470,14 @@ def test_stateful_engine_keeps_its_state_through_a_backlog():
     for s in range(40, 43):
         w._process_batch(_batch([s]))
     assert eng.pushed[-3:] == [40, 41, 42] and [h.seq_last for h, _ in pub.results][-3:] == [40, 41, 42]
+    # a result names every frame its state carries: from the first fed since the reset (for a
+    # ConvLSTM `window` is its warm-up, not the span of what it saw)
+    assert all(h.seq_first == 0 for h, _ in pub.results)
     # a real gap in the stream (lost frames) still restarts it
+    n0 = len(eng.pushed)
     w._process_batch(_batch([50, 51, 52, 53]))
     assert eng.resets == resets + 1 and pub.results[-1][0].seq_last == 53
+    assert pub.results[-1][0].seq_first == eng.pushed[n0] > 49  # the first frame fed after it
 
 
 def test_stateful_engine_feeds_more_frames_when_they_are_cheap():
