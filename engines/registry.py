@@ -8,8 +8,10 @@ stateful, backend targets) from here, so each fact is written once. Adding an en
 ``EngineInfo`` entry here plus its module.
 
 :class:`EngineSpec` is the one description of *which* engine to run and how (name, window,
-backend, device, precision, weights, engine options, trust check): the CLI, the GUI, the
-worker, the remote server, the benchmarks, training and evaluation pass it whole.
+backend, device, precision, weights, engine options, trust check). `PipelineConfig` and
+`EngineServerConfig` build it from the CLI's and the GUI's settings; the worker, the remote
+server and the benchmarks pass it whole; the evaluations load through
+`engines.load_engine_for_scoring`; training builds the network from its module's hooks.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class EngineInfo:
     @property
     def module(self) -> str:
         """The engine's own module (``engines.convgru``): its factory and, for a network, its
-        training hooks (``build_net``, ``TRAIN_PRESETS``)."""
+        training hooks (``training_net``, ``engine_from_model``, ``TRAIN_PRESETS``)."""
         return self.factory.partition(":")[0]
 
 
