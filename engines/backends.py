@@ -43,7 +43,7 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -381,6 +381,8 @@ def export_onnx_file(module: nn.Module, args: tuple, path: Any) -> None:
             try:
                 prog = torch.onnx.export(module, tuple(args32), dynamo=True, optimize=True,
                                          verbose=False)
+                if prog is None:
+                    raise BackendError("the dynamo exporter returned no ONNX program")
                 prog.save(str(path), external_data=False)
                 return
             except Exception as e:  # noqa: BLE001 - fall back to the TorchScript exporter
@@ -520,7 +522,7 @@ def _quartiles(v: Sequence[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def pick_backend(samples: dict[str, Sequence[float]], baseline: str = "eager",
+def pick_backend(samples: Mapping[str, Sequence[float]], baseline: str = "eager",
                  margin: float = AUTO_MARGIN) -> str:
     """The backend to use from interleaved timings (ms): ``baseline`` unless another is
     clearly faster - median at least ``margin`` lower and its 75th percentile below the
@@ -597,7 +599,8 @@ class AcceleratedModule(nn.Module):
         if _dtype_of(m) != want or cl:
             m = copy.deepcopy(m).to(want)
             if cl:
-                m = m.to(memory_format=torch.channels_last)
+                # works at runtime; torch's stubs lack Module.to(memory_format=...)
+                m = m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return m.eval()
 
     # -- build one backend for one signature, checked
@@ -900,9 +903,10 @@ def warm_up(engine: Any, shape: tuple[int, int], seed: int = 0) -> float:
     n = engine.window + 3
     for f in frames[:n]:
         engine.push(f)
-    for k in range(2, batch + 1):  # every encoder batch size push_many will use
-        many(list(frames[n:n + k]))
-        n += k
+    if callable(many):
+        for k in range(2, batch + 1):  # every encoder batch size push_many will use
+            many(list(frames[n:n + k]))
+            n += k
     engine.reset()
     for m in mods.values():
         m.recheck()

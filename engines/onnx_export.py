@@ -55,7 +55,7 @@ def export_onnx(engine: Any, size: int, out: Any, *, check: bool = True) -> dict
     meta = {"livesr_engine": str(engine.name), "window": str(engine.window),
             "size": str(size), "upsample": str(getattr(engine, "upsample", 2)),
             "input": "float32 (1, window, H, W) frames normalised per frame by median/MAD",
-            "norm": json.dumps(asdict(norm) if norm is not None and is_dataclass(norm) else {}),
+            "norm": json.dumps(asdict(norm) if is_dataclass(norm) and not isinstance(norm, type) else {}),
             # what the raw output means: image = (max(out, 0) * mean frame scale)^2 in ADU^2
             # ("sqrt_over_scale"); absent for legacy weights (arbitrary units)
             "output": json.dumps((getattr(engine, "config", None) or {}).get("output") or {}),

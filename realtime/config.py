@@ -242,7 +242,7 @@ class PipelineConfig:
         if self.json is not None and not isinstance(self.json, Path):
             self.json = Path(self.json)
         if self.roi is not None and not isinstance(self.roi, tuple):
-            self.roi = tuple(self.roi)  # type: ignore[assignment]
+            self.roi = tuple(self.roi)
         if not isinstance(self.engine_at, tuple):
             self.engine_at = tuple(self.engine_at or ())
         for k in ("server_key", "client_key"):
