@@ -509,6 +509,8 @@ class BlinkingScene:
         self._bleached_since.clear()
         return img
 
+    # window 20: the engines' default window, defined in engines.registry (ENGINES[...].default_window);
+    # written here because acquisition/ must not import engines/
     def expected_cumulant(self, window: int = 20) -> np.ndarray:
         """What a long acquisition would show: SOFI of infinitely many noise-free frames with
         a perfect distance-factor correction, float32 (2H, 2W) in ADU^2 (the quantity the

@@ -439,7 +439,7 @@ def _plot_bars(ok: list[dict], machine: dict, path: Path) -> Path:
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_xlabel("ms per output (window) / per new frame (push)")
     ax.set_title(f"{ok[0]['size']} px; R at 100 fps = 1/(W/N + T)", fontsize=9)
-    for yi, r in zip(y, ok):
+    for yi, r in zip(y, ok, strict=True):
         ax.text(r["median_ms"], yi + 0.2, f" R@100={r['R_100fps']:.2f}", va="center",
                 fontsize=6)
     ax.legend(fontsize=7, loc="lower right")

@@ -14,11 +14,13 @@ Prints, and writes to ``trust_calibration.json`` in ``--out`` (default the curre
   blink or are empty are the blinking check's job): its 5th percentile is the threshold
   over the scenes the input checks let through is the threshold below which an output is
   flagged (``engines.trust.MIN_AGREEMENT``), i.e. about 5 % false alarms on in-domain data
-  that passed the input checks. SOFI-20 and the 20-frame mean get the same measurement for
-  scale (SOFI-20 shares its frames with the reference: an upper bound, not a fair rival);
+  that passed the input checks. Live SOFI and the mean over the reference engine's default
+  window (``engines.registry``: 20 frames, keys ``sofi20`` / ``mean20``) get the same measurement
+  for scale (that SOFI shares its frames with the reference: an upper bound, not a fair rival);
 * how often the input checks (blinking, PSF, SNR) fire on those in-domain scenes.
 
-The ConvLSTM is streamed over every frame (as live); the ConvGRU sees the last 20 frames.
+The ConvLSTM is streamed over every frame (as live); the ConvGRU sees the last frames of its
+own window.
 Seeds start at 3 * 10**9: disjoint from training and from `livesr evaluate`.
 """
 
@@ -34,9 +36,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engines.registry import parse_weights_arg
+from engines.registry import REFERENCE_ENGINE, default_window, parse_weights_arg
 
 SEED_BASE = 3 * 10**9
+#: the live window the networks' rivals (SOFI, widefield mean) use: the reference engine's default
+LIVE_WINDOW = default_window(REFERENCE_ENGINE)
+LIVE_SOFI, LIVE_MEAN = f"sofi{LIVE_WINDOW}", f"mean{LIVE_WINDOW}"
 SNR_FRAMES = 5  # frames per scene for the SNR distribution
 
 
@@ -87,17 +92,17 @@ def agreement_distribution(n: int, size: int, window: int, weights: dict[str, st
             status[name] = "ok" + (" (legacy weights)" if getattr(nets[name], "legacy", False) else "")
         except Exception as exc:
             status[name] = f"unavailable: {type(exc).__name__}: {exc}"
-    per: dict[str, list[float | None]] = {k: [] for k in (*nets, "sofi20", "mean20")}
+    per: dict[str, list[float | None]] = {k: [] for k in (*nets, LIVE_SOFI, LIVE_MEAN)}
     flags = {"blinking": 0, "psf": 0, "snr": 0}
     scenes: list[dict[str, Any]] = []
-    total = window + 20
+    total = window + default_window()  # every engine's window (and ConvLSTM warm-up) fits
     t0 = time.perf_counter()
     for k in range(n):
         s = SEED_BASE + 10**6 + k
         cfg = random_sim_config(np.random.default_rng([s, 0x5EED]), d, s, horizon=total)
         movie = BlinkingScene(cfg).frames(total).astype(np.float32)
         ref = SofiEngine(window=window).reconstruct(movie[-window:])
-        last = movie[-20:]
+        last = movie[-LIVE_WINDOW:]
         for name, eng in nets.items():
             if getattr(eng, "stateful", False):
                 eng.reset()
@@ -106,12 +111,12 @@ def agreement_distribution(n: int, size: int, window: int, weights: dict[str, st
                     r = eng.push(f)
                     out = r if r is not None else out
             else:
-                out = eng.reconstruct(last)
+                out = eng.reconstruct(movie[-eng.window:])
             assert out is not None  # (the movie is longer than every engine's window)
             per[name].append(agreement(out, ref))
-        per["sofi20"].append(agreement(SofiEngine(window=20).reconstruct(last), ref))
+        per[LIVE_SOFI].append(agreement(SofiEngine(window=LIVE_WINDOW).reconstruct(last), ref))
         mean = np.kron(last.mean(0), np.ones((2, 2), np.float32))
-        per["mean20"].append(agreement(mean, ref))
+        per[LIVE_MEAN].append(agreement(mean, ref))
         fired = {"blinking": not assess_blinking(movie[-24:], max_pixels=4096).ok,
                  "psf": not PSF_RANGE_PX[0] <= cfg.fwhm_nm / cfg.pixel_nm <= PSF_RANGE_PX[1]}
         snr = float(np.median([frame_snr(f) for f in movie[::10]]))
@@ -167,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = {"snr": snr, **agr, "trust_window": args.trust_window, "size": args.size,
            "weights": dict(args.weights), "current": {"MIN_AGREEMENT": MIN_AGREEMENT, "SNR_RANGE": list(SNR_RANGE)}}
     cond = agr["agreement_input_checks_pass"]
-    nets = [k for k in cond if k not in ("sofi20", "mean20") and cond[k].get("n")]
+    nets = [k for k in cond if k not in (LIVE_SOFI, LIVE_MEAN) and cond[k].get("n")]
     p5 = [cond[k]["p5"] for k in nets]
     res["suggested"] = {"MIN_AGREEMENT": round(min(p5), 2) if p5 else None,
                         "SNR_RANGE": [round(snr["p0.5"], 1), round(snr["p99.5"], 1)] if snr.get("n") else None}

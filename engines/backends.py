@@ -23,9 +23,10 @@ the key and measures afresh.
 
 Backend names: ``eager``, ``channels_last`` (= ``eager+cl``), ``jit`` (trace + freeze +
 ``optimize_for_inference``: oneDNN conv fusion on CPU), ``compile`` (inductor; C++ with frozen,
-oneDNN-prepacked weights on CPU, ``max-autotune`` with CUDA graphs on GPU), ``compile-cudagraphs`` (GPU, "reduce-overhead"),
-``onnxruntime`` (fp32, needs the ``onnx`` extra), ``tensorrt`` (GPU, torch-tensorrt; int8 via
-nvidia-modelopt calibration). ``+cl`` after a torch backend adds channels_last memory format.
+oneDNN-prepacked weights on CPU, ``max-autotune`` with CUDA graphs on GPU),
+``compile-cudagraphs`` (GPU, "reduce-overhead"), ``onnxruntime`` (fp32, needs the ``onnx``
+extra), ``tensorrt`` (GPU, torch-tensorrt; int8 via nvidia-modelopt calibration).
+``+cl`` after a torch backend adds channels_last memory format.
 
 Engine hook: ``engines.load_engine`` calls :func:`apply_backend(engine, backend, precision)`.
 An engine may declare ``backend_targets = ("model.encode", ...)`` (dotted paths to modules or
@@ -42,7 +43,7 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -121,7 +122,8 @@ def _split(backend: str) -> tuple[str, bool]:
     return base, flag == "cl"
 
 
-def _import_error(module: str) -> str | None:
+def import_error(module: str) -> str | None:
+    """None when ``module`` imports, else its error in one line (the "unavailable: why")."""
     try:
         __import__(module)
     except Exception as e:  # noqa: BLE001 - any import failure means unavailable
@@ -152,7 +154,7 @@ def backend_status(backend: str, device: str | torch.device = "cpu",
         if not (shutil.which("gcc") or shutil.which("g++") or shutil.which("clang")):
             return "unavailable: torch.compile on CPU needs a C++ compiler (gcc/clang) on PATH"
     if base == "onnxruntime":
-        why = _import_error("onnxruntime")
+        why = import_error("onnxruntime")
         if why:
             return f"unavailable: onnxruntime not installed ({why}); pip install 'livesr[onnx]'"
         if precision != "fp32":
@@ -164,10 +166,10 @@ def backend_status(backend: str, device: str | torch.device = "cpu",
     if base == "tensorrt":
         if dev.type != "cuda":
             return "unavailable: TensorRT needs an NVIDIA GPU (device='cuda')"
-        why = _import_error("torch_tensorrt")
+        why = import_error("torch_tensorrt")
         if why:
             return f"unavailable: torch-tensorrt not installed ({why}); pip install 'livesr[tensorrt]'"
-        if precision == "int8" and _import_error("modelopt.torch.quantization"):
+        if precision == "int8" and import_error("modelopt.torch.quantization"):
             return "unavailable: int8 calibration needs nvidia-modelopt (pip install nvidia-modelopt)"
     if precision == "bf16" and dev.type == "cpu" and base != "eager":
         if not torch.backends.mkldnn.is_available():
@@ -236,7 +238,7 @@ def compare(out: Any, ref: Any) -> tuple[float, float]:
     if len(o_leaves) != len(r_leaves):
         raise BackendMismatch(f"fast path returned {len(o_leaves)} tensors, reference {len(r_leaves)}")
     max_abs, scale = 0.0, 0.0
-    for o, r in zip(o_leaves, r_leaves):
+    for o, r in zip(o_leaves, r_leaves, strict=True):
         if not isinstance(r, torch.Tensor):
             continue
         if not isinstance(o, torch.Tensor) or tuple(o.shape) != tuple(r.shape):
@@ -296,7 +298,7 @@ class FlatModule(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> tuple:
         leaves = list(self.consts)
-        for i, t in zip(self.tensor_pos, tensors):
+        for i, t in zip(self.tensor_pos, tensors, strict=True):
             leaves[i] = t
         return tuple(tree_flatten(self.inner(*tree_unflatten(leaves, self.in_spec)))[0])
 
@@ -337,7 +339,7 @@ def _build_jit(module: nn.Module, args: tuple, ctx: dict) -> Callable[..., Any]:
 def _build_compile(module: nn.Module, args: tuple, ctx: dict) -> Callable[..., Any]:
     import os
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(bc.cache_dir() / "inductor"))
-    cfg = torch._dynamo.config
+    cfg = torch._dynamo.config  # noqa: SLF001 - torch has no public form of dynamo's config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
@@ -355,7 +357,7 @@ def _build_compile(module: nn.Module, args: tuple, ctx: dict) -> Callable[..., A
     compiled = torch.compile(module, mode=mode, dynamic=False, fullgraph=False)
 
     def call(*a: Any) -> Any:
-        with torch._inductor.config.patch(freezing=bool(freezing)):
+        with torch._inductor.config.patch(freezing=bool(freezing)):  # noqa: SLF001 - no public form
             return compiled(*a)
 
     with torch.no_grad():
@@ -368,17 +370,19 @@ def _build_compile(module: nn.Module, args: tuple, ctx: dict) -> Callable[..., A
     return call
 
 
-def _export_onnx(module: nn.Module, args: tuple, path: Any) -> None:
+def export_onnx_file(module: nn.Module, args: tuple, path: Any) -> None:
     """torch.onnx.export with the torch.export-based exporter (needs onnxscript), else legacy."""
     module = module.float().eval()
     args32 = _cast(args, torch.float32)
     sink = io.StringIO()
     with torch.no_grad(), contextlib.redirect_stdout(sink), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if _import_error("onnxscript") is None:
+        if import_error("onnxscript") is None:
             try:
                 prog = torch.onnx.export(module, tuple(args32), dynamo=True, optimize=True,
                                          verbose=False)
+                if prog is None:
+                    raise BackendError("the dynamo exporter returned no ONNX program")
                 prog.save(str(path), external_data=False)
                 return
             except Exception as e:  # noqa: BLE001 - fall back to the TorchScript exporter
@@ -400,7 +404,7 @@ def _build_onnxruntime(module: nn.Module, args: tuple, ctx: dict) -> Callable[..
         tmp = path.with_name(path.name + ".partial.onnx")
         cpu_args = tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, args)
         flat_cpu = FlatModule(copy.deepcopy(module).cpu().float(), _cast(cpu_args, torch.float32))
-        _export_onnx(flat_cpu, flat_cpu.example_args(_cast(cpu_args, torch.float32)), tmp)
+        export_onnx_file(flat_cpu, flat_cpu.example_args(_cast(cpu_args, torch.float32)), tmp)
         tmp.replace(path)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -416,7 +420,7 @@ def _build_onnxruntime(module: nn.Module, args: tuple, ctx: dict) -> Callable[..
                            f"{n_in} tensors (an unused input was dropped by the exporter?)")
 
     def run(*tensors: torch.Tensor) -> list:
-        feed = {n: x.detach().float().cpu().numpy() for n, x in zip(names, tensors)}
+        feed = {n: x.detach().float().cpu().numpy() for n, x in zip(names, tensors, strict=True)}
         return [torch.from_numpy(np.asarray(o)).to(dev) for o in sess.run(None, feed)]
 
     return flat.wrap(run)
@@ -518,7 +522,7 @@ def _quartiles(v: Sequence[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def pick_backend(samples: dict[str, Sequence[float]], baseline: str = "eager",
+def pick_backend(samples: Mapping[str, Sequence[float]], baseline: str = "eager",
                  margin: float = AUTO_MARGIN) -> str:
     """The backend to use from interleaved timings (ms): ``baseline`` unless another is
     clearly faster - median at least ``margin`` lower and its 75th percentile below the
@@ -595,7 +599,8 @@ class AcceleratedModule(nn.Module):
         if _dtype_of(m) != want or cl:
             m = copy.deepcopy(m).to(want)
             if cl:
-                m = m.to(memory_format=torch.channels_last)
+                # works at runtime; torch's stubs lack Module.to(memory_format=...)
+                m = m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return m.eval()
 
     # -- build one backend for one signature, checked
@@ -781,6 +786,13 @@ def _resolve(root: Any, path: str) -> tuple[Any, str, Any]:
     return parent, parts[-1], getattr(parent, parts[-1])
 
 
+def _is_child(parent: Any, attr: str) -> bool:
+    """Whether ``attr`` is a registered submodule of ``parent`` (not an instance attribute or
+    a method): that decides between ``add_module`` and shadowing the attribute."""
+    # no public form: named_children() drops a module registered under two names
+    return isinstance(parent, nn.Module) and attr in parent._modules  # noqa: SLF001 - see above
+
+
 def engine_targets(engine: Any) -> tuple[str, ...]:
     """Dotted paths of what the engine calls per frame (declared, known, or its modules)."""
     declared = getattr(engine, "backend_targets", None)
@@ -839,15 +851,15 @@ def apply_backend(engine: Any, backend: str = "eager", precision: str = "fp32",
     name = getattr(engine, "name", type(engine).__name__)
     eager_twin = copy.deepcopy(engine) if precision == "int8" else None
     wrappers: dict[str, AcceleratedModule] = {}
-    for path, parent, attr, module in resolved:
+    for path, _parent, _attr, module in resolved:
         opts = dict(options)
         if eager_twin is not None and "calibration" not in opts:
             opts.setdefault("calibrator", make_calibrator(eager_twin, path))
         wrappers[path] = AcceleratedModule(module, backend, precision, target=path, engine=name,
                                            **opts)
-    for path, parent, attr, module in resolved:
-        if isinstance(parent, nn.Module) and attr in parent._modules:
-            parent._modules[attr] = wrappers[path]
+    for path, parent, attr, _module in resolved:
+        if _is_child(parent, attr):
+            parent.add_module(attr, wrappers[path])
         else:
             object.__setattr__(parent, attr, wrappers[path])  # shadows the bound method
     engine.backend = backend
@@ -862,8 +874,8 @@ def remove_backend(engine: Any) -> Any:
         parent, attr, obj = _resolve(engine, path)
         if obj is not wrapper:
             continue
-        if isinstance(parent, nn.Module) and attr in parent._modules:
-            parent._modules[attr] = wrapper.inner
+        if _is_child(parent, attr):
+            parent.add_module(attr, wrapper.inner)
         else:
             object.__delattr__(parent, attr)  # the class method shows through again
     engine.backend_modules = {}
@@ -891,9 +903,10 @@ def warm_up(engine: Any, shape: tuple[int, int], seed: int = 0) -> float:
     n = engine.window + 3
     for f in frames[:n]:
         engine.push(f)
-    for k in range(2, batch + 1):  # every encoder batch size push_many will use
-        many(list(frames[n:n + k]))
-        n += k
+    if callable(many):
+        for k in range(2, batch + 1):  # every encoder batch size push_many will use
+            many(list(frames[n:n + k]))
+            n += k
     engine.reset()
     for m in mods.values():
         m.recheck()
@@ -945,7 +958,7 @@ def record_target_inputs(engine: Any, path: str, frames: Any) -> list[tuple]:
     target ``path`` (cloned): realistic inputs for an inner module such as ``fuse_decode``."""
     parent, attr, original = _resolve(engine, path)
     seen: list[tuple] = []
-    in_modules = isinstance(parent, nn.Module) and attr in parent._modules
+    in_modules = _is_child(parent, attr)
     had_instance_attr = attr in vars(parent)
 
     def recorder(*args: Any) -> Any:
@@ -957,7 +970,7 @@ def record_target_inputs(engine: Any, path: str, frames: Any) -> list[tuple]:
         class _Rec(nn.Module):
             def forward(self, *a: Any) -> Any:
                 return recorder(*a)
-        parent._modules[attr] = _Rec()
+        parent.add_module(attr, _Rec())
     else:
         object.__setattr__(parent, attr, recorder)
     try:
@@ -966,7 +979,7 @@ def record_target_inputs(engine: Any, path: str, frames: Any) -> list[tuple]:
             engine.push(f)
     finally:
         if in_modules:
-            parent._modules[attr] = original
+            parent.add_module(attr, original)
         elif had_instance_attr:
             object.__setattr__(parent, attr, original)
         else:

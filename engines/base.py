@@ -153,7 +153,8 @@ class EngineBase:
     def _check_spatial(self, shape: tuple[int, ...], what: str) -> None:
         h, w = shape[-2:]
         if h < self.min_size or w < self.min_size:
-            raise ValueError(f"{self.name}: {what} frames must be at least {self.min_size}x{self.min_size} pixels, got {h}x{w}")
+            raise ValueError(f"{self.name}: {what} frames must be at least "
+                             f"{self.min_size}x{self.min_size} pixels, got {h}x{w}")
 
     def _stack_tensor(self, stack: Any) -> torch.Tensor:
         """Validate a (T, H, W) stack and return its last ``window`` frames as a tensor."""

@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from acquisition.simulation import STATIC_MARGIN_NM, BlinkingScene, CameraNoise, SimulationConfig
 from acquisition.structures import STRUCTURES
+from engines.registry import DEFAULT_NETWORK, ENGINES
 
 # Class probabilities of the training domain: filaments do not dominate; with the fully static
 # samples (p_fully_static) about 10 % of the scenes carry no blinking at all.
@@ -37,10 +38,12 @@ class DataConfig:
     for the ranges that span decades). Pixels are 100 nm; the PSF range is in camera pixels."""
 
     size: int = 32                       # patch size (input pixels)
-    frames: int = 20                     # frames per sample
+    frames: int = ENGINES[DEFAULT_NETWORK].default_window  # frames per sample: the network's window
     per_frame_targets: bool = False      # ConvLSTM: one target per frame (moving scenes)
     target_from: int = 0                 # first frame that gets a target (per-frame mode)
-    target_window: int = 20              # frames a diffusing molecule's haze is averaged over
+    # frames a diffusing molecule's haze is averaged over in a per-frame target: the window of
+    # the streaming network those targets train
+    target_window: int = ENGINES["convlstm"].default_window
     classes: dict[str, float] = field(default_factory=lambda: dict(CLASS_WEIGHTS))
     photons: tuple[float, float] = (40.0, 1000.0)        # per on-emitter per frame (log)
     on_ratio: tuple[float, float] = (0.002, 0.05)        # (log)

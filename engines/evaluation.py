@@ -424,10 +424,10 @@ def _fmt(ms: dict[str, float] | None, digits: int, pct: bool = False) -> str:
 
 
 def _table(head: list[str], lines: list[list[str]]) -> list[str]:
-    widths = [max([len(h)] + [len(l[k]) for l in lines]) for k, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    widths = [max([len(h)] + [len(row[k]) for row in lines]) for k, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines]
     return out
 
 

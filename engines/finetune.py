@@ -327,7 +327,8 @@ def finetune(cfg: FinetuneConfig, rep: Reporter | None = None) -> dict[str, Any]
     base_example = before.example
 
     # ---- training ----
-    model.to(device, memory_format=torch.channels_last).train()
+    # works at runtime; torch's stubs lack Module.to(memory_format=...)
+    model.to(device, memory_format=torch.channels_last).train()  # type: ignore[call-overload]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, elapsed0 = 0, 0.0
     if resume is not None:
@@ -442,7 +443,8 @@ def _brief_training(training: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
+    # works at runtime; torch's stubs lack Module.to(memory_format=...)
+    return copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
 def _checkpoint(path: Path, model, opt, step: int, elapsed: float, fingerprint: dict) -> None:

@@ -163,17 +163,18 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and np.isfinite(v)
 
 
-def write_figure(path: Path, field0: FieldPairs, images: dict[str, np.ndarray],
+def write_figure(path: Path, field0: FieldPairs, images: dict[str, np.ndarray | None],
                  numbers: dict[str, float], title: str) -> None:
     """The held-out part of the first recording: widefield mean, live SOFI, the base and the
-    fine-tuned network on the same window, and the long-window SOFI they are scored against."""
+    fine-tuned network on the same window, and the long-window SOFI they are scored against
+    (an image that is None, no held-out window scored, gets no panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels: list[tuple[str, np.ndarray, float | None]] = [("mean of all frames", field0.held_frames.mean(0), None)]
-    panels += [(k, v, numbers.get(k)) for k, v in images.items()]
+    panels += [(k, v, numbers.get(k)) for k, v in images.items() if v is not None]
     panels.append(("target: SOFI of all frames", field0.held_target, None))
     h, w = field0.held_target.shape
     along_x = w < h  # a tall stripe: panels side by side

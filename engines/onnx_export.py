@@ -28,7 +28,7 @@ def export_onnx(engine: Any, size: int, out: Any, *, check: bool = True) -> dict
     Normalisation stays outside the graph (per-frame median/MAD, see nn_common.NormConfig);
     its parameters are written into the model's metadata so other tools can reproduce it.
     """
-    why = B._import_error("onnx")
+    why = B.import_error("onnx")
     if why:
         raise B.BackendUnavailable(f"unavailable: ONNX export needs the 'onnx' package "
                                    f"({why}); pip install 'livesr[onnx]'")
@@ -50,12 +50,12 @@ def export_onnx(engine: Any, size: int, out: Any, *, check: bool = True) -> dict
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    B._export_onnx(flat, flat.example_args(args), tmp)
+    B.export_onnx_file(flat, flat.example_args(args), tmp)
     proto = onnx.load(str(tmp))
     meta = {"livesr_engine": str(engine.name), "window": str(engine.window),
             "size": str(size), "upsample": str(getattr(engine, "upsample", 2)),
             "input": "float32 (1, window, H, W) frames normalised per frame by median/MAD",
-            "norm": json.dumps(asdict(norm) if norm is not None and is_dataclass(norm) else {}),
+            "norm": json.dumps(asdict(norm) if is_dataclass(norm) and not isinstance(norm, type) else {}),
             # what the raw output means: image = (max(out, 0) * mean frame scale)^2 in ADU^2
             # ("sqrt_over_scale"); absent for legacy weights (arbitrary units)
             "output": json.dumps((getattr(engine, "config", None) or {}).get("output") or {}),
@@ -67,13 +67,13 @@ def export_onnx(engine: Any, size: int, out: Any, *, check: bool = True) -> dict
     tmp.replace(out)
     info: dict[str, Any] = {"path": str(out), "bytes": out.stat().st_size, **meta}
     if check:
-        if B._import_error("onnxruntime"):
+        if B.import_error("onnxruntime"):
             info["check"] = "skipped: onnxruntime not installed"
         else:
             import onnxruntime as ort
 
             sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-            feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat.flat_args(args))}
+            feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat.flat_args(args), strict=True)}
             got = [torch.from_numpy(o) for o in sess.run(None, feed)]
             with torch.no_grad():
                 ref = list(flat(*flat.flat_args(args)))
@@ -91,7 +91,7 @@ def export_cli(*, engine: str, size: int, out: str, weights: str | None, window:
     if size < 4:
         print(f"livesr export: error: --size must be >= 4, got {size}", file=sys.stderr)
         return 2
-    why = B._import_error("onnx")
+    why = B.import_error("onnx")
     if why:
         print(f"unavailable: ONNX export needs the 'onnx' package, which is not installed "
               f"({why}). Install it with: pip install 'livesr[onnx]'")

@@ -191,7 +191,8 @@ def _output(run: RowRun, frames: np.ndarray, sofi_opts: dict[str, Any]) -> np.nd
         return SofiEngine(window=len(frames), **sofi_opts).reconstruct(frames)
     eng = run.engine
     assert eng is not None, row.label  # (rows whose engine could not load are not run)
-    if getattr(ENGINES.get(row.engine), "stateful", False):  # scored as in live use: reset, every frame of the window pushed
+    # stateful engines are scored as in live use: reset, every frame of the window pushed
+    if getattr(ENGINES.get(row.engine), "stateful", False):
         eng.reset()
         out = None
         for f in frames:

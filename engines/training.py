@@ -275,9 +275,9 @@ def train(cfg: TrainConfig) -> Path:
                file=sys.stdout)
     try:
         while _progress(step, elapsed0 + time.time() - t0, cfg) < 1.0:
-            x, y = next(stream)
-            x = torch.from_numpy(x).to(device)
-            y = torch.from_numpy(y).to(device)
+            x_np, y_np = next(stream)
+            x = torch.from_numpy(x_np).to(device)
+            y = torch.from_numpy(y_np).to(device)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(_progress(step, elapsed0 + time.time() - t0, cfg), cfg)
             loss = compute_loss(model, x, y, cfg, norm)

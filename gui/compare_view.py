@@ -15,6 +15,7 @@ import threading
 import numpy as np
 from qtpy import QtCore, QtWidgets
 
+from engines.registry import DEFAULT_ENGINE, default_window
 from gui.image_views import ImagePanel, SideBySideView
 from gui.naming import named
 
@@ -27,7 +28,7 @@ class RollingMean:
     thread (one copy into a ring of ``keep`` frames), ``mean`` on the Qt thread (only when the
     window asked for changes). A shape change or a sequence gap restarts it."""
 
-    def __init__(self, window: int = 20, keep: int | None = None) -> None:
+    def __init__(self, window: int = default_window(DEFAULT_ENGINE), keep: int | None = None) -> None:
         self._lock = threading.Lock()
         self.window = max(1, int(window))
         self.keep = max(self.window, int(keep) if keep else 4 * self.window)

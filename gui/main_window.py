@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 import numpy as np
 from qtpy import QtCore, QtWidgets
 
-from engines.registry import DEFAULT_ENGINE, REFERENCE_ENGINE
+from engines.registry import DEFAULT_ENGINE, ENGINES, REFERENCE_ENGINE
 from gui import bridge
 from gui.adapt import AdaptPanel, WeightsNote
 from gui.compare_view import CompareView, RollingMean
@@ -90,7 +90,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self._result = LatestSlot[tuple["ResultHeader", np.ndarray]]()
         self._metrics = LatestSlot["PipelineMetrics"]()
         self._reference = LatestSlot[tuple["ReferenceHeader", np.ndarray]]()  # a network's trust reference (SOFI)
-        self._raw_mean = RollingMean(int(getattr(self.config, "window", None) or 20))
+        engine = ENGINES.get(str(getattr(self.config, "engine", DEFAULT_ENGINE)), ENGINES[DEFAULT_ENGINE])
+        self._raw_mean = RollingMean(int(getattr(self.config, "window", None) or engine.default_window))
         self._mean_on = False  # read by the pipeline thread: feed the rolling mean only when shown
         self._shown_span: tuple[int, int] | None = None  # frames of the output on screen
         self._raw_title = ""

@@ -300,7 +300,7 @@ def _gui_problem() -> str | None:
 
 
 def _run_gui(cfg: PipelineConfig, seconds: float | None) -> int:
-    from gui.app import run_gui  # type: ignore[import-not-found]
+    from gui.app import run_gui
 
     return int(run_gui(cfg, seconds=seconds) or 0)
 

@@ -197,12 +197,16 @@ def evaluate(
     real: Annotated[bool, typer.Option(
         "--real", help="score real movies instead: `livesr evaluate --real [MOVIE ...]` (see "
                        "`livesr evaluate --real --help`)")] = False,
-    size: Annotated[int | None, typer.Option(help="scene size in camera pixels (default: EvaluationConfig's)")] = None,
-    frames: Annotated[int | None, typer.Option(help="frames for the neural engines (default: EvaluationConfig's)")] = None,
-    n: Annotated[int | None, typer.Option(help="scenes per class of the thesis set (default: EvaluationConfig's)")] = None,
+    size: Annotated[int | None, typer.Option(
+        help="scene size in camera pixels (default: EvaluationConfig's)")] = None,
+    frames: Annotated[int | None, typer.Option(
+        help="frames for the neural engines (default: EvaluationConfig's)")] = None,
+    n: Annotated[int | None, typer.Option(
+        help="scenes per class of the thesis set (default: EvaluationConfig's)")] = None,
     n_wide: Annotated[int | None, typer.Option(help="scenes of the wide set (default: EvaluationConfig's)")] = None,
     n_zero: Annotated[int | None, typer.Option(help="zero-target scenes (default: EvaluationConfig's)")] = None,
-    seed: Annotated[int | None, typer.Option(help="base seed of the held-out sets (default: EvaluationConfig's)")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="base seed of the held-out sets (default: EvaluationConfig's)")] = None,
     engines: Annotated[str | None, typer.Option(
         help="comma-separated; sofiN = SOFI on N frames (default: EvaluationConfig's)")] = None,
     sets: Annotated[str | None, typer.Option(help="comma-separated (default: EvaluationConfig's)")] = None,

@@ -159,13 +159,16 @@ class SofiOptions:
                            else f"{name} must be in ({lo:g}, {hi:g}], got {v!r}")
         if self.psf_fwhm_nm is not None and (self.na is not None or self.wavelength_nm is not None):
             out.append("give --psf-fwhm-nm or --na/--wavelength-nm, not both")
-        if self.lag != "auto" and (isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 0):
+        if self.lag != "auto" and (isinstance(self.lag, bool) or not isinstance(self.lag, int)
+                                   or self.lag < 0):
             out.append(f"lag must be 'auto' or an integer >= 0 frames, got {self.lag!r}")
-        if isinstance(self.bleach_order, bool) or not isinstance(self.bleach_order, int) or not 0 <= self.bleach_order <= 3:
+        if (isinstance(self.bleach_order, bool) or not isinstance(self.bleach_order, int)
+                or not 0 <= self.bleach_order <= 3):
             out.append(f"bleach_order must be 0 (off) .. 3, got {self.bleach_order!r}")
         return out
 
-    def engine_options(self, pixel_size_um: float | None = None, pixel_size_source: str | None = None) -> dict[str, Any]:
+    def engine_options(self, pixel_size_um: float | None = None,
+                       pixel_size_source: str | None = None) -> dict[str, Any]:
         """Keyword arguments for the sofi engine; ``pixel_size_um`` is what the camera reported
         (used unless this config overrides it)."""
         if self.pixel_size_um is not None:
@@ -239,7 +242,7 @@ class PipelineConfig:
         if self.json is not None and not isinstance(self.json, Path):
             self.json = Path(self.json)
         if self.roi is not None and not isinstance(self.roi, tuple):
-            self.roi = tuple(self.roi)  # type: ignore[assignment]
+            self.roi = tuple(self.roi)
         if not isinstance(self.engine_at, tuple):
             self.engine_at = tuple(self.engine_at or ())
         for k in ("server_key", "client_key"):
@@ -309,7 +312,8 @@ class PipelineConfig:
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             problems.append(f"unknown device {self.device!r}: use cpu, cuda, cuda:N or auto")
         if self.precision not in PRECISIONS:
-            problems.append(f"unknown precision {self.precision!r}: use {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
+            problems.append(f"unknown precision {self.precision!r}: "
+                            f"use {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
         if self.engine_at:
             defaults = {f.name: f.default for f in fields(self)}
             chosen = [k for k in ("engine", "backend", "device", "precision", "weights", "threads")

@@ -728,7 +728,7 @@ class Pipeline:
             if header.info:
                 self._adopt_info(header.info)
             self._out_rate.tick(time.monotonic())
-            if self.sr_recorder is not None:
+            if self.sr_recorder is not None and img is not None:  # decode gives results an image
                 self._record_sr(header, img)
             self._safe_emit(self.resultReady, header, img)
             return None
@@ -772,7 +772,7 @@ class Pipeline:
                 up = max(1, round(header.shape[0] / raw_h))  # 2 for every engine today
                 interval = getattr(info, "frame_interval_s", None)
                 rec.setup(StreamInfo(
-                    shape=tuple(header.shape), dtype="float32",
+                    shape=(int(header.shape[0]), int(header.shape[1])), dtype="float32",
                     camera=getattr(info, "camera", ""),
                     exposure_ms=getattr(info, "exposure_ms", None),
                     pixel_size_um=px / up if px else None,

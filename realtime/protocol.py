@@ -450,7 +450,7 @@ def _decode(parts: list) -> tuple[Header, np.ndarray | None]:
         raise _protocol_error(e, kind) from None
     if header.kind not in _IMAGE_KINDS:
         return header, None
-    return header, _image(header, _as_buffer(parts[1]))  # type: ignore[arg-type]
+    return header, _image(header, _as_buffer(parts[1]))
 
 
 def _image(header: ImageHeader, buf: memoryview) -> np.ndarray:

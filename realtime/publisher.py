@@ -195,7 +195,7 @@ def _header(frame: np.ndarray, meta: FrameMeta, run_id: str) -> FrameHeader:
         seq=meta.seq,
         t_acq_ns=meta.t_acq_ns,
         shape=(int(frame.shape[0]), int(frame.shape[1])),
-        dtype=frame.dtype.name,  # type: ignore[arg-type]  # a Dtype: checked when encoded
+        dtype=frame.dtype.name,  # checked against the known dtypes when encoded
         camera=meta.camera,
         exposure_ms=float(meta.exposure_ms or 0.0),
         pixel_size_um=meta.pixel_size_um,

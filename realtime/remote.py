@@ -238,6 +238,8 @@ class EngineGateway:
     # ------------------------------------------------------------------ sockets
     def _open(self) -> None:
         c = self.cfg
+        if c.results_bind is None:  # validate() fills it in
+            raise ValueError("no results endpoint: call EngineServerConfig.validate() first")
         pull = self.ctx.socket(zmq.PULL)
         pub = self.ctx.socket(zmq.PUB)
         for s in (pull, pub):

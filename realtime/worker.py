@@ -12,10 +12,10 @@ Why it looks like this:
 * Every engine's input is also watched by the blinking check (``engines.blinking``): the newest
   ``blinking_frames`` frames are copied into a small ring and, every ``blinking_every`` frames,
   assessed on ``blinking_pixels`` pixels (~5-10 ms) in the loop's first idle moment (no frame
-  queued; at the latest ``CHECK_MAX_WAIT_FRAMES`` frames later). Not on a helper thread: its many small numpy calls held the GIL against the engine's
-  and made outputs ~10x later. Its latest report rides on every result's ``info`` as
-  ``blinking_check.*`` keys next to the engine's own ``output_info()``, and is logged at the
-  first report and whenever ``ok`` flips.
+  queued; at the latest ``CHECK_MAX_WAIT_FRAMES`` frames later). Not on a helper thread: its
+  many small numpy calls held the GIL against the engine's and made outputs ~10x later. Its
+  latest report rides on every result's ``info`` as ``blinking_check.*`` keys next to the
+  engine's own ``output_info()``, and is logged at the first report and whenever ``ok`` flips.
 * A learned engine (a network, ``engine.learned``) is also checked against the data
   (``engines.trust``): a companion streaming SOFI over the last ``trust_window`` frames eats
   every frame (running sums, O(pixels)); at most every 0.5 s an output is compared with it
@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -803,7 +804,7 @@ class EngineWorker:
         if not new_run or not new_run[0]:
             bounds = [0] + bounds
         # 2. execute each run: only the frames its newest due output (and the future) needs
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in pairwise(bounds):
             if a == b:
                 continue
             dues = [i for i in range(a, b) if due[i]]

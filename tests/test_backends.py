@@ -391,8 +391,8 @@ def test_onnx_export_matches_eager(tmp_path):
 
 
 def test_export_says_so_when_onnx_missing(monkeypatch, capsys, tmp_path):
-    real = B._import_error
-    monkeypatch.setattr(B, "_import_error",
+    real = B.import_error
+    monkeypatch.setattr(B, "import_error",
                         lambda m: "ModuleNotFoundError: no onnx" if m == "onnx" else real(m))
     assert onnx_export.main(["--engine", "convgru", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "pip install 'livesr[onnx]'" in capsys.readouterr().out
@@ -400,7 +400,7 @@ def test_export_says_so_when_onnx_missing(monkeypatch, capsys, tmp_path):
 
 
 def test_export_of_sofi_is_refused(capsys, tmp_path):
-    if B._import_error("onnx"):
+    if B.import_error("onnx"):
         pytest.skip("onnx not installed")
     assert onnx_export.main(["--engine", "sofi", "--out", str(tmp_path / "s.onnx")]) == 1
     assert "no neural network" in capsys.readouterr().out

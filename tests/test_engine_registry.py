@@ -89,3 +89,22 @@ def test_every_registry_entry_names_an_existing_factory_and_module():
         module = importlib.import_module(info.module)
         assert callable(getattr(module, info.factory.partition(":")[2])), name
         assert info.min_window <= info.default_window, name
+
+
+def test_default_windows_outside_the_registry_follow_it():
+    """Training data, the GUI's window mean and the simulator's target use the registry's windows
+    (the simulator writes its number itself: acquisition/ does not import engines/)."""
+    import inspect
+
+    from acquisition.simulation import BlinkingScene
+    from engines.data import DataConfig
+    from engines.registry import DEFAULT_ENGINE, DEFAULT_NETWORK, REFERENCE_ENGINE
+
+    assert DataConfig().frames == default_window(DEFAULT_NETWORK)
+    assert DataConfig().target_window == ENGINES["convlstm"].default_window
+    sim_default = inspect.signature(BlinkingScene.expected_cumulant).parameters["window"].default
+    assert sim_default == default_window(REFERENCE_ENGINE)
+    pytest.importorskip("qtpy")
+    from gui.compare_view import RollingMean
+
+    assert RollingMean().window == default_window(DEFAULT_ENGINE)
