@@ -558,13 +558,14 @@ class BlinkingScene:
         for _ in range(frames):
             self._next_state()
             s += self._on & self._alive & blink
-        p = s / frames
-        b = c.photons * self._brightness * self.adu_per_photon
-        w = b * b * p * (1.0 - p)  # the window's sample variance of a 0/1 state, times b^2
+        m = blink & (s > 0) & (s < frames)  # switched in the window: its sample variance > 0
         if known_rates:
-            w = np.where(w > 0, b * b * self._rho * (1.0 - self._rho), 0.0)
-        m = blink & (w > 0)
-        return render_cumulant(self.emitters_nm[m] / c.pixel_nm, w[m], (c.size, c.size),
+            w = self._cumulant_weights(m)
+        else:
+            p = s[m] / frames
+            b = c.photons * self._brightness[m] * self.adu_per_photon
+            w = b * b * p * (1.0 - p)  # the window's sample variance of a 0/1 state, times b^2
+        return render_cumulant(self.emitters_nm[m] / c.pixel_nm, w, (c.size, c.size),
                                c.sigma_eff_px).astype(np.float32)
 
     def ground_truth(self, upsample: int = 2, blur_fwhm_nm: float | None = None) -> np.ndarray:

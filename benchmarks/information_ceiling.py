@@ -6,7 +6,7 @@
 On the held-out scenes of `livesr evaluate` (same seeds, same classes), for each static scene
 and window N it scores `BlinkingScene.oracle_cumulant(N)` against the target
 (`expected_cumulant`, what infinitely many frames show) with the evaluation's own Pearson
-(`engines.metrics.evaluate_image`). The oracle knows every emitter's true on/off state in
+(`engines.metrics.pearson`, the Pearson `evaluate_image` reports). The oracle knows every emitter's true on/off state in
 those N frames and sees no photon or camera noise: it is SOFI of N perfect frames. An engine
 limited to the data of N frames cannot know an emitter that did not switch in them, so its
 Pearson lies near or below this ceiling; a score above it can only come from a learned prior,
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from acquisition.simulation import BlinkingScene
 from engines.evaluation import EvaluationConfig, parse_scored_engine
-from engines.metrics import evaluate_image
+from engines.metrics import pearson
 
 
 def engine_window(label: str) -> int:
@@ -60,7 +60,7 @@ def ceiling_scores(cfg: EvaluationConfig, windows: Sequence[int]) -> list[dict]:
                 scene = BlinkingScene(sim)
                 oracle = scene.oracle_cumulant(n, known_rates=known)
                 gt = scene.expected_cumulant()
-                row[f"{key}{n}"] = evaluate_image(oracle, gt, sim.pixel_nm / 2)["pearson"]
+                row[f"{key}{n}"] = pearson(oracle, gt)
         rows.append(row)
     return rows
 
@@ -98,10 +98,7 @@ def format_table(summ: dict[str, dict[str, float]], windows: Sequence[int],
                                     for k in ("ceiling", "detect")]
         set_name, cls = g.split("/")
         if engines is not None:
-            # only the thesis set is like for like: evaluate's wide set also scores moving
-            # scenes, which have no oracle here
-            per = ({} if set_name != "thesis" else
-                   engines.get((set_name, cls)) or (_pooled(engines, set_name) if cls == "all" else {}))
+            per = _thesis_row(engines, cls) if set_name == "thesis" else {}
             for e in names:
                 w = engine_window(e)
                 if e in per and f"ceiling{w}" in s:
@@ -112,11 +109,15 @@ def format_table(summ: dict[str, dict[str, float]], windows: Sequence[int],
     return "\n".join(lines)
 
 
-def _pooled(engines: dict[tuple[str, str], dict[str, float]], set_name: str) -> dict[str, float]:
-    """Mean over a set's classes (each class has the same scene count in the thesis set)."""
+def _thesis_row(engines: dict[tuple[str, str], dict[str, float]], cls: str) -> dict[str, float]:
+    """{engine: Pearson} of one thesis class; for "all" the mean over the classes (each has the
+    same scene count). Only the thesis set is like for like: evaluate's wide set also scores
+    moving scenes, which have no oracle here."""
+    if cls != "all":
+        return engines.get(("thesis", cls), {})
     per: dict[str, list[float]] = defaultdict(list)
     for (s, _), d in engines.items():
-        if s == set_name:
+        if s == "thesis":
             for e, v in d.items():
                 per[e].append(v)
     return {e: float(np.mean(v)) for e, v in per.items()}
@@ -135,9 +136,7 @@ def write_figure(path: Path, summ: dict[str, dict[str, float]],
                     if engine_window(e) == EvaluationConfig.frames})
     series = [("ceiling-20 (perfect frames)", [summ[g]["ceiling20"] for g in groups])]
     for e in names:
-        per = [(engines.get(("thesis", g.split("/")[1])) or
-                (_pooled(engines, "thesis") if g == "thesis/all" else {})).get(e, np.nan)
-               for g in groups]
+        per = [_thesis_row(engines, g.split("/")[1]).get(e, np.nan) for g in groups]
         series.append((e, per))
     fig, ax = plt.subplots(figsize=(10, 3.6), dpi=110)
     width = 0.8 / len(series)
